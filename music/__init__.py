@@ -1,0 +1,1 @@
+"""MUSIC: Make Unification Simple In Image Classification."""

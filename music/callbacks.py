@@ -1,0 +1,172 @@
+"""Sequential fine-tuning: several training phases chained inside one ``trainer.fit``.
+
+One ``fit`` (not one per phase) keeps epoch counting, logging, resume and DDP in Lightning's
+hands. The phase is a function of the epoch, and the epoch about to run is kept in this
+callback's state, which Lightning restores before it builds the first training loader, so
+``fit --ckpt_path last`` continues in the right phase with the right split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from itertools import accumulate
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+
+@dataclass
+class Phase:
+    """One stage of the study: train ``epochs`` epochs on the training split ``split``.
+
+    ``lr`` overrides the model's learning rate for this phase.
+    """
+
+    name: str
+    split: str
+    epochs: int
+    lr: float | None = None
+
+
+class SequentialFineTuning(Callback):
+    """Runs ``phases`` in order; after each it evaluates the test set and saves a snapshot.
+
+    At every phase end it logs the test metrics under ``test/<phase>/...``, writes them to
+    ``phase_metrics.json`` and saves ``checkpoints/phase-<i>-<name>.ckpt`` in the run's log
+    dir. The number of epochs of the run is the sum of the phases' epochs.
+
+    Args:
+        phases: the phases, in order.
+        reset_optimizer: give each phase a fresh optimizer (Adam's moments from the previous
+            task would otherwise steer the first steps of the next).
+        evaluate_test: evaluate the test set at each phase end.
+    """
+
+    def __init__(self, phases: list[Phase], reset_optimizer: bool = True, evaluate_test: bool = True) -> None:
+        self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in phases]
+        _check_phases(self.phases)
+        self.reset_optimizer = reset_optimizer
+        self.evaluate_test = evaluate_test
+        self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
+        self.epoch = 0  # the epoch running or about to run
+
+    def phase_index(self, epoch: int) -> int:
+        return next((i for i, end in enumerate(self.ends) if epoch < end), len(self.phases) - 1)
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.phase_index(self.epoch)]
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "check_split"):
+            raise ValueError("SequentialFineTuning needs a data module with named splits (MusicDataModule).")
+        for phase in self.phases:
+            datamodule.check_split(phase.split)
+        trainer.fit_loop.max_epochs = self.ends[-1]
+        trainer.reload_dataloaders_every_n_epochs = 1  # the split may change at any epoch
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.datamodule.train_split = self.phase.split
+        if self.epoch == 0:  # a resumed run gets its learning rate back with the optimizer
+            self._set_lr(trainer, pl_module)
+        rank_zero_info(f"Phase {self.phase_index(self.epoch)} '{self.phase.name}' (split {self.phase.split}) "
+                       f"from epoch {self.epoch}.")
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({"phase": self.phase_index(self.epoch)}, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        finished = trainer.current_epoch
+        self.epoch = finished + 1
+        if self.epoch not in self.ends:
+            return
+        index = self.ends.index(self.epoch)
+        phase = self.phases[index]
+        if self.evaluate_test:
+            self._evaluate(trainer, pl_module, index, phase)
+        if index + 1 < len(self.phases):
+            # Switch before the snapshot, so a run resumed from it starts the next phase as an
+            # uninterrupted one does: new split, fresh optimizer, the phase's learning rate.
+            trainer.datamodule.train_split = self.phase.split
+            if self.reset_optimizer:
+                trainer.strategy.setup_optimizers(trainer)
+            self._set_lr(trainer, pl_module)
+        self._snapshot(trainer, index, phase)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = [Phase(**p) for p in state_dict["phases"]]
+        if saved[: self.phase_index(state_dict["epoch"]) + 1] != self.phases[: self.phase_index(state_dict["epoch"]) + 1]:
+            raise ValueError(
+                f"The checkpoint was made with phases {saved}, which differ from the configured {self.phases} "
+                "in the phases already run; resume with the configuration the run started with."
+            )
+        self.epoch = state_dict["epoch"]
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _set_lr(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        lr = self.phase.lr if self.phase.lr is not None else pl_module.lr
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, index: int, phase: Phase) -> None:
+        loader = trainer.datamodule.dataloader("test", distributed=trainer.world_size > 1)
+        metrics, confusion = pl_module.evaluate(loader)
+        rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({f"test/{phase.name}/{k}": v for k, v in metrics.items()},
+                                       step=trainer.global_step)
+        pl_module.log_confusion_matrix(f"test/{phase.name}/confusion_matrix", confusion)
+        _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+
+    def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
+        path = os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt")
+        temporary = path + ".tmp"
+        trainer.save_checkpoint(temporary, weights_only=False)  # every rank: it holds a barrier
+        if trainer.is_global_zero:
+            os.replace(temporary, path)  # readers never see a half-written snapshot
+        trainer.strategy.barrier("phase-snapshot")
+
+
+@rank_zero_only
+def _record(log_dir: str, index: int, phase: Phase, metrics: dict) -> None:
+    """Merge one phase's test metrics into ``phase_metrics.json``; idempotent, so a phase
+    re-run after a crash overwrites its own entry instead of adding a second one."""
+    path = os.path.join(log_dir, "phase_metrics.json")
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            records = json.load(f)
+    records[phase.name] = {"index": index, "split": phase.split, "epochs": phase.epochs, "lr": phase.lr, **metrics}
+    os.makedirs(log_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _check_phases(phases: list[Phase]) -> None:
+    if not phases:
+        raise ValueError("phases is empty: give at least one phase (name, split, epochs).")
+    names = [p.name for p in phases]
+    for p in phases:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", p.name):
+            raise ValueError(f"Phase name {p.name!r} is not allowed: use letters, digits, '_', '.', '-'.")
+        if names.count(p.name) > 1:
+            raise ValueError(f"Phase name {p.name!r} is used twice: phase names must be unique {names}.")
+        if not isinstance(p.epochs, int) or p.epochs < 1:
+            raise ValueError(f"Phase {p.name!r} has epochs={p.epochs}: it must be an integer >= 1.")
+        if p.lr is not None and not p.lr > 0:
+            raise ValueError(f"Phase {p.name!r} has lr={p.lr}: a learning rate must be > 0.")

@@ -1,0 +1,49 @@
+"""``python -m music``: LightningCLI over ``Classifier`` and ``MusicDataModule``.
+
+Everything is configured in YAML (``configs/``) and flows into constructor arguments; the
+only additions to the stock CLI are the link that sizes the model from the data and the
+resumption of ``--ckpt_path last`` inside the run directory it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from lightning.pytorch.cli import LightningCLI
+
+from music.data import MusicDataModule
+from music.module import Classifier
+
+
+class MusicCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            _resume_in_latest_version(config.trainer.logger)
+
+
+def _resume_in_latest_version(logger) -> None:
+    """Point a TensorBoard logger without a fixed version at the newest ``version_N`` that holds
+    ``checkpoints/last.ckpt``, so "last" finds it and the run keeps writing where it was."""
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or init_args.get("version") is not None:
+        return
+    root = os.path.join(init_args.get("save_dir") or "lightning_logs", init_args.get("name") or "lightning_logs")
+    versions = [d for d in os.listdir(root) if re.fullmatch(r"version_\d+", d)] if os.path.isdir(root) else []
+    resumable = [d for d in versions if os.path.exists(os.path.join(root, d, "checkpoints", "last.ckpt"))]
+    if resumable:
+        init_args.version = max(resumable, key=lambda d: int(d.split("_")[1]))
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MusicCLI:
+    return MusicCLI(
+        Classifier,
+        MusicDataModule,
+        save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+        args=args,
+        run=run,
+    )

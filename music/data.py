@@ -1,0 +1,281 @@
+"""Data: one MNIST-style dataset, split into the study's named training splits.
+
+The study needs several training sets drawn from one training set: ``remaining`` (what the
+model is pretrained on), one split per held-out class (``class_3`` ...) and ``merged`` (all
+held-out samples at once), optionally a ``val`` split for choosing hyperparameters.  They are
+computed once from ``split_seed`` so every run, process and rank sees identical index lists.
+Images are scaled to [-1, 1] once and kept in memory; batches are gathered by index, which
+keeps the per-step cost at a single tensor ``index_select`` instead of per-sample Python work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def import_class(path: str, what: str) -> type:
+    """Resolve ``package.module.Class`` with an error that names the bad path."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"Unknown {what} class path {path!r}: expected an importable 'package.module.Class'.") from err
+
+
+class InMemoryDataset(Dataset):
+    """Tensors in memory, fetched a whole batch at a time through ``__getitems__``."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Collate function for ``__getitems__`` batches, which arrive already stacked."""
+    return batch
+
+
+def split_hash(indices: Tensor) -> str:
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+class MusicDataModule(LightningDataModule):
+    """Serves the study's training splits by name and the full official test set.
+
+    Args:
+        data_dir: root folder of the torchvision dataset (``<data_dir>/MNIST/raw/...``).
+        dataset: import path of a torchvision MNIST-style dataset class; FashionMNIST or KMNIST
+            need no code, only this argument.
+        download: fetch the dataset if it is missing (needs internet).
+        held_out_classes: classes whose samples are held out for fine-tuning.
+        samples_per_class: how many training samples of each held-out class are held out.
+        split_seed: chooses which samples are held out; same seed, same splits.
+        val_size: samples carved from the non-held-out data for a ``val`` split (0: none).
+            The test set is never used to choose anything.
+        train_split: the split ``train_dataloader`` serves; phases switch it.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation and test (no gradients, so larger is faster).
+        num_workers: loader workers; 0 is fastest for in-memory tensors.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        dataset: str = "torchvision.datasets.MNIST",
+        download: bool = True,
+        held_out_classes: list[int] = [3, 4, 7],
+        samples_per_class: int = 1000,
+        split_seed: int = 0,
+        val_size: int = 0,
+        train_split: str = "remaining",
+        batch_size: int = 32,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset_class = import_class(dataset, "dataset")
+        classes = getattr(self.dataset_class, "classes", None)
+        self._declared_num_classes = len(classes) if classes else None
+        _check_held_out(held_out_classes, self._declared_num_classes, dataset)
+        for name, value, low in (("samples_per_class", samples_per_class, 1), ("batch_size", batch_size, 1),
+                                 ("eval_batch_size", eval_batch_size, 1), ("val_size", val_size, 0),
+                                 ("num_workers", num_workers, 0)):
+            if value < low:
+                raise ValueError(f"{name}={value} is not allowed: it must be an integer >= {low}.")
+        self.data_dir = data_dir
+        self.download = download
+        self.held_out_classes = list(held_out_classes)
+        self.samples_per_class = samples_per_class
+        self.split_seed = split_seed
+        self.val_size = val_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.train_split = train_split
+        self.splits: dict[str, Tensor] = {}
+
+    # -- names -------------------------------------------------------------------------------
+
+    @property
+    def split_names(self) -> list[str]:
+        names = ["remaining", *(f"class_{c}" for c in self.held_out_classes), "merged"]
+        return names + (["val"] if self.val_size else [])
+
+    def check_split(self, name: str) -> str:
+        if name not in self.split_names:
+            raise ValueError(f"Unknown split {name!r}: the data module serves {self.split_names}.")
+        return name
+
+    @property
+    def train_split(self) -> str:
+        return self._train_split
+
+    @train_split.setter
+    def train_split(self, name: str) -> None:
+        self._train_split = self.check_split(name)
+
+    @property
+    def num_classes(self) -> int:
+        if self._declared_num_classes is not None:
+            return self._declared_num_classes
+        self.setup()
+        return int(self.train_labels.max()) + 1
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self.dataset_class(self.data_dir, train=train, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.train_images, self.train_labels = self._load(train=True)
+            self.test_images, self.test_labels = self._load(train=False)
+            self.splits = self._make_splits()
+        if self.trainer is not None and self.trainer.log_dir:
+            self.write_manifest(os.path.join(self.trainer.log_dir, "split_manifest.json"))
+
+    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+        try:
+            raw = self.dataset_class(self.data_dir, train=train, download=False)
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{self.hparams.dataset} not found under data_dir={os.path.abspath(self.data_dir)!r} and "
+                f"download=False. Point --data.data_dir at a folder holding "
+                f"'{self.dataset_class.__name__}/raw/' (torchvision's layout), or set --data.download true."
+            ) from err
+        except Exception as err:  # torchvision's readers fail deep inside on truncated files
+            raise ValueError(
+                f"Could not read {self.hparams.dataset} from data_dir={os.path.abspath(self.data_dir)!r} "
+                f"({type(err).__name__}: {err}). The files may be truncated or corrupted; "
+                "delete them and download again."
+            ) from err
+        images = torch.as_tensor(raw.data)
+        if images.ndim == 3:  # (N, H, W) grey images
+            images = images.unsqueeze(1)
+        elif images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
+            images = images.permute(0, 3, 1, 2)
+        images = images.float().div_(127.5).sub_(1.0).contiguous()
+        return images, torch.as_tensor(raw.targets, dtype=torch.long)
+
+    def _make_splits(self) -> dict[str, Tensor]:
+        labels = self.train_labels
+        num_classes = int(labels.max()) + 1
+        _check_held_out(self.held_out_classes, num_classes, self.hparams.dataset)
+        generator = torch.Generator().manual_seed(self.split_seed)
+        is_held_out = torch.zeros(len(labels), dtype=torch.bool)
+        splits: dict[str, Tensor] = {}
+        for c in self.held_out_classes:
+            candidates = (labels == c).nonzero().flatten()
+            if self.samples_per_class > len(candidates):
+                raise ValueError(
+                    f"samples_per_class={self.samples_per_class} is too large: class {c} has only "
+                    f"{len(candidates)} training samples, so at most {len(candidates)} can be held out."
+                )
+            chosen = candidates[torch.randperm(len(candidates), generator=generator)[: self.samples_per_class]]
+            splits[f"class_{c}"] = chosen.sort().values
+            is_held_out[chosen] = True
+        remaining = (~is_held_out).nonzero().flatten()
+        if self.val_size:
+            if self.val_size >= len(remaining):
+                raise ValueError(f"val_size={self.val_size} leaves no training data: at most {len(remaining) - 1}.")
+            order = torch.randperm(len(remaining), generator=generator)
+            splits["val"] = remaining[order[: self.val_size]].sort().values
+            remaining = remaining[order[self.val_size :]].sort().values
+        splits["merged"] = is_held_out.nonzero().flatten()
+        splits["remaining"] = remaining
+        return {name: splits[name] for name in self.split_names}
+
+    # -- loaders -----------------------------------------------------------------------------
+
+    def dataset(self, split: str) -> InMemoryDataset:
+        """A training split by name, or ``"test"`` for the full official test set."""
+        if split == "test":
+            return InMemoryDataset(self.test_images, self.test_labels)
+        index = self.splits[self.check_split(split)]
+        return InMemoryDataset(self.train_images[index], self.train_labels[index])
+
+    def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
+                   distributed: bool = False) -> DataLoader:
+        """Any split as a loader; ``distributed`` shards it over the ranks (for evaluation run
+        outside Lightning's loops, where no sampler is injected)."""
+        dataset = self.dataset(split)
+        sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader(self.train_split, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.dataloader("val") if self.val_size else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    # -- provenance --------------------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any]:
+        """Class counts and index hashes: two runs used the same data iff their manifests match."""
+        def describe(labels: Tensor, index: Tensor | None = None) -> dict[str, Any]:
+            counts = torch.bincount(labels, minlength=int(self.train_labels.max()) + 1)
+            entry = {"size": len(labels), "class_counts": counts.tolist()}
+            return entry | ({"sha256": split_hash(index)} if index is not None else {})
+
+        splits = {n: describe(self.train_labels[i], i) for n, i in self.splits.items()}
+        return {
+            "dataset": self.hparams.dataset,
+            "held_out_classes": self.held_out_classes,
+            "samples_per_class": self.samples_per_class,
+            "split_seed": self.split_seed,
+            "splits": splits | {"train": describe(self.train_labels), "test": describe(self.test_labels)},
+        }
+
+    @rank_zero_only
+    def write_manifest(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self.manifest(), f, indent=2)
+
+
+def _check_held_out(classes: Sequence[int], num_classes: int | None, dataset: str) -> None:
+    if not classes:
+        raise ValueError("held_out_classes is empty: name at least one class to hold out.")
+    duplicates = sorted({c for c in classes if list(classes).count(c) > 1})
+    if duplicates:
+        raise ValueError(f"held_out_classes={list(classes)} repeats {duplicates}: each class may be held out once.")
+    if num_classes is not None:
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(
+                f"held_out_classes contains {bad}, not a class of {dataset}: allowed are 0..{num_classes - 1}."
+            )

@@ -1,0 +1,174 @@
+"""The LightningModule: any backbone, cross-entropy, and the study's evaluation metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+from torchmetrics.wrappers import ClasswiseWrapper
+
+from music.models import SimpleNN
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy plus precision/recall/F1, macro and per class (keys like ``f1/3``)."""
+    labels = [str(c) for c in range(num_classes)]
+    metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+    for name, metric in (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score)):
+        metrics[name] = metric(num_classes, average="macro")
+        metrics[f"{name}_per_class"] = ClasswiseWrapper(metric(num_classes, average=None), labels, prefix=f"{name}/")
+    return MetricCollection(metrics)
+
+
+class Classifier(LightningModule):
+    """Trains and evaluates a backbone on a classification split.
+
+    Args:
+        backbone: the network (a plain ``nn.Module``); ``None`` builds ``SimpleNN``.
+        num_classes: size of the label space (linked from the data module by the CLI).
+        lr: learning rate; phases of ``SequentialFineTuning`` may override it.
+        optimizer: optimizer class or callable taking ``(params, lr=...)``; Adam by default.
+        init_from: checkpoint whose weights initialise the model when fitting starts, so
+            fine-tuning runs start from one shared pretrained model. It is read with
+            ``weights_only=True`` and only when fitting, so a later
+            ``load_from_checkpoint`` never needs the file.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | None = None,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"lr={lr} is not allowed: the learning rate must be > 0.")
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes} is not allowed: a classifier needs >= 2 classes.")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone if backbone is not None else SimpleNN(num_classes=num_classes)
+        self.lr = lr
+        self.optimizer = optimizer
+        self.init_from = init_from
+        self.num_classes = num_classes
+        self.val_metrics = classification_metrics(num_classes)
+        self.test_metrics = classification_metrics(num_classes)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self._train_sums: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from:
+            checkpoint = torch.load(self.init_from, map_location="cpu", weights_only=True)
+            state = checkpoint.get("state_dict", checkpoint)
+            self.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()})
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(self.parameters(), lr=self.lr)
+
+    # -- training: accumulate on device, log per epoch, so a step costs no host sync ---------
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums = torch.zeros(3, device=self.device)  # loss sum, correct, count
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        with torch.no_grad():
+            n = y.new_tensor(len(y), dtype=torch.float)
+            self._train_sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), n])
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0 and self.logger is not None:
+            self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum")
+        self.log_dict({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def _update(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, loss: MeanMetric) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss.update(F.cross_entropy(logits, y), weight=len(y))
+        metrics.update(logits, y)
+        return logits
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._update(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self._compute("val", self.val_metrics, self.val_loss))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._compute("test", self.test_metrics, self.test_loss))
+        self.log_confusion_matrix("test/confusion_matrix", self.test_confusion.compute())
+        self.test_confusion.reset()
+
+    @staticmethod
+    def _compute(prefix: str, metrics: MetricCollection, loss: MeanMetric) -> dict[str, Tensor]:
+        values = {f"{prefix}/{k}": v for k, v in metrics.compute().items()} | {f"{prefix}/loss": loss.compute()}
+        metrics.reset()
+        loss.reset()
+        return values
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> tuple[dict[str, float], Tensor]:
+        """Metrics and confusion matrix on ``loader``, usable inside ``fit`` (where
+        ``trainer.test`` cannot be nested). Under DDP, give each rank a shard: ``compute``
+        gathers the counts from all ranks."""
+        was_training = self.training
+        self.eval()
+        for x, y in loader:
+            batch = (x.to(self.device), y.to(self.device))
+            self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
+        values = {k.removeprefix("test/"): float(v) for k, v in self._compute("test", self.test_metrics, self.test_loss).items()}
+        confusion = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
+        self.train(was_training)
+        return values, confusion
+
+    def log_confusion_matrix(self, tag: str, confusion: Tensor) -> None:
+        """A confusion-matrix figure in TensorBoard's Images tab (rank zero only)."""
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(confusion, cmap="Blues")
+        half = int(confusion.max()) / 2
+        for i, row in enumerate(confusion.tolist()):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > half else "black")
+        ax.set(xlabel="predicted", ylabel="true", xticks=range(self.num_classes), yticks=range(self.num_classes))
+        fig.tight_layout()
+        self.logger.experiment.add_figure(tag, fig, global_step=self.global_step)
+        plt.close(fig)
+
