@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -103,7 +104,12 @@ class SequentialFineTuning(Callback):
         self._snapshot(trainer, index, phase)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases]}
+        # Checkpoints hold no RNG state; keeping torch's here makes a resumed run shuffle as
+        # the uninterrupted one would (torch is the only generator the framework draws from).
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases], "rng": rng}
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = [Phase(**p) for p in state_dict["phases"]]
@@ -113,6 +119,11 @@ class SequentialFineTuning(Callback):
                 "in the phases already run; resume with the configuration the run started with."
             )
         self.epoch = state_dict["epoch"]
+        rng = state_dict.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- helpers -----------------------------------------------------------------------------
 

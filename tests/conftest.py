@@ -36,16 +36,19 @@ def mnist(data_dir: str) -> MusicDataModule:
 @pytest.fixture
 def shrink(tmp_path: Path, data_dir: str):
     """``shrink("seq", epochs=1)`` writes a copy of ``configs/seq.yaml`` that runs in seconds:
-    every phase ``epochs`` long, logs under ``tmp_path``, MNIST from the shared copy."""
+    every phase ``epochs`` long (or ``phases`` instead of the shipped ones), logs under
+    ``tmp_path``, MNIST from the shared copy, data arguments overridden by ``data``."""
 
-    def shrink_config(name: str, epochs: int = 1, **data: object) -> Path:
+    def shrink_config(name: str, epochs: int = 1, phases: list[dict] | None = None, **data: object) -> Path:
         config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
         config["data"] |= {"data_dir": data_dir, "download": False, **data}
         config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
         config["trainer"] |= {"enable_progress_bar": False, "enable_model_summary": False}
         for callback in config["trainer"]["callbacks"]:
-            for phase in callback.get("init_args", {}).get("phases", []):
-                phase["epochs"] = epochs
+            if "phases" in callback.get("init_args", {}):
+                callback["init_args"]["phases"] = phases or [
+                    p | {"epochs": epochs} for p in callback["init_args"]["phases"]
+                ]
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         return path

@@ -1,0 +1,101 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from music.callbacks import Phase, SequentialFineTuning
+
+PHASES = ["pretrain", "class_3", "class_4", "class_7"]
+
+
+def fit(config: Path, *extra: str):
+    return run("fit", "--config", config, "--trainer.limit_train_batches", 3, *extra)
+
+
+def phase_metrics(log_dir: str) -> dict:
+    return json.loads((Path(log_dir) / "phase_metrics.json").read_text())
+
+
+def test_seq_run_snapshots_and_evaluates_every_phase(shrink):
+    cli = fit(shrink("seq"))
+    log_dir = Path(cli.trainer.log_dir)
+    snapshots = sorted(p.name for p in (log_dir / "checkpoints").glob("phase-*.ckpt"))
+    assert snapshots == [f"phase-{i}-{name}.ckpt" for i, name in enumerate(PHASES)]
+    assert not list((log_dir / "checkpoints").glob("*.tmp"))
+    assert list(phase_metrics(log_dir)) == PHASES
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    for name in PHASES:
+        assert {f"test/{name}/acc", f"test/{name}/loss", f"test/{name}/f1", f"test/{name}/recall/7"} <= scalars
+        assert f"test/{name}/confusion_matrix" in images
+    assert {"train/loss", "train/acc", "phase"} <= scalars
+    assert (log_dir / "split_manifest.json").exists()
+
+
+def test_snapshot_reloads_with_load_from_checkpoint(shrink):
+    from music.module import Classifier
+
+    cli = fit(shrink("pretrain"))
+    path = Path(cli.trainer.log_dir) / "checkpoints" / "phase-0-pretrain.ckpt"
+    model = Classifier.load_from_checkpoint(path, weights_only=True)
+    for key, value in cli.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_resume_from_a_mid_sequence_snapshot_continues_in_the_next_phase(shrink):
+    config = shrink("seq", epochs=2)
+    whole = fit(config)
+    snapshot = Path(whole.trainer.log_dir) / "checkpoints" / "phase-1-class_3.ckpt"
+    resumed = fit(config, "--ckpt_path", snapshot)
+    assert list(phase_metrics(resumed.trainer.log_dir)) == ["class_4", "class_7"]
+    assert resumed.trainer.current_epoch == whole.trainer.current_epoch == 8
+    for key, value in whole.model.state_dict().items():  # bitwise: deterministic + RNG kept
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_ckpt_path_last_resumes_in_the_same_run_directory(shrink):
+    config = shrink("seq")
+    first = fit(config, "--trainer.max_epochs", 2)  # overridden by the phases: runs all 4
+    again = fit(config, "--ckpt_path", "last")
+    assert again.trainer.log_dir == first.trainer.log_dir
+    assert again.trainer.current_epoch == 4  # nothing left to run, nothing re-run
+
+
+def test_same_seed_same_metrics(shrink):
+    config = shrink("merged")
+    first, second = fit(config), fit(config)
+    assert phase_metrics(first.trainer.log_dir) == phase_metrics(second.trainer.log_dir)
+
+
+def test_phase_learning_rate_and_fresh_optimizer(shrink):
+    config = shrink("merged", phases=[{"name": "pretrain", "split": "remaining", "epochs": 1},
+                                      {"name": "merged", "split": "merged", "epochs": 1, "lr": 0.0001}])
+    cli = run("fit", "--config", config, "--trainer.limit_train_batches", 2)
+    optimizer = cli.trainer.optimizers[0]
+    assert optimizer.param_groups[0]["lr"] == 0.0001
+    # a fresh Adam has taken exactly the merged phase's 2 steps
+    assert all(s["step"] == 2 for s in optimizer.state.values())
+
+
+@pytest.mark.parametrize(
+    ("phases", "message"),
+    [
+        ([], "phases is empty"),
+        ([Phase("a", "remaining", 0)], "epochs=0"),
+        ([Phase("a", "remaining", 1, lr=0.0)], "lr=0.0"),
+        ([Phase("a", "remaining", 1), Phase("a", "merged", 1)], "used twice"),
+        ([Phase("a/b", "remaining", 1)], "not allowed"),
+    ],
+)
+def test_bad_phases_fail_at_construction(phases, message):
+    with pytest.raises(ValueError, match=message):
+        SequentialFineTuning(phases)
+
+
+def test_unknown_split_fails_before_training(shrink):
+    config = shrink("merged", phases=[{"name": "a", "split": "class_5", "epochs": 1}])
+    with pytest.raises(ValueError, match=r"Unknown split 'class_5'.*serves \['remaining'"):
+        run("fit", "--config", config)

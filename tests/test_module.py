@@ -1,0 +1,48 @@
+import pytest
+import torch
+from torch import nn
+
+from music.module import Classifier
+
+
+class Fixed(nn.Module):
+    """Predicts the class stored in the input's first pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return nn.functional.one_hot(x.flatten(1)[:, 0].long(), 3).float() * 10 + self.dummy
+
+
+def test_evaluate_computes_macro_and_per_class_metrics():
+    predicted = torch.tensor([0, 0, 1, 1, 2, 1])
+    truth = torch.tensor([0, 0, 1, 1, 2, 2])
+    model = Classifier(Fixed(), num_classes=3)
+    metrics, confusion = model.evaluate([(predicted.view(-1, 1).float(), truth)])
+    assert metrics["acc"] == pytest.approx(5 / 6)
+    assert metrics["recall/2"] == pytest.approx(0.5) and metrics["precision/1"] == pytest.approx(2 / 3)
+    assert metrics["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert confusion.tolist() == [[2, 0, 0], [0, 2, 0], [0, 1, 1]]
+    assert model.training  # evaluation leaves the mode as it found it
+
+
+def test_default_backbone_is_simple_nn_sized_for_the_classes():
+    assert Classifier(num_classes=10).backbone.fc3.out_features == 10
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"lr": 0.0}, "lr=0.0"), ({"lr": -1.0}, "lr=-1.0"),
+                                                   ({"num_classes": 1}, "num_classes=1")])
+def test_bad_hyperparameters_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Classifier(**kwargs)
+
+
+def test_init_from_loads_pretrained_weights_when_fitting(tmp_path):
+    pretrained = Classifier()
+    torch.save({"state_dict": pretrained.state_dict()}, tmp_path / "p.ckpt")
+    model = Classifier(init_from=str(tmp_path / "p.ckpt"))
+    assert not torch.equal(model.backbone.fc1.weight, pretrained.backbone.fc1.weight)
+    model.setup("fit")
+    assert torch.equal(model.backbone.fc1.weight, pretrained.backbone.fc1.weight)
