@@ -16,6 +16,7 @@ from itertools import accumulate
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
@@ -86,6 +87,8 @@ class SequentialFineTuning(Callback):
             trainer.logger.log_metrics({"phase": self.phase_index(self.epoch)}, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if hasattr(pl_module, "check_finite"):
+            pl_module.check_finite()  # before this hook evaluates or saves anything
         finished = trainer.current_epoch
         self.epoch = finished + 1
         if self.epoch not in self.ends:
@@ -144,12 +147,30 @@ class SequentialFineTuning(Callback):
         _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
-        path = os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt")
-        temporary = path + ".tmp"
-        trainer.save_checkpoint(temporary, weights_only=False)  # every rank: it holds a barrier
-        if trainer.is_global_zero:
-            os.replace(temporary, path)  # readers never see a half-written snapshot
-        trainer.strategy.barrier("phase-snapshot")
+        save_atomically(trainer, os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"))
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose files (``last.ckpt`` included) appear whole or not at all, so a
+    run killed while saving still resumes from the previous complete checkpoint."""
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath + ".tmp")
+        _move_into_place(trainer, filepath + ".tmp", filepath)
+        self._last_checkpoint_saved = filepath
+
+
+def save_atomically(trainer: Trainer, path: str) -> None:
+    """Write a checkpoint to a temporary file, then rename it into place. Call on every rank:
+    ``save_checkpoint`` holds a barrier (and writes on rank zero only)."""
+    trainer.save_checkpoint(path + ".tmp", weights_only=False)
+    _move_into_place(trainer, path + ".tmp", path)
+
+
+def _move_into_place(trainer: Trainer, temporary: str, path: str) -> None:
+    if trainer.is_global_zero:
+        os.replace(temporary, path)  # atomic on POSIX: readers see the old file or the new one
+    trainer.strategy.barrier("checkpoint-in-place")
 
 
 @rank_zero_only

@@ -22,6 +22,8 @@ class MusicCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config.get("weights_only", False) is None:
+            config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             _resume_in_latest_version(config.trainer.logger)
 

@@ -72,6 +72,7 @@ class Classifier(LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self._train_sums: Tensor | None = None
+        self._first_nonfinite_step: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -89,6 +90,7 @@ class Classifier(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_sums = torch.zeros(3, device=self.device)  # loss sum, correct, count
+        self._first_nonfinite_step = torch.tensor(-1, device=self.device)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -97,12 +99,30 @@ class Classifier(LightningModule):
         with torch.no_grad():
             n = y.new_tensor(len(y), dtype=torch.float)
             self._train_sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), n])
+            # remember the first bad step on the device; checked once per epoch (no per-step sync)
+            first = self._first_nonfinite_step
+            self._first_nonfinite_step = torch.where(~torch.isfinite(loss) & (first < 0), self.global_step, first)
         every = self.trainer.log_every_n_steps
         if every and self.global_step % every == 0 and self.logger is not None:
             self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
         return loss
 
+    def check_finite(self) -> None:
+        """Stop training if a loss this epoch was NaN or infinite, naming the first such step.
+
+        Called before anything is saved at the end of an epoch, so checkpoints already
+        written (the earlier phases' snapshots, ``last.ckpt`` of the previous epoch) stay good."""
+        if self._first_nonfinite_step is None:
+            return
+        step = int(self.trainer.strategy.reduce(self._first_nonfinite_step.float(), reduce_op="max"))
+        if step >= 0:
+            raise FloatingPointError(
+                f"Non-finite training loss at global step {step} (epoch {self.current_epoch}); training stopped. "
+                "Checkpoints written before this epoch are kept. Try a lower learning rate."
+            )
+
     def on_train_epoch_end(self) -> None:
+        self.check_finite()
         sums = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum")
         self.log_dict({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
 

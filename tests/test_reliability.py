@@ -1,0 +1,128 @@
+"""Crash safety, safe loading and multi-process training, on real (tiny) runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, run
+from faults import evil_checkpoint
+
+from music.module import Classifier
+
+TESTS = Path(__file__).parent
+
+
+def python_m_music(*args, check=True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "music", *map(str, args)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
+    return result
+
+
+def with_callback(config: Path, callback: dict) -> Path:
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["callbacks"].append(callback)
+    path = config.with_name(f"{config.stem}-faulty.yaml")
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def snapshots(log_dir: Path) -> dict[str, dict]:
+    return {p.name: torch.load(p, weights_only=True)["state_dict"]
+            for p in sorted((log_dir / "checkpoints").glob("phase-*.ckpt"))}
+
+
+@pytest.fixture
+def reference(shrink, tmp_path):
+    """An uninterrupted run of the sequential study: 4 phases x 2 epochs x 3 batches."""
+    config = shrink("seq", epochs=2)
+    cli = run("fit", "--config", config, "--trainer.limit_train_batches", 3,
+              "--trainer.logger.init_args.save_dir", tmp_path / "reference")
+    return config, Path(cli.trainer.log_dir)
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [
+        {"point": "batch", "epoch": 3, "batch": 1},  # mid-epoch, in phase class_3
+        {"point": "epoch_end", "epoch": 3},  # phase boundary: snapshot written, last.ckpt not yet
+        {"point": "save", "epoch": 5},  # while the class_4 snapshot is being written
+    ],
+    ids=lambda k: k["point"],
+)
+def test_killed_run_resumes_to_the_same_result(reference, kill):
+    config, reference_dir = reference
+    killed = python_m_music("fit", "--config", with_callback(config, {"class_path": "faults.KillAt", "init_args": kill}),
+                            "--trainer.limit_train_batches", 3, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    python_m_music("fit", "--config", config, "--trainer.limit_train_batches", 3, "--ckpt_path", "last")
+    log_dir = reference_dir.parent / "../../logs/seq/version_0"
+    resumed, expected = snapshots(log_dir.resolve()), snapshots(reference_dir)
+    assert list(resumed) == list(expected) and len(expected) == 4
+    for name in expected:
+        for key, value in expected[name].items():
+            assert torch.equal(resumed[name][key], value), (name, key)
+    assert json.loads((log_dir / "phase_metrics.json").read_text()) == \
+        json.loads((reference_dir / "phase_metrics.json").read_text())
+    assert not list(log_dir.resolve().glob("checkpoints/*.tmp")) or kill["point"] == "save"
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_snapshots(shrink):
+    config = shrink("seq")
+    with pytest.raises(FloatingPointError, match="global step 5 "):
+        run("fit", "--config", config, "--trainer.limit_train_batches", 3,
+            "--model.backbone.class_path", "faults.NaNAfter", "--model.backbone.init_args.steps", 5)
+    log_dir = next(config.parent.glob("logs/seq/version_*"))
+    names = sorted(p.name for p in (log_dir / "checkpoints").glob("*.ckpt"))
+    assert names == ["epoch=0-step=3.ckpt", "last.ckpt", "phase-0-pretrain.ckpt"]  # step 5: class_3 phase
+    for name in names:
+        state = torch.load(log_dir / "checkpoints" / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_init_from_refuses_a_checkpoint_that_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    model = Classifier(init_from=evil_checkpoint(str(tmp_path / "evil.ckpt"), str(marker)))
+    with pytest.raises(Exception, match="(?i)weights_only|refused"):
+        model.setup("fit")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_ckpt_path_refuses_a_checkpoint_that_runs_code(shrink, tmp_path, subcommand):
+    marker = tmp_path / "pwned"
+    evil = evil_checkpoint(str(tmp_path / "evil.ckpt"), str(marker))
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        run(subcommand, "--config", shrink("pretrain"), "--ckpt_path", evil)
+    assert not marker.exists()
+
+
+def test_no_leakage_held_out_and_test_samples_never_in_training_splits(mnist):
+    held_out = set(mnist.splits["merged"].tolist())
+    assert not held_out & set(mnist.splits["remaining"].tolist())
+    # every training split indexes the training set; the test set is served only as "test"
+    train_images = mnist.train_images.flatten(1)
+    for name, index in mnist.splits.items():
+        dataset = mnist.dataset(name)
+        assert torch.equal(dataset.images.flatten(1), train_images[index]), name
+    assert "test" not in mnist.split_names
+
+
+def test_ddp_two_processes_run_the_sequential_study(shrink):
+    config = shrink("seq")
+    python_m_music("fit", "--config", config, "--trainer.accelerator", "cpu", "--trainer.devices", 2,
+                   "--trainer.strategy", "ddp", "--trainer.limit_train_batches", 2)
+    log_dir = next(config.parent.glob("logs/seq/version_*"))
+    assert len(list(config.parent.glob("logs/seq/version_*"))) == 1  # one run directory, from rank zero
+    assert sorted(p.name for p in (log_dir / "checkpoints").glob("phase-*.ckpt")) == [
+        "phase-0-pretrain.ckpt", "phase-1-class_3.ckpt", "phase-2-class_4.ckpt", "phase-3-class_7.ckpt"]
+    metrics = json.loads((log_dir / "phase_metrics.json").read_text())
+    for phase in metrics.values():  # synced over both ranks: all 10,000 test images counted once
+        assert sum(map(sum, phase["confusion_matrix"])) == 10_000
