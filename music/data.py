@@ -160,17 +160,17 @@ class MusicDataModule(LightningDataModule):
     def _load(self, train: bool) -> tuple[Tensor, Tensor]:
         try:
             raw = self.dataset_class(self.data_dir, train=train, download=False)
-        except RuntimeError as err:
-            raise FileNotFoundError(
-                f"{self.hparams.dataset} not found under data_dir={os.path.abspath(self.data_dir)!r} and "
-                f"download=False. Point --data.data_dir at a folder holding "
-                f"'{self.dataset_class.__name__}/raw/' (torchvision's layout), or set --data.download true."
-            ) from err
-        except Exception as err:  # torchvision's readers fail deep inside on truncated files
+        except Exception as err:  # torchvision fails deep inside on missing or truncated files
+            where = f"data_dir={os.path.abspath(self.data_dir)!r}"
+            if "not found" in str(err).lower():
+                raise FileNotFoundError(
+                    f"{self.hparams.dataset} not found under {where} and download=False. Point "
+                    f"--data.data_dir at a folder holding '{self.dataset_class.__name__}/raw/' "
+                    "(torchvision's layout), or set --data.download true."
+                ) from err
             raise ValueError(
-                f"Could not read {self.hparams.dataset} from data_dir={os.path.abspath(self.data_dir)!r} "
-                f"({type(err).__name__}: {err}). The files may be truncated or corrupted; "
-                "delete them and download again."
+                f"Could not read {self.hparams.dataset} from {where} ({type(err).__name__}: {err}). "
+                "The files may be truncated or corrupted; delete them and download again."
             ) from err
         images = torch.as_tensor(raw.data)
         if images.ndim == 3:  # (N, H, W) grey images

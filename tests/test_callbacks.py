@@ -1,12 +1,9 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from music.callbacks import Phase, SequentialFineTuning
 
 PHASES = ["pretrain", "class_3", "class_4", "class_7"]
 
@@ -78,24 +75,3 @@ def test_phase_learning_rate_and_fresh_optimizer(shrink):
     assert optimizer.param_groups[0]["lr"] == 0.0001
     # a fresh Adam has taken exactly the merged phase's 2 steps
     assert all(s["step"] == 2 for s in optimizer.state.values())
-
-
-@pytest.mark.parametrize(
-    ("phases", "message"),
-    [
-        ([], "phases is empty"),
-        ([Phase("a", "remaining", 0)], "epochs=0"),
-        ([Phase("a", "remaining", 1, lr=0.0)], "lr=0.0"),
-        ([Phase("a", "remaining", 1), Phase("a", "merged", 1)], "used twice"),
-        ([Phase("a/b", "remaining", 1)], "not allowed"),
-    ],
-)
-def test_bad_phases_fail_at_construction(phases, message):
-    with pytest.raises(ValueError, match=message):
-        SequentialFineTuning(phases)
-
-
-def test_unknown_split_fails_before_training(shrink):
-    config = shrink("merged", phases=[{"name": "a", "split": "class_5", "epochs": 1}])
-    with pytest.raises(ValueError, match=r"Unknown split 'class_5'.*serves \['remaining'"):
-        run("fit", "--config", config)

@@ -38,9 +38,3 @@ print(sorted(m for m in ("timm", "peft", "transformers") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip().splitlines()[-2:] == ["[]", "[]"]
-
-
-def test_unknown_config_key_fails_naming_it(shrink, capsys):
-    with pytest.raises(SystemExit):
-        run("fit", "--config", shrink("seq"), "--data.held_out_clases", "[1]")
-    assert "held_out_clases" in capsys.readouterr().err

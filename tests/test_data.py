@@ -58,31 +58,3 @@ def test_manifest_is_written_as_json(mnist, tmp_path):
     manifest = json.loads((tmp_path / "m.json").read_text())
     assert manifest["splits"]["class_7"]["class_counts"][7] == 1000
     assert manifest["splits"]["test"]["size"] == 10_000
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"held_out_classes": [3, 11]}, "held_out_classes contains [11]"),
-        ({"held_out_classes": [3, 3]}, "repeats [3]"),
-        ({"held_out_classes": []}, "held_out_classes is empty"),
-        ({"samples_per_class": 0}, "samples_per_class=0"),
-        ({"train_split": "class_5"}, "Unknown split 'class_5'"),
-        ({"dataset": "torchvision.datasets.NoSuchSet"}, "Unknown dataset class path"),
-    ],
-)
-def test_bad_arguments_fail_at_construction(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        MusicDataModule(**kwargs)
-
-
-def test_too_many_samples_per_class_names_the_class(data_dir):
-    dm = MusicDataModule(data_dir=data_dir, download=False, samples_per_class=6000)
-    with pytest.raises(ValueError, match="class 4 has only 5842"):
-        dm.setup()
-
-
-def test_missing_data_without_download_says_how_to_fix(tmp_path):
-    dm = MusicDataModule(data_dir=str(tmp_path), download=False)
-    with pytest.raises(FileNotFoundError, match="--data.data_dir"):
-        dm.setup()
