@@ -1,0 +1,464 @@
+"""Task arithmetic over state_dicts (Ilharco et al., "Editing Models with Task Arithmetic").
+
+tau = theta_finetuned - theta_pretrained. Vectors are immutable and applying one returns a new
+state_dict, so an experiment cannot corrupt the weights it started from. Files are read only
+through ``load_state_dict`` (never runs pickled code) or safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+from types import MappingProxyType
+from typing import BinaryIO, Collection, Iterable, Literal, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+StateDict = Mapping[str, Tensor]
+PathLike = str | os.PathLike
+_LISTED = 5
+_PREFIX = "backbone."
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
+           "U32": torch.uint32, "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn,
+           "F8_E5M2": torch.float8_e5m2}
+
+
+class TaskVectorError(ValueError):
+    """Bad input to task arithmetic: mismatched keys or shapes, bad arguments, refused files."""
+
+
+class BaseMismatchWarning(UserWarning):
+    """A vector was applied to weights other than its base: allowed (transfer), but noticed."""
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What ``apply_to`` did, so a silent partial application is impossible to miss."""
+
+    applied: tuple[str, ...]
+    skipped: tuple[str, ...]  # in the target but not in the vector; copied unchanged
+    cast: tuple[str, ...]  # target dtype differed from the vector's; computed wider, cast back
+    base_matches: bool | None  # None when the vector does not know its base (mixed-base sum)
+
+
+def _listing(items: Sequence[str]) -> str:
+    more = len(items) - _LISTED
+    return ", ".join(items[:_LISTED]) + (f" ... and {more} more" if more > 0 else "")
+
+
+def _shapes(state: StateDict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _check_keys(a: Mapping[str, tuple], b: Mapping[str, tuple], a_name: str, b_name: str,
+                *, allow_extra_b: bool = False) -> None:
+    """Raise one error naming every offending key (truncated), not just the first one hit."""
+    problems = []
+    if missing := sorted(set(a) - set(b)):
+        problems.append(f"keys missing from {b_name}: {_listing(missing)}")
+    if (extra := sorted(set(b) - set(a))) and not allow_extra_b:
+        problems.append(f"keys missing from {a_name}: {_listing(extra)}")
+    if shapes := [f"{k} {a[k]} vs {b[k]}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]:
+        problems.append(f"shape mismatch ({a_name} vs {b_name}): {_listing(shapes)}")
+    if problems:
+        raise TaskVectorError("; ".join(problems))
+
+
+def _same_layout(a: TaskVector, b: TaskVector, a_name: str = "left vector",
+                 b_name: str = "right vector") -> None:
+    _check_keys(_shapes(a.tensors), _shapes(b.tensors), a_name, b_name)
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TaskVectorError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def _wide(*dtypes: torch.dtype) -> torch.dtype:
+    """At least float32: half-precision differences lose the small updates that matter."""
+    return reduce(torch.promote_types, dtypes, torch.float32)
+
+
+def _raw(t: Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _hash_tensor(h: "hashlib._Hash", key: str, t: Tensor) -> None:
+    h.update(json.dumps([key, list(t.shape), str(t.dtype), t.numel() * t.element_size()]).encode())
+    h.update(_raw(t))
+
+
+def fingerprint(state_dict: StateDict) -> str:
+    """sha256 over sorted (key, shape, dtype, value bytes) of every tensor, buffers included.
+
+    Identifies the exact weights a vector was computed from, so applying it elsewhere is
+    noticed rather than forbidden (transfer is a legitimate experiment).
+    """
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        _hash_tensor(h, key, state_dict[key])
+    return h.hexdigest()
+
+
+def _check_base(expected: str | None, actual: str) -> bool | None:
+    if expected is None:
+        return None
+    if expected != actual:
+        warnings.warn(f"task vector applied to weights other than its base (fingerprint "
+                      f"{actual[:12]} != {expected[:12]}); fine for transfer, else check the "
+                      "checkpoint", BaseMismatchWarning, stacklevel=3)
+    return expected == actual
+
+
+def _apply_tensor(base: Tensor, tau: Tensor, coef: float, key: str) -> Tensor:
+    """theta + coef * tau computed wide and cast back; the one kernel both apply paths share."""
+    if not base.is_floating_point():
+        raise TaskVectorError(f"target tensor {key!r} has non-floating dtype {base.dtype}")
+    dtype = _wide(base.dtype, tau.dtype)
+    out = torch.add(base.detach().to(dtype), tau.to(base.device, dtype), alpha=coef)
+    return out.to(base.dtype)
+
+
+def load_state_dict(path: PathLike) -> dict[str, Tensor]:
+    """Load a state_dict from ``.safetensors``, ``.pt``/``.pth`` or a Lightning ``.ckpt``.
+
+    Torch files are loaded with ``weights_only=True`` only: a file whose unpickling would run
+    code is refused, never retried unsafely. A dict with a ``"state_dict"`` key (Lightning)
+    is unwrapped, and a ``backbone.`` prefix is stripped when *every* key has it, so the
+    result is the plain network's state_dict whichever way it was saved.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        raw: object = load_file(str(path))
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise TaskVectorError(
+                f"refused to load {path}: not a plain weights file (its pickle needs objects "
+                "that torch.load(weights_only=True) does not allow, and unpickling them could "
+                "run code)") from e
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise TaskVectorError(f"{path} holds no state_dict (str -> Tensor), "
+                              "nor a dict with a 'state_dict' key")
+    if raw and all(k.startswith(_PREFIX) for k in raw):
+        return {k.removeprefix(_PREFIX): v for k, v in raw.items()}
+    return dict(raw)
+
+
+@dataclass(frozen=True, eq=False)
+class TaskVector:
+    """tau = theta_ft - theta_pre over floating tensors; an immutable value.
+
+    ``tensors`` is a read-only mapping (do not modify its tensors in place either).
+    ``skipped`` maps keys left out to the reason; ``base_fingerprint`` identifies the
+    pretrained weights; ``sources`` records where the weights came from (unary operations
+    keep it, combinations drop it). Differences are stored in at least float32.
+    """
+
+    tensors: Mapping[str, Tensor]
+    base_fingerprint: str | None = None
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if bad := sorted(k for k, t in self.tensors.items() if not t.is_floating_point()):
+            raise TaskVectorError(f"task vectors hold floating tensors only; got {_listing(bad)}")
+        object.__setattr__(self, "tensors", MappingProxyType(dict(sorted(self.tensors.items()))))
+        object.__setattr__(self, "skipped", MappingProxyType(dict(self.skipped)))
+        object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
+
+    @classmethod
+    def from_state_dicts(cls, pretrained: StateDict, finetuned: StateDict, *,
+                         include_buffers: bool = True,
+                         parameter_names: Collection[str] | None = None,
+                         sources: Mapping[str, str] | None = None) -> TaskVector:
+        """Vector from two state_dicts with identical keys and shapes.
+
+        Buffer policy: a state_dict cannot tell parameters from buffers, so the default
+        (``include_buffers=True``) covers every floating tensor, as the reference code does.
+        For parameters only, pass ``include_buffers=False`` with ``parameter_names`` (or use
+        ``from_modules``); asking for it without names is an error rather than a guess.
+        Integer/bool tensors (e.g. ``num_batches_tracked``) are always skipped, listed in
+        ``skipped``.
+        """
+        if not include_buffers and parameter_names is None:
+            raise TaskVectorError("include_buffers=False needs parameter_names: a state_dict "
+                                  "cannot tell parameters from buffers (or use from_modules)")
+        _check_keys(_shapes(pretrained), _shapes(finetuned), "pretrained", "finetuned")
+        names = set(parameter_names) if parameter_names is not None else set(pretrained)
+        if unknown := sorted(names - set(pretrained)):
+            raise TaskVectorError(f"parameter_names not in the state_dict: {_listing(unknown)}")
+        tensors, skipped = {}, {}
+        for key in sorted(pretrained):
+            pre, ft = pretrained[key].detach(), finetuned[key].detach()
+            if not (pre.is_floating_point() and ft.is_floating_point()):
+                skipped[key] = f"non-floating dtype {pre.dtype}/{ft.dtype}"
+            elif not include_buffers and key not in names:
+                skipped[key] = "buffer (include_buffers=False)"
+            else:
+                dtype = _wide(pre.dtype, ft.dtype)
+                tensors[key] = ft.to(dtype) - pre.to(dtype)
+        return cls(tensors, fingerprint(pretrained), skipped, sources or {})
+
+    @classmethod
+    def from_modules(cls, pretrained: nn.Module, finetuned: nn.Module, *,
+                     include_buffers: bool = False) -> TaskVector:
+        """Vector from two modules; parameters only by default.
+
+        A module knows which tensors are learned. BatchNorm running statistics are not, and
+        scaling their difference (e.g. negation, lambda < 0) can drive running_var negative,
+        so buffers are opt-in here (and listed in ``skipped`` when left out).
+        """
+        names = {n for n, _ in pretrained.named_parameters(remove_duplicate=False)}
+        return cls.from_state_dicts(pretrained.state_dict(), finetuned.state_dict(),
+                                    include_buffers=include_buffers, parameter_names=names)
+
+    @classmethod
+    def from_checkpoints(cls, pretrained_path: PathLike, finetuned_path: PathLike, *,
+                         include_buffers: bool = True,
+                         parameter_names: Collection[str] | None = None) -> TaskVector:
+        """Vector from two files (see ``load_state_dict``); same buffer policy as state_dicts."""
+        return cls.from_state_dicts(
+            load_state_dict(pretrained_path), load_state_dict(finetuned_path),
+            include_buffers=include_buffers, parameter_names=parameter_names,
+            sources={"pretrained": str(pretrained_path), "finetuned": str(finetuned_path)})
+
+    def _map(self, fn) -> TaskVector:
+        return TaskVector({k: fn(t) for k, t in self.tensors.items()}, self.base_fingerprint,
+                          self.skipped, self.sources)
+
+    def _combine(self, other: TaskVector, fn) -> TaskVector:
+        _same_layout(self, other)
+        base = self.base_fingerprint if self.base_fingerprint == other.base_fingerprint else None
+        return TaskVector({k: fn(t, other.tensors[k]) for k, t in self.tensors.items()}, base,
+                          {**self.skipped, **other.skipped})
+
+    def __add__(self, other: object) -> TaskVector:
+        return self._combine(other, torch.add) if isinstance(other, TaskVector) else NotImplemented
+
+    def __radd__(self, other: object) -> TaskVector:
+        """Only ``0 + tv`` (``sum``'s start value), so that ``sum(vectors)`` works."""
+        return self if type(other) is int and other == 0 else NotImplemented
+
+    def __sub__(self, other: object) -> TaskVector:
+        return self._combine(other, torch.sub) if isinstance(other, TaskVector) else NotImplemented
+
+    def __neg__(self) -> TaskVector:
+        return self._map(torch.neg)
+
+    def __mul__(self, scalar: object) -> TaskVector:
+        if not isinstance(scalar, numbers.Real):
+            return NotImplemented
+        coef = _finite("scalar", scalar)
+        return self._map(lambda t: t * coef)
+
+    __rmul__ = __mul__
+
+    def norm(self) -> float:
+        """Global L2 norm over all tensors (accumulated in float64)."""
+        return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+                             for t in self.tensors.values()))
+
+    def cosine(self, other: TaskVector) -> float:
+        """Cosine similarity of the flattened vectors; undefined (error) for a zero vector."""
+        _same_layout(self, other)
+        dot = sum(float(torch.sum(t.double() * other.tensors[k].double()))
+                  for k, t in self.tensors.items())
+        if (denom := self.norm() * other.norm()) == 0:
+            raise TaskVectorError("cosine similarity is undefined for a zero task vector")
+        return max(-1.0, min(1.0, dot / denom))
+
+    def apply_to(self, target: StateDict | nn.Module, scaling_coef: float = 1.0, *,
+                 report: bool = False) -> dict[str, Tensor] | tuple[dict[str, Tensor], ApplyReport]:
+        """New state_dict theta + scaling_coef * tau; the target is never modified.
+
+        Every vector key must be in the target with the same shape; extra target keys are
+        copied unchanged (reported as skipped). Dtype and device of each target tensor are
+        kept. A target that is not the vector's base works but warns (BaseMismatchWarning).
+        """
+        coef = _finite("scaling_coef", scaling_coef)
+        state = target.state_dict() if isinstance(target, nn.Module) else target
+        _check_keys(_shapes(self.tensors), _shapes(state), "task vector", "target",
+                    allow_extra_b=True)
+        out = {k: _apply_tensor(v, self.tensors[k], coef, k) if k in self.tensors
+               else v.detach().clone() for k, v in state.items()}
+        result = ApplyReport(
+            applied=tuple(self.tensors),
+            skipped=tuple(sorted(set(state) - set(self.tensors))),
+            cast=tuple(k for k, t in self.tensors.items() if state[k].dtype != t.dtype),
+            base_matches=_check_base(self.base_fingerprint, fingerprint(state)))
+        return (out, result) if report else out
+
+    def save(self, path: PathLike) -> None:
+        """Safetensors file; metadata (sources, base fingerprint, skipped) as JSON strings."""
+        meta = {"format": "pt", "sources": json.dumps(dict(self.sources)),
+                "base_fingerprint": json.dumps(self.base_fingerprint),
+                "skipped": json.dumps(dict(self.skipped))}
+        save_file({k: t.detach().cpu().contiguous() for k, t in self.tensors.items()},
+                  str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: PathLike) -> TaskVector:
+        """Inverse of ``save``; a plain safetensors file loads with no metadata."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(tensors, json.loads(meta.get("base_fingerprint", "null")),
+                   json.loads(meta.get("skipped", "{}")), json.loads(meta.get("sources", "{}")))
+
+
+def _kth_largest_abs(values: Iterable[Tensor], density: float) -> Tensor:
+    flat = torch.cat([t.abs().flatten() for t in values])
+    if not flat.numel():
+        return flat.new_zeros(())
+    k = min(flat.numel(), max(1, math.ceil(round(density * flat.numel(), 9))))
+    return flat.kthvalue(flat.numel() - k + 1).values
+
+
+def ties_merge(vectors: Sequence[TaskVector], *, density: float = 0.2,
+               scope: Literal["global", "per_tensor"] = "global") -> TaskVector:
+    """TIES-merging (Yadav et al.): trim, elect sign, disjoint mean.
+
+    Each vector keeps its ceil(density * n) largest magnitudes (ties with the k-th are all
+    kept); each coordinate's sign is that of the sum of trimmed values; the result is the
+    mean over vectors whose trimmed value is nonzero with that sign. Where the trimmed values
+    sum to exactly 0 the result is 0 (the reference code takes the model-wide majority sign).
+
+    Scope matters: the reference code flattens the whole model and trims *globally*, so
+    tensors with small updates (biases, norms) can be zeroed entirely; libraries that merge
+    tensor by tensor trim *per tensor*, keeping density of every tensor. The two give
+    different merges at the same density. Default "global", to reproduce the paper.
+    """
+    if not vectors or not all(isinstance(v, TaskVector) for v in vectors):
+        raise TaskVectorError("ties_merge needs a non-empty sequence of TaskVectors")
+    if not 0 < _finite("density", density) <= 1:
+        raise TaskVectorError(f"density must be in (0, 1], got {density!r}")
+    if scope not in ("global", "per_tensor"):
+        raise TaskVectorError(f"scope must be 'global' or 'per_tensor', got {scope!r}")
+    for v in vectors[1:]:
+        _same_layout(vectors[0], v, "first vector", "other vector")
+    dtype = _wide(*(t.dtype for v in vectors for t in v.tensors.values()))
+    trimmed = []
+    for v in vectors:
+        tensors = {k: t.to(dtype) for k, t in v.tensors.items()}
+        cut = _kth_largest_abs(tensors.values(), density) if scope == "global" else None
+        trimmed.append({k: torch.where(t.abs() >= (_kth_largest_abs([t], density) if cut is None
+                                                   else cut), t, 0) for k, t in tensors.items()})
+    merged = {}
+    for key in vectors[0].tensors:
+        stacked = torch.stack([tr[key] for tr in trimmed])
+        agree = torch.sign(stacked) == torch.sign(stacked.sum(0))  # zeros agree only with 0
+        merged[key] = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    bases = {v.base_fingerprint for v in vectors}
+    skipped = reduce(lambda acc, v: {**acc, **v.skipped}, vectors, {})
+    return TaskVector(merged, bases.pop() if len(bases) == 1 else None, skipped)
+
+
+def dare(vector: TaskVector, *, drop_rate: float, seed: int) -> TaskVector:
+    """DARE (Yu et al.): drop each coordinate with probability p, rescale survivors by 1/(1-p).
+
+    The mask for each tensor comes from a CPU generator seeded by sha256(f"{seed}:{key}"), so
+    the result depends only on (seed, key, shape): not on dict order, device, or other keys.
+    """
+    p = _finite("drop_rate", drop_rate)
+    if not 0 <= p < 1:
+        raise TaskVectorError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TaskVectorError(f"seed must be an int, got {seed!r}")
+    out = {}
+    for key, t in vector.tensors.items():
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        keep = torch.rand(t.shape, generator=gen) >= p
+        out[key] = torch.where(keep.to(t.device), t / (1 - p), 0)
+    return TaskVector(out, vector.base_fingerprint, vector.skipped, vector.sources)
+
+
+def _read_header(f: BinaryIO) -> tuple[dict, int]:
+    """(header, offset of the data section) of a safetensors file open for reading."""
+    size = int.from_bytes(f.read(8), "little")
+    return json.loads(f.read(size)), 8 + size
+
+
+def _read_tensor(f: BinaryIO, data_start: int, entry: dict, key: str) -> Tensor:
+    """One tensor read into fresh memory, not via ``safe_open``.
+
+    ``safe_open`` tensors are zero-copy views of an mmap: every page read stays resident
+    (RssFile) until the file is closed, so streaming a model that way ends with all of it
+    in RSS. Plain reads keep the footprint at about one tensor per file.
+    """
+    dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: readinto overwrites it
+    f.seek(data_start + begin)
+    if buf.numel() != math.prod(shape) * dtype.itemsize or f.readinto(buf.numpy()) != buf.numel():
+        raise TaskVectorError(f"{f.name}: entry {key!r} is truncated or inconsistent")
+    return buf.view(dtype).reshape(shape)
+
+
+def apply_safetensors(base_path: PathLike, vector_path: PathLike, out_path: PathLike,
+                      scaling_coef: float = 1.0) -> ApplyReport:
+    """Write base + scaling_coef * vector tensor by tensor, holding about one tensor at a time.
+
+    ``save_file`` needs every tensor at once, so the output is written here in the (simple,
+    documented) safetensors format: 8-byte little-endian header size, JSON header (dtype,
+    shape, data_offsets), raw bytes. The header needs only shapes and dtypes, known before
+    any data is read. Same kernel as ``apply_to``, so the result is bit-identical; the file
+    appears only once complete (written aside, then renamed). Assumes a little-endian host.
+    """
+    coef = _finite("scaling_coef", scaling_coef)
+    out_path, tmp = Path(out_path), Path(f"{out_path}.partial")
+    with open(base_path, "rb") as base, open(vector_path, "rb") as vec:
+        (base_header, base_start), (vec_header, vec_start) = _read_header(base), _read_header(vec)
+        meta, vec_meta = base_header.pop("__metadata__", None), vec_header.pop("__metadata__", {})
+        _check_keys({k: tuple(e["shape"]) for k, e in vec_header.items()},
+                    {k: tuple(e["shape"]) for k, e in base_header.items()}, "task vector", "base",
+                    allow_extra_b=True)
+        if unknown := sorted(k for k, e in {**base_header, **vec_header}.items()
+                             if e["dtype"] not in _DTYPES):
+            raise TaskVectorError(f"unsupported safetensors dtype for {_listing(unknown)}")
+        keys, offset = sorted(base_header), 0
+        header: dict[str, object] = {"__metadata__": meta} if meta else {}
+        for k in keys:
+            size = base_header[k]["data_offsets"][1] - base_header[k]["data_offsets"][0]
+            header[k] = {**base_header[k], "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned, as safetensors does
+        h, cast = hashlib.sha256(), []
+        try:
+            with open(tmp, "wb") as out:
+                out.write(len(blob).to_bytes(8, "little") + blob)
+                for k in keys:
+                    t = _read_tensor(base, base_start, base_header[k], k)
+                    _hash_tensor(h, k, t)
+                    if k in vec_header:
+                        tau = _read_tensor(vec, vec_start, vec_header[k], k)
+                        cast += [k] if tau.dtype != t.dtype else []
+                        t = _apply_tensor(t, tau, coef, k)
+                    out.write(_raw(t))
+            os.replace(tmp, out_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return ApplyReport(applied=tuple(sorted(vec_header)),
+                       skipped=tuple(k for k in keys if k not in vec_header),
+                       cast=tuple(sorted(cast)),
+                       base_matches=_check_base(json.loads(vec_meta.get("base_fingerprint", "null")),
+                                                h.hexdigest()))

@@ -1,0 +1,154 @@
+"""Benchmark applying a task vector: in-memory ``apply_to`` vs streaming ``apply_safetensors``.
+
+Builds a synthetic float32 safetensors checkpoint (``--size-gb``, default 2; ``--quick`` ~50 MB)
+and a task vector of the same shapes in a temporary directory (removed afterwards), then runs
+each path in a fresh subprocess and reads that child's peak RSS from its own rusage
+(``os.wait4``). Two traps make such numbers dishonest, and both are avoided:
+
+* ``RUSAGE_CHILDREN`` is a running maximum over all children, so a second measurement would
+  report max(first, second); ``wait4`` gives each child's own figure.
+* a child's ``ru_maxrss`` starts from its parent's peak RSS (Linux records the old address
+  space's high-water mark at exec), so this parent never imports torch or allocates tensors
+  before the measurements: the files are generated in a child too.
+* a normal interpreter exit after importing torch raises RSS by ~125 MiB (teardown), so
+  children leave with ``os._exit`` once their result is printed.
+
+"Over imports" subtracts the child's RSS right after importing torch and music (~0.5 GB on
+this build), i.e. what the method itself costs. Throughput is model bytes (the base file)
+per second, page cache warm for both paths.
+
+    python scripts/bench_task_vector.py --quick
+    python scripts/bench_task_vector.py --size-gb 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COEF = 0.5
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def make_checkpoint(base: str, vector: str, size_bytes: float) -> dict:
+    """Random float32 layers (square weights + biases) and an int step buffer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from music.task_vector import TaskVector, fingerprint
+
+    side = 4096 if size_bytes >= 2**30 else 1024
+    layers = max(1, round(size_bytes / (4 * side * (side + 1))))
+    gen = torch.Generator().manual_seed(0)
+    state = {"step": torch.tensor(1000)}
+    for i in range(layers):
+        state[f"layer{i}.weight"] = torch.randn(side, side, generator=gen)
+        state[f"layer{i}.bias"] = torch.randn(side, generator=gen)
+    save_file(state, base)
+    tau = {k: torch.randn(v.shape, generator=gen) * 1e-3 for k, v in state.items()
+           if v.is_floating_point()}
+    TaskVector(tau, fingerprint(state)).save(vector)
+    return {"description": f"{layers} x (float32 {side}x{side} weight + bias) + int64 step"}
+
+
+def _entries(f) -> tuple[dict, int]:
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def outputs_identical(a: Path, b: Path) -> bool:
+    """Same keys, dtypes, shapes and bytes (stricter than torch.equal); no torch needed."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        (ha, sa), (hb, sb) = _entries(fa), _entries(fb)
+        if ha.keys() != hb.keys():
+            return False
+        for key, ea in ha.items():
+            eb = hb[key]
+            if (ea["dtype"], ea["shape"]) != (eb["dtype"], eb["shape"]):
+                return False
+            fa.seek(sa + ea["data_offsets"][0])
+            fb.seek(sb + eb["data_offsets"][0])
+            size = ea["data_offsets"][1] - ea["data_offsets"][0]
+            if fa.read(size) != fb.read(size):
+                return False
+    return True
+
+
+def worker(mode: str, *args: str) -> None:
+    """Runs in a child; prints one JSON line."""
+    sys.path.insert(0, str(ROOT))  # this checkout's music, whatever is installed
+    if mode == "generate":
+        result = make_checkpoint(args[0], args[1], float(args[2]))
+    else:
+        from safetensors.torch import load_file, save_file
+
+        from music.task_vector import TaskVector, apply_safetensors
+
+        base, vector, out = args
+        rss_after_imports, start = _rss_mib(), time.perf_counter()
+        if mode == "in-memory":
+            save_file(TaskVector.load(vector).apply_to(load_file(base), COEF), out)
+        else:
+            apply_safetensors(base, vector, out, COEF)
+        result = {"seconds": time.perf_counter() - start, "rss_after_imports": rss_after_imports}
+    print(json.dumps(result))
+
+
+def run(mode: str, *args: object) -> tuple[dict, float]:
+    """(the child's JSON result, its own peak RSS in MiB)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", mode, *map(str, args)],
+                            stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{mode} child failed with exit code {proc.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1]), usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-gb", type=float, default=2.0, help="model size in GB (1e9 bytes)")
+    parser.add_argument("--quick", action="store_true", help="~50 MB, for a smoke run")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        sys.stdout.flush()
+        os._exit(0)  # skip interpreter teardown: torch's adds ~125 MiB of RSS at exit
+    size = 50e6 if args.quick else args.size_gb * 1e9
+    with tempfile.TemporaryDirectory(prefix="bench_tv_") as tmp:
+        base, vector = Path(tmp, "base.safetensors"), Path(tmp, "vector.safetensors")
+        made, _ = run("generate", base, vector, size)
+        gb = base.stat().st_size / 1e9
+        print(f"base: {gb:.3f} GB ({made['description']}); vector: "
+              f"{vector.stat().st_size / 1e9:.3f} GB; scaling_coef {COEF}; one child per path")
+        print(f"{'path':<11}{'time [s]':>9}{'GB/s':>7}{'peak RSS [MiB]':>16}{'over imports':>14}")
+        outs = []
+        for mode in ("in-memory", "streaming"):
+            outs.append(Path(tmp, f"out-{mode}.safetensors"))
+            result, peak = run(mode, base, vector, outs[-1])
+            print(f"{mode:<11}{result['seconds']:>9.2f}{gb / result['seconds']:>7.2f}"
+                  f"{peak:>16.0f}{peak - result['rss_after_imports']:>14.0f}")
+        same = outputs_identical(*outs)
+        print(f"outputs identical (keys, dtypes, shapes, bytes): {'yes' if same else 'NO'}")
+        assert "torch" not in sys.modules, "the parent must stay lean (see module docstring)"
+        if not same:
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
