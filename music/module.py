@@ -79,9 +79,9 @@ class Classifier(LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from:
-            checkpoint = torch.load(self.init_from, map_location="cpu", weights_only=True)
-            state = checkpoint.get("state_dict", checkpoint)
-            self.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()})
+            from music.task_vector import load_state_dict  # weights_only / safetensors, never pickle code
+
+            self.backbone.load_state_dict(load_state_dict(self.init_from))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.parameters(), lr=self.lr)
