@@ -232,6 +232,7 @@ class TaskVectorStudy:
         return state
 
     def train_all(self) -> dict[str, StateDict]:
+        self.datamodule.setup()
         ft = dict(epochs=self.finetune_epochs, lr=self.finetune_lr, seed=self.seed)
         models = {"A": self.stage("pretrained_A", "remaining", self.pretrain_epochs, self.lr, self.seed)}
         s = self.similar
@@ -271,7 +272,6 @@ class TaskVectorStudy:
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
-        self.datamodule.setup()
         models = self.train_all()
         train_seconds = time.perf_counter() - start
         self.evaluator = Evaluator(self.datamodule, Classifier(backbone=self._backbone(), num_classes=self.datamodule.num_classes))
