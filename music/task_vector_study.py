@@ -237,9 +237,9 @@ class TaskVectorStudy:
         models = {"A": self.stage("pretrained_A", "remaining", self.pretrain_epochs, self.lr, self.seed)}
         s = self.similar
         if s.mode == "seed":
-            models["B"] = self.stage("similar_B", "remaining", s.epochs or self.pretrain_epochs, self.lr, s.seed)
+            models["B"] = self.stage("similar_B_seed", "remaining", s.epochs or self.pretrain_epochs, self.lr, s.seed)
         else:
-            models["B"] = self.stage("similar_B", s.split, s.epochs, s.lr or self.lr, s.seed, ("pretrained_A", models["A"]))
+            models["B"] = self.stage("similar_B_further", s.split, s.epochs, s.lr or self.lr, s.seed, ("pretrained_A", models["A"]))
         models["merged"] = self.stage("finetuned_A_merged", "merged", init=("pretrained_A", models["A"]), **ft)
         for c in self.held_out:
             models[f"class_{c}"] = self.stage(f"finetuned_A_class_{c}", f"class_{c}", init=("pretrained_A", models["A"]), **ft)

@@ -55,7 +55,7 @@ def test_quick_study_writes_tables_csvs_and_tensorboard(quick):
     negation = read_csv(out / "task_vectors_negation.csv")
     assert len(negation) == 3 * 2 * 2  # classes × lambdas × (val, test)
     assert list((work / "work" / "lambda_curves").glob("events.out.tfevents.*"))
-    assert s.trained == ["pretrained_A", "similar_B", "finetuned_A_merged", "finetuned_A_class_3",
+    assert s.trained == ["pretrained_A", "similar_B_seed", "finetuned_A_merged", "finetuned_A_class_3",
                          "finetuned_A_class_4", "finetuned_A_class_7", "sequential_A_after_4", "sequential_A_after_7"]
 
 
@@ -110,6 +110,15 @@ def test_evaluator_refuses_the_test_set_while_selecting(data_dir):
             evaluator.confusion(state, "test")
     evaluator.confusion(state, "test")
     assert evaluator.log == [("val", True), ("test", False)]
+
+
+def test_similar_model_further_trained_from_a(quick, data_dir):
+    """mode 'further': B starts from A (reused) and trains on its own; nothing else is retrained."""
+    _, _, work = quick
+    s = study(data_dir, work, similar=SimilarModel(mode="further", epochs=1, seed=3))
+    models = s.train_all()
+    assert s.trained == ["similar_B_further"]
+    assert any(not torch.equal(models["A"][k], models["B"][k]) for k in models["A"])
 
 
 def test_a_stage_trained_with_other_settings_is_refused(quick, data_dir):
