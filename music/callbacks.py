@@ -65,6 +65,9 @@ class SequentialFineTuning(Callback):
         self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
         self.evaluate_initial = evaluate_initial
+        if evaluate_initial and "initial" in (p.name for p in self.phases):
+            raise ValueError("Phase name 'initial' is reserved for the evaluation before the first phase "
+                             "(evaluate_initial=true): rename the phase.")
         self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
 
     def phase_index(self, epoch: int) -> int:
