@@ -262,8 +262,14 @@ def run_study(settings: Settings, log=print) -> dict:
         log(f"[{time.perf_counter() - start:6.0f} s] {'done' if error is None else 'FAILED'} {label}"
             f" ({len(ran) + len(failed)}/{len(todo)})" + (f": {failed[label]}" if error else ""))
 
+    def priority(cell: Cell) -> tuple[int, int]:
+        # fine-tuning cells of the seeds already pretrained first, so finished seeds accumulate
+        # and a grid stopped early still has complete seeds to report; the costly joint runs last
+        return {"pretrain": 1, "joint": 2}.get(cell.kind, 0), cell.seed
+
     if workers == 1:  # in this process: no start-up cost (tests, debugging)
         while ready:
+            ready.sort(key=priority)
             cell = ready.pop(0)
             try:
                 run_cell(settings, cell)
@@ -277,6 +283,7 @@ def run_study(settings: Settings, log=print) -> dict:
             running: dict[Future, Cell] = {}
             while ready or running:
                 while ready and len(running) < workers:
+                    ready.sort(key=priority)
                     cell = ready.pop(0)
                     running[pool.submit(run_cell, settings, cell)] = cell
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
