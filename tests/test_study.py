@@ -45,7 +45,8 @@ def test_bad_settings_fail_early(bad, message):
 
 
 def test_quick_grid_runs_reports_and_skips_finished_cells_on_restart(tiny):
-    first = run_study(tiny)
+    args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in vars(tiny).items()]
+    first = main(args)  # scripts/study.py: the grid, then the report
     assert not first["failed"] and len(first["ran"]) == len(plan(tiny)) == 6
     for cell in plan(tiny):
         run = cell_dir(tiny, cell)
@@ -53,6 +54,13 @@ def test_quick_grid_runs_reports_and_skips_finished_cells_on_restart(tiny):
         if cell.needs_pretrained:  # every fine-tuning cell starts from its seed's one pretrained model
             config = yaml.safe_load((run / "config.yaml").read_text())
             assert config["model"]["init_from"].endswith("seed_0/pretrain/checkpoints/phase-0-pretrain.ckpt")
+    out = Path(tiny.out)
+    report = (out / "REPORT.md").read_text()
+    assert "When does sequential beat merged?" in report and "lr 0.001" in report
+    for figure in ("accuracy_after_each_phase", "forgetting_per_class", "accuracy_vs_lr", "confusion_matrices"):
+        assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    rows = (out / "study_cells.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and rows[0].startswith("seed,kind,cell,lr")
     markers = {c.name: os.stat(cell_dir(tiny, c) / "done").st_mtime_ns for c in plan(tiny)}
 
     again = run_study(tiny)  # a restart: nothing runs, no marker is rewritten
@@ -66,20 +74,6 @@ def test_quick_grid_runs_reports_and_skips_finished_cells_on_restart(tiny):
     # the same directory with other settings is refused instead of mixing results
     with pytest.raises(ValueError, match="finished with other settings"):
         run_study(Settings(**vars(tiny) | {"finetune_epochs": 2}))
-
-
-def test_script_writes_the_report_from_the_cells(tiny):
-    args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in vars(tiny).items()]
-    result = main(args)
-    assert not result["failed"]
-    out = Path(tiny.out)
-    report = (out / "REPORT.md").read_text()
-    assert "When does sequential beat merged?" in report and "lr 0.001" in report
-    for figure in ("accuracy_after_each_phase", "forgetting_per_class", "accuracy_vs_lr", "confusion_matrices"):
-        assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
-    rows = (out / "study_cells.csv").read_text().splitlines()
-    assert len(rows) == 1 + 6 and rows[0].startswith("seed,kind,cell,lr")
-    assert main(args + ["--report_only=true"])["ran"] == []
 
 
 @pytest.mark.slow
