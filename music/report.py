@@ -174,6 +174,14 @@ def statement(records: list[dict], settings: Settings) -> list[str]:
     for lr in settings.lrs:
         if replay[lr] and seq_by_lr[lr]:
             parts.append(f"lr {lr:g}: replay {fmt(replay[lr])} vs sequential without replay {fmt(seq_by_lr[lr])}")
+    joint = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "joint"]
+    if joint and pretrained:
+        relation = "above" if statistics.mean(joint) > statistics.mean(pretrained) else "below"
+        lines.append(f"- **Joint** ({settings.joint_epochs or settings.pretrain_epochs} epochs on all 60,000 training "
+                     f"samples): {fmt(joint)}, {relation} the pretrained model ({fmt(pretrained)}, "
+                     f"{settings.pretrain_epochs} epochs without the held-out samples)"
+                     + ("; with fewer epochs than pretraining it is not a true upper bound here."
+                        if relation == "below" else "."))
     if parts:
         lines.append(f"- **Replay** ({settings.replay_size} `remaining` samples mixed into every phase): "
                      + "; ".join(parts) + f" (pretrained: {fmt(pretrained)}).")
@@ -378,7 +386,7 @@ def write_report(settings: Settings) -> Path:
         "",
         *reference_table(records, settings),
         "",
-        "The held-out classes are " + ", ".join(map(str, s.held_out_classes)) + "; the untouched classes are all others. "
+        "The held-out classes are " + ", ".join(map(str, s.held_out_classes)) + "; the other (untouched) classes are all others. "
         "'share predicted as last class' is the share of all test predictions equal to the last phase's class "
         "(≈0.10 for a healthy model; 1.0 is total collapse).",
         "",
