@@ -340,6 +340,9 @@ def write_report(settings: Settings) -> Path:
     if not records:
         raise FileNotFoundError(f"No finished cells under {settings.runs_dir}: run the grid first.")
     write_csvs(records, out)
+    grid = Path(settings.runs_dir) / "grid.json"
+    if grid.exists():  # the settings and cell list travel with the report (run directories do not)
+        (out / "study_grid.json").write_text(grid.read_text())
     plot_phases(records, settings, figures / "accuracy_after_each_phase.png")
     plot_forgetting(records, settings, figures / "forgetting_per_class.png")
     plot_lr(records, settings, figures / "accuracy_vs_lr.png")
@@ -372,7 +375,7 @@ def write_report(settings: Settings) -> Path:
         + (f" Training limited to {s.limit_train_batches} batches an epoch (quick mode)." if s.limit_train_batches else ""),
         f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
         f"{platform.system()}, CPU only, shared with other jobs.",
-        f"- Full settings: `{Path(s.runs_dir) / 'grid.json'}`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
+        f"- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
         "`study_accuracy_matrices.csv`.",
         "",
         "## When does sequential beat merged?",
