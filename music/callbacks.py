@@ -45,15 +45,30 @@ class SequentialFineTuning(Callback):
         reset_optimizer: give each phase a fresh optimizer (Adam's moments from the previous
             task would otherwise steer the first steps of the next).
         evaluate_test: evaluate the test set at each phase end.
+        evaluate_initial: also evaluate the test set when fitting starts (not on resume): the
+            reference row 0 of the accuracy matrix, e.g. the pretrained model a fine-tuning run
+            starts from. It restores the RNG afterwards, so training is the same with or without.
+
+    With ``evaluate_test``, the rows evaluated so far also go to ``accuracy_matrix.csv`` (test
+    accuracy per class and per fine-tuning task, row by row) and ``continual_metrics.json``
+    (``music.continual``: average accuracy, forgetting, BWT, collapse share), and the metrics
+    to TensorBoard under ``continual/``. A phase is a fine-tuning task when it trains on a
+    held-out split (``class_<c>`` or ``merged``).
     """
 
-    def __init__(self, phases: list[Phase], reset_optimizer: bool = True, evaluate_test: bool = True) -> None:
+    def __init__(self, phases: list[Phase], reset_optimizer: bool = True, evaluate_test: bool = True,
+                 evaluate_initial: bool = True) -> None:
         self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in phases]
         _check_phases(self.phases)
         self.reset_optimizer = reset_optimizer
         self.evaluate_test = evaluate_test
         self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
+        self.evaluate_initial = evaluate_initial
+        if evaluate_initial and "initial" in (p.name for p in self.phases):
+            raise ValueError("Phase name 'initial' is reserved for the evaluation before the first phase "
+                             "(evaluate_initial=true): rename the phase.")
+        self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
 
     def phase_index(self, epoch: int) -> int:
         return next((i for i, end in enumerate(self.ends) if epoch < end), len(self.phases) - 1)
@@ -79,6 +94,10 @@ class SequentialFineTuning(Callback):
         trainer.datamodule.train_split = self.phase.split
         if self.epoch == 0:  # a resumed run gets its learning rate back with the optimizer
             self._set_lr(trainer, pl_module)
+            if self.evaluate_test and self.evaluate_initial:
+                rng = torch.get_rng_state()  # the test loader draws a seed; training must not notice
+                self._evaluate(trainer, pl_module, None, Phase("initial", "test", 1))
+                torch.set_rng_state(rng)
         rank_zero_info(f"Phase {self.phase_index(self.epoch)} '{self.phase.name}' (split {self.phase.split}) "
                        f"from epoch {self.epoch}.")
 
@@ -112,7 +131,7 @@ class SequentialFineTuning(Callback):
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases], "rng": rng}
+        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases], "rng": rng, "rows": self.rows}
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = [Phase(**p) for p in state_dict["phases"]]
@@ -122,6 +141,7 @@ class SequentialFineTuning(Callback):
                 "in the phases already run; resume with the configuration the run started with."
             )
         self.epoch = state_dict["epoch"]
+        self.rows = dict(state_dict.get("rows", {}))
         rng = state_dict.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -136,7 +156,7 @@ class SequentialFineTuning(Callback):
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, index: int, phase: Phase) -> None:
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, index: int | None, phase: Phase) -> None:
         loader = trainer.datamodule.dataloader("test", distributed=trainer.world_size > 1)
         metrics, confusion = pl_module.evaluate(loader)
         rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
@@ -144,7 +164,42 @@ class SequentialFineTuning(Callback):
             trainer.logger.log_metrics({f"test/{phase.name}/{k}": v for k, v in metrics.items()},
                                        step=trainer.global_step)
         pl_module.log_confusion_matrix(f"test/{phase.name}/confusion_matrix", confusion)
-        _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+        if index is not None:
+            _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+        self.rows[phase.name] = confusion.tolist()
+        self._continual(trainer)
+
+    def _continual(self, trainer: Trainer) -> None:
+        """Accuracy matrix and continual-learning metrics over the rows evaluated so far."""
+        from music.continual import accuracy_on, per_class_accuracy, summarise, to_json
+
+        held_out = getattr(trainer.datamodule, "held_out_classes", [])
+        by_name = {p.name: p for p in self.phases}
+
+        def task(name: str) -> list[int] | None:
+            split = by_name[name].split if name in by_name else None
+            if split == "merged":
+                return list(held_out)
+            return [int(split.removeprefix("class_"))] if split and split.startswith("class_") else None
+
+        names = list(self.rows)
+        tasks = [task(n) for n in names]
+        first_task = next((i for i, t in enumerate(tasks) if t), None)
+        reference = first_task - 1 if first_task else None
+        confusions = [self.rows[n] for n in names]
+        summary = to_json(summarise(confusions, tasks, reference) | {"row_names": names,
+                                                                      "reference_row": reference})
+        if trainer.logger is not None and trainer.is_global_zero:
+            scalars = {f"continual/{k}": v for k, v in summary.items() if isinstance(v, float)}
+            scalars |= {f"continual/forgetting/{c}": v for c, v in summary["forgetting_per_class"].items()
+                        if v is not None}
+            trainer.logger.log_metrics(scalars, step=trainer.global_step)
+        task_columns = [(f"task_{n}", t) for n, t in zip(names, tasks) if t]
+        header = ["row", "phase", *(f"acc_{c}" for c in range(len(confusions[0]))),
+                  *(name for name, _ in task_columns), "acc"]
+        table = [[i, n, *per_class_accuracy(conf).tolist(), *(accuracy_on(conf, t) for _, t in task_columns),
+                  accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
+        _write_continual(trainer.log_dir, header, table, summary)
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
         save_atomically(trainer, os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"))
@@ -187,6 +242,21 @@ def _record(log_dir: str, index: int, phase: Phase, metrics: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(records, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+@rank_zero_only
+def _write_continual(log_dir: str, header: list, table: list[list], summary: dict) -> None:
+    import csv
+
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "accuracy_matrix.csv.tmp"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[f"{v:.6f}" if isinstance(v, float) else v for v in row] for row in table])
+    os.replace(os.path.join(log_dir, "accuracy_matrix.csv.tmp"), os.path.join(log_dir, "accuracy_matrix.csv"))
+    with open(os.path.join(log_dir, "continual_metrics.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(log_dir, "continual_metrics.json.tmp"), os.path.join(log_dir, "continual_metrics.json"))
 
 
 def _check_phases(phases: list[Phase]) -> None:

@@ -76,6 +76,11 @@ class MusicDataModule(LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for validation and test (no gradients, so larger is faster).
         num_workers: loader workers; 0 is fastest for in-memory tensors.
+        replay_size: size of a replay buffer of ``remaining`` samples (drawn once from
+            ``split_seed``) mixed into every training loader of a held-out split (``class_<c>``,
+            ``merged``): the simplest guard against forgetting, as a baseline. 0: no replay.
+        log_eda: log class counts per split and sample grids to TensorBoard when fitting starts
+            (see ``music.eda``), so a run documents the data it saw.
     """
 
     def __init__(
@@ -91,6 +96,8 @@ class MusicDataModule(LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 1000,
         num_workers: int = 0,
+        replay_size: int = 0,
+        log_eda: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -100,7 +107,7 @@ class MusicDataModule(LightningDataModule):
         _check_held_out(held_out_classes, self._declared_num_classes, dataset)
         for name, value, low in (("samples_per_class", samples_per_class, 1), ("batch_size", batch_size, 1),
                                  ("eval_batch_size", eval_batch_size, 1), ("val_size", val_size, 0),
-                                 ("num_workers", num_workers, 0)):
+                                 ("num_workers", num_workers, 0), ("replay_size", replay_size, 0)):
             if value < low:
                 raise ValueError(f"{name}={value} is not allowed: it must be an integer >= {low}.")
         self.data_dir = data_dir
@@ -112,6 +119,9 @@ class MusicDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.replay_size = replay_size
+        self.log_eda = log_eda
+        self.replay_index: Tensor | None = None  # indices into the training set, set by setup
         self.train_split = train_split
         self.splits: dict[str, Tensor] = {}
 
@@ -120,7 +130,8 @@ class MusicDataModule(LightningDataModule):
     @property
     def split_names(self) -> list[str]:
         names = ["remaining", *(f"class_{c}" for c in self.held_out_classes), "merged"]
-        return names + (["val"] if self.val_size else [])
+        # "train" is the whole training set (held-out samples included): the joint upper bound
+        return names + (["val"] if self.val_size else []) + ["train"]
 
     def check_split(self, name: str) -> str:
         if name not in self.split_names:
@@ -156,6 +167,10 @@ class MusicDataModule(LightningDataModule):
             self.splits = self._make_splits()
         if self.trainer is not None and self.trainer.log_dir:
             self.write_manifest(os.path.join(self.trainer.log_dir, "split_manifest.json"))
+            if self.log_eda and stage == "fit" and self.trainer.is_global_zero:
+                from music.eda import log_to_tensorboard  # matplotlib only when asked for
+
+                log_to_tensorboard(self, self.trainer.logger)
 
     def _load(self, train: bool) -> tuple[Tensor, Tensor]:
         try:
@@ -206,22 +221,35 @@ class MusicDataModule(LightningDataModule):
             remaining = remaining[order[self.val_size :]].sort().values
         splits["merged"] = is_held_out.nonzero().flatten()
         splits["remaining"] = remaining
-        return {name: splits[name] for name in self.split_names}
+        if self.replay_size:  # drawn last, so the other splits do not depend on replay_size
+            if self.replay_size > len(remaining):
+                raise ValueError(f"replay_size={self.replay_size} is too large: `remaining` has {len(remaining)} samples.")
+            self.replay_index = remaining[torch.randperm(len(remaining), generator=generator)[: self.replay_size]].sort().values
+        return {name: splits[name] for name in self.split_names if name in splits}
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def dataset(self, split: str) -> InMemoryDataset:
-        """A training split by name, or ``"test"`` for the full official test set."""
+    def dataset(self, split: str, replay: bool = False) -> InMemoryDataset:
+        """A training split by name, or ``"test"`` for the full official test set. ``replay``
+        adds the replay buffer to a held-out split (``class_<c>``, ``merged``)."""
         if split == "test":
             return InMemoryDataset(self.test_images, self.test_labels)
-        index = self.splits[self.check_split(split)]
+        if self.check_split(split) == "train":
+            return InMemoryDataset(self.train_images, self.train_labels)
+        index = self.splits[split]
+        if replay and self.replay_index is not None and split in self.held_out_split_names:
+            index = torch.cat([index, self.replay_index])
         return InMemoryDataset(self.train_images[index], self.train_labels[index])
 
+    @property
+    def held_out_split_names(self) -> list[str]:
+        return [f"class_{c}" for c in self.held_out_classes] + ["merged"]
+
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
-                   distributed: bool = False) -> DataLoader:
+                   distributed: bool = False, replay: bool = False) -> DataLoader:
         """Any split as a loader; ``distributed`` shards it over the ranks (for evaluation run
         outside Lightning's loops, where no sampler is injected)."""
-        dataset = self.dataset(split)
+        dataset = self.dataset(split, replay=replay)
         sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
         return DataLoader(
             dataset,
@@ -234,7 +262,7 @@ class MusicDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader(self.train_split, shuffle=True)
+        return self.dataloader(self.train_split, shuffle=True, replay=True)
 
     def val_dataloader(self) -> DataLoader | list:
         return self.dataloader("val") if self.val_size else []
@@ -252,6 +280,8 @@ class MusicDataModule(LightningDataModule):
             return entry | ({"sha256": split_hash(index)} if index is not None else {})
 
         splits = {n: describe(self.train_labels[i], i) for n, i in self.splits.items()}
+        if self.replay_index is not None:
+            splits["replay"] = describe(self.train_labels[self.replay_index], self.replay_index)
         return {
             "dataset": self.hparams.dataset,
             "held_out_classes": self.held_out_classes,

@@ -62,7 +62,7 @@ CASES = [
     ("phase lr <= 0", phases(Phase("pretrain", "remaining", 1, lr=-0.1)), ValueError, "lr=-0.1"),
     ("duplicate phase name", phases(Phase("a", "remaining", 1), Phase("a", "merged", 1)), ValueError, "used twice"),
     ("unknown split in a phase", cli("merged", phases=[{"name": "a", "split": "class_5", "epochs": 1}]), ValueError,
-     r"Unknown split 'class_5'.*serves \['remaining', 'class_3', 'class_4', 'class_7', 'merged'\]"),
+     r"Unknown split 'class_5'.*serves \['remaining', 'class_3', 'class_4', 'class_7', 'merged', 'train'\]"),
     ("model lr <= 0", lambda ctx: Classifier(lr=0.0), ValueError, r"lr=0.0.*must be > 0"),
     ("model lr <= 0 from the config", cli("seq", "--model.lr", "-1"), ValueError, r"lr=-1.0.*must be > 0"),
     ("init_from file missing", missing_init_from, FileNotFoundError, "nope.ckpt"),

@@ -1,0 +1,103 @@
+"""Exploratory data analysis, as the paper's data section does: how many samples of each
+class every split holds, and what random samples of each split look like.
+
+The figures come from the data module itself (its manifest and its splits), so they show
+exactly what a run trains and tests on. ``scripts/eda.py`` writes them as PNG; a data module
+with ``log_eda: true`` logs them to TensorBoard when fitting starts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from music.data import MusicDataModule
+
+
+def class_counts(datamodule: MusicDataModule) -> dict[str, list[int]]:
+    """Samples per class for train, test, every named split and the replay buffer (if any)."""
+    datamodule.setup()
+    splits = datamodule.manifest()["splits"]
+    order = ["train", "test", *(n for n in splits if n not in ("train", "test"))]
+    return {name: splits[name]["class_counts"] for name in order}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files and TensorBoard only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def class_counts_figure(counts: dict[str, list[int]]):
+    """Grouped bars: one group per class, one bar per split (log scale: 60,000 vs 1,000)."""
+    plt = _pyplot()
+    num_classes = max(len(c) for c in counts.values())
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(counts)
+    for i, (name, values) in enumerate(counts.items()):
+        ax.bar([c + (i - len(counts) / 2 + 0.5) * width for c in range(len(values))], values, width,
+               label=f"{name} ({sum(values):,})")
+    ax.set(xlabel="class", ylabel="samples (log scale)", yscale="log", xticks=range(num_classes),
+           title="Class counts per split")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid_figure(datamodule: MusicDataModule, split: str, rows: int = 4, cols: int = 8, seed: int = 0):
+    """``rows x cols`` random samples of ``split`` (seeded), each titled with its label."""
+    plt = _pyplot()
+    datamodule.setup()
+    dataset = datamodule.dataset(split)
+    count = min(rows * cols, len(dataset))
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    images, labels = dataset.__getitems__(picks.tolist())
+    images = images.add(1).div(2).clamp(0, 1).mean(1)  # [-1, 1] -> [0, 1], grey
+    size = images.shape[-1] + 2
+    canvas = torch.ones(rows * size, cols * size)  # one image, one axes: fast to draw
+    fig, ax = plt.subplots(figsize=(cols * 0.9, rows * 0.95))
+    for i, (image, label) in enumerate(zip(images, labels)):
+        r, c = divmod(i, cols)
+        canvas[r * size + 1 : r * size + 1 + image.shape[0], c * size + 1 : c * size + 1 + image.shape[1]] = image
+        ax.text(c * size + 2, r * size + 6, str(int(label)), color="red", fontsize=7)
+    ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    fig.suptitle(f"Random samples of '{split}' ({len(dataset):,} samples)")
+    fig.tight_layout()
+    return fig
+
+
+def grid_splits(datamodule: MusicDataModule) -> list[str]:
+    return ["train", "test", *(n for n in datamodule.split_names if n != "train")]
+
+
+def log_to_tensorboard(datamodule: MusicDataModule, logger) -> None:
+    """Class counts and a sample grid per split in the Images tab, under ``eda/``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    plt = _pyplot()
+    figures = {"eda/class_counts": class_counts_figure(class_counts(datamodule))}
+    figures |= {f"eda/samples/{split}": sample_grid_figure(datamodule, split) for split in grid_splits(datamodule)}
+    for tag, fig in figures.items():
+        logger.experiment.add_figure(tag, fig, global_step=0)
+        plt.close(fig)
+
+
+def write_pngs(datamodule: MusicDataModule, out_dir: str) -> list[str]:
+    """The same figures as PNG files in ``out_dir``; returns their paths."""
+    import os
+
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    figures = [("class_counts.png", class_counts_figure(class_counts(datamodule)))]
+    figures += [(f"samples_{split}.png", sample_grid_figure(datamodule, split)) for split in grid_splits(datamodule)]
+    for name, fig in figures:
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,446 @@
+"""The study report: ``<out>/REPORT.md``, its figures and CSV files, from the grid's run directories.
+
+Everything in the report is computed from the finished cells (``music.study``): each cell's
+``continual_metrics.json``, ``accuracy_matrix.csv`` and ``phase_metrics.json``. Nothing is
+typed in by hand — including the statement of when sequential fine-tuning beats merged, which
+compares, for every seed and learning rate, each ordering's final test accuracy with the merged
+model's (same seed, same pretrained checkpoint, same learning rate).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import statistics
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from music.continual import accuracy_on
+from music.study import Cell, Settings, cell_dir, lr_tag, plan
+
+METRICS = ["final_acc", "held_out_acc", "untouched_acc", "average_accuracy", "backward_transfer",
+           "mean_forgetting", "untouched_forgetting", "collapse_share"]
+LABELS = {"final_acc": "test acc", "held_out_acc": "acc on held-out classes", "untouched_acc": "acc on other classes",
+          "average_accuracy": "avg acc (tasks)", "backward_transfer": "BWT", "mean_forgetting": "forgetting (tasks)",
+          "untouched_forgetting": "forgetting (untouched, vs pretrained)", "collapse_share": "share predicted as last class"}
+
+
+def load_cells(settings: Settings) -> list[dict]:
+    """One record per finished cell: its plan entry, metrics, accuracy rows and final confusion."""
+    records = []
+    for cell in plan(settings):
+        run = cell_dir(settings, cell)
+        if not (run / "done").exists():
+            continue
+        metrics = json.loads((run / "continual_metrics.json").read_text())
+        phases = json.loads((run / "phase_metrics.json").read_text())
+        with open(run / "accuracy_matrix.csv") as f:
+            rows = list(csv.DictReader(f))
+        final = max(phases.values(), key=lambda p: p["index"])
+        # the same class sets for every cell, pretrained and joint included (they have no tasks)
+        others = [c for c in range(len(final["confusion_matrix"])) if c not in settings.held_out_classes]
+        metrics["held_out_acc"] = accuracy_on(final["confusion_matrix"], settings.held_out_classes)
+        metrics["untouched_acc"] = accuracy_on(final["confusion_matrix"], others)
+        records.append({"cell": cell, "metrics": metrics, "rows": rows,
+                        "confusion": np.array(final["confusion_matrix"], dtype=float),
+                        "seconds": json.loads((run / "done").read_text())["seconds"]})
+    return records
+
+
+def nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    mean, std, n = mean_std(values)
+    return "–" if n == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def order_name(cell: Cell) -> str:
+    return "→".join(map(str, cell.ordering)) if cell.ordering else ""
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict]]]:
+    """Reference points and, per learning rate, merged / sequential (all orderings) / replay."""
+    by = defaultdict(list)
+    for r in records:
+        c = r["cell"]
+        by[(c.kind, None if c.kind in ("pretrain", "joint") else c.lr)].append(r)
+    out = [("pretrained", by[("pretrain", None)]), ("joint (all training data)", by[("joint", None)])]
+    for lr in settings.lrs:
+        out += [(f"merged, lr {lr:g}", by[("merged", lr)]),
+                (f"sequential (all {len(settings.orderings)} orderings), lr {lr:g}", by[("seq", lr)])]
+        if settings.replay_size:
+            out.append((f"sequential + replay {settings.replay_size} ({order_name(by[('replay', lr)][0]['cell']) if by[('replay', lr)] else ''}), lr {lr:g}",
+                        by[("replay", lr)]))
+    return out
+
+
+def reference_table(records: list[dict], settings: Settings) -> list[str]:
+    columns = ["final_acc", "held_out_acc", "untouched_acc", "untouched_forgetting", "collapse_share"]
+    lines = ["| model | cells | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for name, rs in groups(records, settings):
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(fmt([nan(r['metrics'].get(c)) for r in rs]) for c in columns) + " |")
+    return lines
+
+
+def continual_table(records: list[dict], settings: Settings) -> list[str]:
+    columns = ["average_accuracy", "backward_transfer", "mean_forgetting", "untouched_forgetting", "collapse_share"]
+    lines = ["| model | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, rs in groups(records, settings)[2:]:
+        if rs and rs[0]["cell"].kind in ("seq", "replay"):
+            lines.append(f"| {name} | " + " | ".join(fmt([nan(r['metrics'].get(c)) for r in rs]) for c in columns) + " |")
+    return lines
+
+
+def comparisons(records: list[dict], settings: Settings) -> dict:
+    """Per lr and ordering: the sequential − merged differences in final test accuracy, paired by seed."""
+    merged = {(r["cell"].seed, r["cell"].lr): r["metrics"]["final_acc"] for r in records if r["cell"].kind == "merged"}
+    out: dict = {lr: {} for lr in settings.lrs}
+    for r in records:
+        c = r["cell"]
+        if c.kind == "seq" and (c.seed, c.lr) in merged:
+            out[c.lr].setdefault(order_name(c), []).append(r["metrics"]["final_acc"] - merged[(c.seed, c.lr)])
+    return out
+
+
+def ordering_table(records: list[dict], settings: Settings) -> list[str]:
+    diffs = comparisons(records, settings)
+    lines = ["| ordering | " + " | ".join(f"lr {lr:g}: test acc" for lr in settings.lrs) + " | "
+             + " | ".join(f"lr {lr:g}: wins vs merged" for lr in settings.lrs) + " |",
+             "|---|" + "---:|" * (2 * len(settings.lrs))]
+    for ordering in settings.orderings:
+        name = "→".join(map(str, ordering))
+        accs = [fmt([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "seq" and r["cell"].lr == lr
+                     and r["cell"].ordering == ordering]) for lr in settings.lrs]
+        wins = [f"{sum(d > 0 for d in diffs[lr].get(name, []))}/{len(diffs[lr].get(name, []))}" for lr in settings.lrs]
+        lines.append(f"| {name} | " + " | ".join(accs) + " | " + " | ".join(wins) + " |")
+    merged = [fmt([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "merged" and r["cell"].lr == lr])
+              for lr in settings.lrs]
+    lines.append("| merged | " + " | ".join(merged) + " |" + " |" * len(settings.lrs))
+    return lines
+
+
+def statement(records: list[dict], settings: Settings) -> list[str]:
+    """When does sequential beat merged? Counted from the paired cells, in plain words."""
+    diffs = comparisons(records, settings)
+    lines = []
+    for lr in settings.lrs:
+        every = [d for ds in diffs[lr].values() for d in ds]
+        if not every:
+            continue
+        wins = sum(d > 0 for d in every)
+        mean, std, n = mean_std(every)
+        better = [o for o, ds in diffs[lr].items() if statistics.mean(ds) > 0]
+        verdict = ("never beat merged" if wins == 0 else "beat merged in every cell" if wins == n
+                   else f"beat merged in {wins} of {n} cells")
+        lines.append(
+            f"- **lr {lr:g}**: sequential {verdict} ({wins}/{n} seed × ordering cells); the final test accuracy "
+            f"of sequential minus merged is {mean:+.3f} ± {std:.3f} (mean ± std over cells). "
+            + (f"Orderings better than merged on average: {', '.join(better)}." if better
+               else "No ordering is better than merged on average.")
+        )
+    seq_by_lr = {lr: [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "seq" and r["cell"].lr == lr]
+                 for lr in settings.lrs}
+    spreads = []
+    for lr in settings.lrs:
+        per_order = {o: statistics.mean([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "seq"
+                                         and r["cell"].lr == lr and order_name(r["cell"]) == o])
+                     for o in diffs[lr]}
+        if len(per_order) > 1:
+            best, worst = max(per_order, key=per_order.get), min(per_order, key=per_order.get)
+            spreads.append(f"lr {lr:g}: best {best} ({per_order[best]:.3f}), worst {worst} ({per_order[worst]:.3f})")
+    if spreads:
+        lines.append("- **Does the order matter?** Mean final test accuracy of the best and worst ordering — "
+                     + "; ".join(spreads) + ".")
+    replay = {lr: [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "replay" and r["cell"].lr == lr]
+              for lr in settings.lrs}
+    pretrained = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "pretrain"]
+    parts = []
+    for lr in settings.lrs:
+        if replay[lr] and seq_by_lr[lr]:
+            parts.append(f"lr {lr:g}: replay {fmt(replay[lr])} vs sequential without replay {fmt(seq_by_lr[lr])}")
+    joint = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "joint"]
+    if joint and pretrained:
+        relation = "above" if statistics.mean(joint) > statistics.mean(pretrained) else "below"
+        lines.append(f"- **Joint** ({settings.joint_epochs or settings.pretrain_epochs} epochs on all 60,000 training "
+                     f"samples): {fmt(joint)}, {relation} the pretrained model ({fmt(pretrained)}, "
+                     f"{settings.pretrain_epochs} epochs without the held-out samples)"
+                     + ("; with fewer epochs than pretraining it is not a true upper bound here."
+                        if relation == "below" else "."))
+    if parts:
+        lines.append(f"- **Replay** ({settings.replay_size} `remaining` samples mixed into every phase): "
+                     + "; ".join(parts) + f" (pretrained: {fmt(pretrained)}).")
+    return lines
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
+    """Test accuracy after each phase (row 0: the pretrained model), one line per ordering."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(settings.lrs), figsize=(5 * len(settings.lrs), 4.2), sharey=True, squeeze=False)
+    reference = {k: [r["metrics"]["final_acc"] for r in records if r["cell"].kind == k] for k in ("pretrain", "joint")}
+    for ax, lr in zip(axes[0], settings.lrs):
+        for kind, ordering in [("seq", o) for o in settings.orderings] + [("replay", settings.orderings[0])]:
+            rs = [r for r in records if r["cell"].kind == kind and r["cell"].lr == lr and r["cell"].ordering == ordering]
+            if not rs:
+                continue
+            acc = np.array([[float(row["acc"]) for row in r["rows"]] for r in rs])
+            label = "→".join(map(str, ordering)) + (f" + replay {settings.replay_size}" if kind == "replay" else "")
+            line, = ax.plot(range(acc.shape[1]), acc.mean(0), marker="o", label=label,
+                            linestyle="--" if kind == "replay" else "-", linewidth=2.5 if kind == "replay" else 1.5)
+            ax.fill_between(range(acc.shape[1]), acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0),
+                            color=line.get_color(), alpha=0.15)
+        merged = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "merged" and r["cell"].lr == lr]
+        if merged:
+            ax.errorbar([len(settings.held_out_classes)], [np.mean(merged)], [np.std(merged)], fmt="ks", label="merged")
+        for kind, style in (("pretrain", ":"), ("joint", "-.")):
+            if reference[kind]:
+                ax.axhline(np.mean(reference[kind]), color="grey", linestyle=style, label="pretrained" if kind == "pretrain" else "joint")
+        ax.set(title=f"fine-tuning lr {lr:g}", xlabel="after phase (0: pretrained)", xticks=range(len(settings.held_out_classes) + 1))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None:
+    """Per class: pretrained accuracy minus final accuracy (positive: forgotten)."""
+    plt = _pyplot()
+    kinds = [k for k in ("seq", "merged", "replay") if any(r["cell"].kind == k for r in records)]
+    fig, axes = plt.subplots(1, len(settings.lrs), figsize=(5 * len(settings.lrs), 4), sharey=True, squeeze=False)
+    for ax, lr in zip(axes[0], settings.lrs):
+        for i, kind in enumerate(kinds):
+            rs = [r for r in records if r["cell"].kind == kind and r["cell"].lr == lr]
+            if not rs:
+                continue
+            drop = np.array([[float(r["rows"][0][f"acc_{c}"]) - float(r["rows"][-1][f"acc_{c}"])
+                              for c in range(len(r["confusion"]))] for r in rs])
+            x = np.arange(drop.shape[1]) + (i - (len(kinds) - 1) / 2) * 0.8 / len(kinds)
+            ax.bar(x, drop.mean(0), 0.8 / len(kinds), yerr=drop.std(0), label=kind, capsize=2)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set(title=f"lr {lr:g}", xlabel="class", xticks=range(10))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("pretrained acc − final acc")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Forgetting per class (negative: the class was learned)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), squeeze=False)
+    for ax, metric in zip(axes[0], ("final_acc", "held_out_acc", "untouched_acc")):
+        for kind, label in (("seq", "sequential (all orderings)"), ("merged", "merged"), ("replay", f"sequential + replay {settings.replay_size}")):
+            points = [(lr, [nan(r["metrics"].get(metric)) for r in records if r["cell"].kind == kind and r["cell"].lr == lr])
+                      for lr in settings.lrs]
+            points = [(lr, v) for lr, v in points if v]
+            if points:
+                ax.errorbar([p[0] for p in points], [np.mean(p[1]) for p in points], [np.std(p[1]) for p in points],
+                            marker="o", capsize=3, label=label)
+        for kind, style in (("pretrain", ":"), ("joint", "-.")):
+            values = [nan(r["metrics"].get(metric)) for r in records if r["cell"].kind == kind]
+            if values and not all(math.isnan(v) for v in values):
+                ax.axhline(np.nanmean(values), color="grey", linestyle=style, label="pretrained" if kind == "pretrain" else "joint")
+        ax.set(xscale="log", xlabel="fine-tuning learning rate", title=LABELS[metric])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean ± std over cells")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusions(records: list[dict], settings: Settings, path: Path) -> None:
+    """Final confusion matrices summed over seeds, rows normalised (share of each true class)."""
+    plt = _pyplot()
+    panels = [("pretrained", lambda c: c.kind == "pretrain"), ("joint", lambda c: c.kind == "joint")]
+    for lr in settings.lrs:
+        first = settings.orderings[0]
+        panels += [(f"merged, lr {lr:g}", lambda c, lr=lr: c.kind == "merged" and c.lr == lr),
+                   (f"seq {'→'.join(map(str, first))}, lr {lr:g}", lambda c, lr=lr, o=first: c.kind == "seq" and c.lr == lr and c.ordering == o),
+                   (f"replay, lr {lr:g}", lambda c, lr=lr: c.kind == "replay" and c.lr == lr)]
+    panels = [(t, [r["confusion"] for r in records if match(r["cell"])]) for t, match in panels]
+    panels = [(t, sum(ms)) for t, ms in panels if ms]
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, confusion) in zip(axes.flat, panels):
+        share = confusion / confusion.sum(1, keepdims=True)
+        ax.axis("on")
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(share)):
+            for j in range(len(share)):
+                if share[i, j] >= 0.01:
+                    ax.text(j, i, f"{share[i, j] * 100:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if share[i, j] > 0.5 else "black")
+        ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10))
+    fig.suptitle("Final test confusion matrices, summed over seeds (% of each true class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def write_csvs(records: list[dict], out: Path) -> None:
+    with open(out / "study_cells.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "kind", "cell", "lr", "ordering", "replay_size", *METRICS, "seconds"])
+        for r in records:
+            c = r["cell"]
+            writer.writerow([c.seed, c.kind, c.name, c.lr, order_name(c), c.replay_size,
+                             *(f"{nan(r['metrics'].get(m)):.4f}" for m in METRICS), f"{r['seconds']:.1f}"])
+    with open(out / "study_accuracy_matrices.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["seed", "cell", "row", "phase", *(f"acc_{c}" for c in range(10)), "acc"]
+        writer.writerow(header)
+        for r in records:
+            for row in r["rows"]:
+                writer.writerow([r["cell"].seed, r["cell"].name, row["row"], row["phase"],
+                                 *(row.get(f"acc_{c}", "") for c in range(10)), row["acc"]])
+
+
+def write_report(settings: Settings) -> Path:
+    out = Path(settings.out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    records = load_cells(settings)
+    planned = plan(settings)
+    if not records:
+        raise FileNotFoundError(f"No finished cells under {settings.runs_dir}: run the grid first.")
+    write_csvs(records, out)
+    grid = Path(settings.runs_dir) / "grid.json"
+    if grid.exists():  # the settings and cell list travel with the report (run directories do not)
+        (out / "study_grid.json").write_text(grid.read_text())
+    plot_phases(records, settings, figures / "accuracy_after_each_phase.png")
+    plot_forgetting(records, settings, figures / "forgetting_per_class.png")
+    plot_lr(records, settings, figures / "accuracy_vs_lr.png")
+    plot_confusions(records, settings, figures / "confusion_matrices.png")
+    eda = _eda(settings, out / "eda")
+    timing_file = Path(settings.runs_dir) / "timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else []
+    cell_seconds = sum(r["seconds"] for r in records)
+    wall = " + ".join(f"{t['seconds'] / 60:.1f} min ({t['ran']} cells run, {t['skipped']} skipped, {t['workers']} workers)"
+                      for t in timing) or "not recorded"
+    s = settings
+    text = [
+        "# Multi-seed study: does the order matter, and how much is forgotten?",
+        "",
+        "Generated by `python scripts/study.py --config configs/study.yaml` (`music/report.py`); every number "
+        "below comes from the run directories of that grid.",
+        "",
+        "## Setup",
+        "",
+        f"- Seeds {s.seeds}; per seed ONE model pretrained on `remaining` ({s.pretrain_epochs} epochs, Adam lr "
+        f"{s.pretrain_lr:g}, batch 32{'; the paper uses 50 epochs — shortened so the grid fits the time budget' if s.pretrain_epochs < 50 else ''}), "
+        "reused by every cell of that seed."
+        + (" Each seed also draws its own held-out samples (`split_seed` = seed)." if s.split_seed_follows_seed else ""),
+        f"- Fine-tuning from that checkpoint, {s.finetune_epochs} epochs per phase, a fresh Adam per phase, learning rates "
+        f"{', '.join(f'{lr:g}' for lr in s.lrs)}: sequential in all {len(s.orderings)} orderings of {s.held_out_classes}, "
+        f"merged, and sequential ({'→'.join(map(str, s.orderings[0]))}) with a replay buffer of {s.replay_size} `remaining` samples "
+        "(seeded, fixed) mixed into each phase. Joint: trained from scratch on the whole training set "
+        f"(60,000) for {s.joint_epochs or s.pretrain_epochs} epochs — the upper bound.",
+        f"- Test set: the full 10,000-image MNIST test set after every phase. Cells finished: {len(records)}/{len(planned)}."
+        + (f" Training limited to {s.limit_train_batches} batches an epoch (quick mode)." if s.limit_train_batches else ""),
+        f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
+        f"{platform.system()}, CPU only, shared with other jobs.",
+        f"- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
+        "`study_accuracy_matrices.csv`.",
+        "",
+        "## When does sequential beat merged?",
+        "",
+        "Paired by seed: each ordering's final test accuracy against the merged model fine-tuned from the same "
+        "checkpoint at the same learning rate.",
+        "",
+        *statement(records, settings),
+        "",
+        "## Reference points (mean ± std over cells)",
+        "",
+        *reference_table(records, settings),
+        "",
+        "The held-out classes are " + ", ".join(map(str, s.held_out_classes)) + "; the other (untouched) classes are all others. "
+        "'share predicted as last class' is the share of all test predictions equal to the last phase's class "
+        "(≈0.10 for a healthy model; 1.0 is total collapse).",
+        "",
+        "## Sequential per ordering vs merged (final test accuracy, mean ± std over seeds)",
+        "",
+        *ordering_table(records, settings),
+        "",
+        "## Continual-learning metrics (sequential cells)",
+        "",
+        "Average accuracy: mean final accuracy on the fine-tuning tasks (classes); BWT: final minus just-learned "
+        "accuracy, averaged over all tasks but the last (Lopez-Paz & Ranzato 2017); forgetting (tasks): best earlier "
+        "minus final accuracy on the tasks learned before the last (Chaudhry et al. 2018); forgetting (untouched): "
+        "pretrained minus final accuracy, averaged over the untouched classes.",
+        "",
+        *continual_table(records, settings),
+        "",
+        "## Figures",
+        "",
+        "![accuracy after each phase](figures/accuracy_after_each_phase.png)",
+        "",
+        "![forgetting per class](figures/forgetting_per_class.png)",
+        "",
+        "![accuracy vs fine-tuning learning rate](figures/accuracy_vs_lr.png)",
+        "",
+        "![confusion matrices](figures/confusion_matrices.png)",
+        "",
+        "## Data",
+        "",
+        f"Splits of seed {s.seeds[0]} (`scripts/eda.py` makes the same figures for any data config):",
+        "",
+        "| split | samples | per class (0–9) |",
+        "|---|---:|---|",
+        *(f"| {name} | {sum(counts):,} | {' '.join(map(str, counts))} |" for name, counts in eda.items()),
+        "",
+        "![class counts](eda/class_counts.png)",
+        "",
+        "Random samples of the merged split (the other splits: `eda/samples_<split>.png`):",
+        "",
+        "![merged samples](eda/samples_merged.png)",
+        "",
+    ]
+    (out / "REPORT.md").write_text("\n".join(text))
+    return out / "REPORT.md"
+
+
+def _eda(settings: Settings, out: Path) -> dict[str, list[int]]:
+    from music.data import MusicDataModule
+    from music.eda import class_counts, write_pngs
+
+    datamodule = MusicDataModule(data_dir=settings.data_dir, download=False, held_out_classes=settings.held_out_classes,
+                                 split_seed=settings.seeds[0] if settings.split_seed_follows_seed else 0,
+                                 replay_size=settings.replay_size)
+    write_pngs(datamodule, str(out))
+    return class_counts(datamodule)

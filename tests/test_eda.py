@@ -1,0 +1,40 @@
+"""EDA: class counts per split and sample grids, as PNG and in TensorBoard."""
+
+from pathlib import Path
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from music.data import MusicDataModule
+from music.eda import class_counts, log_to_tensorboard
+
+
+def test_class_counts_per_split(mnist):
+    counts = class_counts(mnist)
+    assert list(counts)[:3] == ["train", "test", "remaining"]
+    assert sum(counts["train"]) == 60_000 and sum(counts["test"]) == 10_000
+    assert counts["merged"] == [1000 if c in (3, 4, 7) else 0 for c in range(10)]
+    assert [a - b for a, b in zip(counts["train"], counts["remaining"])] == counts["merged"]
+
+
+def test_script_writes_pngs_and_counts(data_dir, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import eda
+
+    paths = eda.main(["--data.data_dir", data_dir, "--data.held_out_classes", "[3]", "--out", str(tmp_path)])
+    names = sorted(Path(p).name for p in paths)
+    assert names == ["class_counts.png", "samples_class_3.png", "samples_merged.png", "samples_remaining.png",
+                     "samples_test.png", "samples_train.png"]
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in paths)
+    assert (tmp_path / "class_counts.json").exists()
+
+
+def test_logged_to_tensorboard(data_dir, tmp_path):
+    datamodule = MusicDataModule(data_dir=data_dir, download=False, held_out_classes=[7])
+    logger = TensorBoardLogger(str(tmp_path), name="eda")
+    log_to_tensorboard(datamodule, logger)
+    logger.experiment.flush()
+    images = set(EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload().Tags()["images"])
+    assert {"eda/class_counts", "eda/samples/train", "eda/samples/class_7", "eda/samples/test"} <= images
