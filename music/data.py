@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import os
+from dataclasses import asdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,8 @@ class MusicDataModule(LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for validation and test (no gradients, so larger is faster).
         num_workers: loader workers; 0 is fastest for in-memory tensors.
+        image_folder: read a class-per-folder image dataset under ``data_dir`` instead of
+            ``dataset`` (see ``music.imagefolder``); the splits work the same.
     """
 
     def __init__(
@@ -91,12 +94,16 @@ class MusicDataModule(LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 1000,
         num_workers: int = 0,
+        image_folder: ImageFolderSource | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # a plain dict: checkpoints stay loadable with weights_only=True
+        self.hparams["image_folder"] = asdict(image_folder) if image_folder is not None else None
         self.dataset_class = import_class(dataset, "dataset")
         classes = getattr(self.dataset_class, "classes", None)
-        self._declared_num_classes = len(classes) if classes else None
+        self._declared_num_classes = len(classes) if classes and image_folder is None else None
+        self.image_folder = image_folder
         _check_held_out(held_out_classes, self._declared_num_classes, dataset)
         for name, value, low in (("samples_per_class", samples_per_class, 1), ("batch_size", batch_size, 1),
                                  ("eval_batch_size", eval_batch_size, 1), ("val_size", val_size, 0),
@@ -145,7 +152,7 @@ class MusicDataModule(LightningDataModule):
     # -- loading -----------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        if self.download:
+        if self.download and self.image_folder is None:
             for train in (True, False):
                 self.dataset_class(self.data_dir, train=train, download=True)
 
@@ -157,7 +164,9 @@ class MusicDataModule(LightningDataModule):
         if self.trainer is not None and self.trainer.log_dir:
             self.write_manifest(os.path.join(self.trainer.log_dir, "split_manifest.json"))
 
-    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+    def _load(self, train: bool) -> tuple[Tensor | None, Tensor]:
+        if self.image_folder is not None:  # labels only; images are read per split in dataset()
+            return None, self.image_folder.labels(self.data_dir, train)
         try:
             raw = self.dataset_class(self.data_dir, train=train, download=False)
         except Exception as err:  # torchvision fails deep inside on missing or truncated files
@@ -210,8 +219,11 @@ class MusicDataModule(LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def dataset(self, split: str) -> InMemoryDataset:
+    def dataset(self, split: str) -> Dataset:
         """A training split by name, or ``"test"`` for the full official test set."""
+        if self.image_folder is not None:
+            index = None if split == "test" else self.splits[self.check_split(split)]
+            return self.image_folder.dataset(self.data_dir, train=split != "test", index=index)
         if split == "test":
             return InMemoryDataset(self.test_images, self.test_labels)
         index = self.splits[self.check_split(split)]
@@ -253,7 +265,7 @@ class MusicDataModule(LightningDataModule):
 
         splits = {n: describe(self.train_labels[i], i) for n, i in self.splits.items()}
         return {
-            "dataset": self.hparams.dataset,
+            "dataset": self.hparams.dataset if self.image_folder is None else os.path.abspath(self.data_dir),
             "held_out_classes": self.held_out_classes,
             "samples_per_class": self.samples_per_class,
             "split_seed": self.split_seed,
@@ -279,3 +291,6 @@ def _check_held_out(classes: Sequence[int], num_classes: int | None, dataset: st
             raise ValueError(
                 f"held_out_classes contains {bad}, not a class of {dataset}: allowed are 0..{num_classes - 1}."
             )
+
+
+from music.imagefolder import ImageFolderSource  # noqa: E402  (after MusicDataModule: it imports it back)
