@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 
@@ -54,6 +55,7 @@ class SequentialFineTuning(Callback):
         self.evaluate_test = evaluate_test
         self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
+        self._phase_start = time.perf_counter()  # wall time of a phase (since a resume, if resumed)
 
     def phase_index(self, epoch: int) -> int:
         return next((i for i, end in enumerate(self.ends) if epoch < end), len(self.phases) - 1)
@@ -79,6 +81,7 @@ class SequentialFineTuning(Callback):
         trainer.datamodule.train_split = self.phase.split
         if self.epoch == 0:  # a resumed run gets its learning rate back with the optimizer
             self._set_lr(trainer, pl_module)
+        self._phase_start = time.perf_counter()
         rank_zero_info(f"Phase {self.phase_index(self.epoch)} '{self.phase.name}' (split {self.phase.split}) "
                        f"from epoch {self.epoch}.")
 
@@ -105,6 +108,7 @@ class SequentialFineTuning(Callback):
                 trainer.strategy.setup_optimizers(trainer)
             self._set_lr(trainer, pl_module)
         self._snapshot(trainer, index, phase)
+        self._phase_start = time.perf_counter()  # the next phase's clock leaves out evaluation and saving
 
     def state_dict(self) -> dict:
         # Checkpoints hold no RNG state; keeping torch's here makes a resumed run shuffle as
@@ -138,13 +142,16 @@ class SequentialFineTuning(Callback):
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, index: int, phase: Phase) -> None:
         loader = trainer.datamodule.dataloader("test", distributed=trainer.world_size > 1)
+        seconds = time.perf_counter() - self._phase_start
         metrics, confusion = pl_module.evaluate(loader)
         rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({f"test/{phase.name}/{k}": v for k, v in metrics.items()},
                                        step=trainer.global_step)
         pl_module.log_confusion_matrix(f"test/{phase.name}/confusion_matrix", confusion)
-        _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        _record(trainer.log_dir, index, phase, metrics | {"train_seconds": seconds, "trainable_params": trainable,
+                                                          "confusion_matrix": confusion.tolist()})
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
         save_atomically(trainer, os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"))
