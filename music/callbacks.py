@@ -149,9 +149,11 @@ class SequentialFineTuning(Callback):
             trainer.logger.log_metrics({f"test/{phase.name}/{k}": v for k, v in metrics.items()},
                                        step=trainer.global_step)
         pl_module.log_confusion_matrix(f"test/{phase.name}/confusion_matrix", confusion)
+        _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+        # Wall time goes to its own file: phase_metrics.json stays bit-identical across resumes.
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        _record(trainer.log_dir, index, phase, metrics | {"train_seconds": seconds, "trainable_params": trainable,
-                                                          "confusion_matrix": confusion.tolist()})
+        _record(trainer.log_dir, index, phase, {"train_seconds": seconds, "trainable_params": trainable},
+                filename="phase_costs.json")
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
         save_atomically(trainer, os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"))
@@ -181,10 +183,10 @@ def _move_into_place(trainer: Trainer, temporary: str, path: str) -> None:
 
 
 @rank_zero_only
-def _record(log_dir: str, index: int, phase: Phase, metrics: dict) -> None:
+def _record(log_dir: str, index: int, phase: Phase, metrics: dict, filename: str = "phase_metrics.json") -> None:
     """Merge one phase's test metrics into ``phase_metrics.json``; idempotent, so a phase
     re-run after a crash overwrites its own entry instead of adding a second one."""
-    path = os.path.join(log_dir, "phase_metrics.json")
+    path = os.path.join(log_dir, filename)
     records = {}
     if os.path.exists(path):
         with open(path) as f:
