@@ -26,17 +26,16 @@ def cls_attention(model: nn.Module, images: Tensor, block: int = -1) -> Tensor:
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no 'blocks.N' modules: attention maps need a timm ViT.")
     index = blocks[block]
+    hint = "build the ViT with fused_attention=False (timm.layers.set_fused_attn(False) before create_model)"
+    if any(getattr(m, "fused_attn", False) for m in model.modules()):
+        raise RuntimeError(f"The model computes attention with fused SDPA, which never materialises it: {hint}.")
     was_training = model.training
-    extract = AttentionExtract(model, names=[f"*blocks.{index}.attn.softmax"])
     try:
-        found = extract(images)
+        found = AttentionExtract(model, names=[f"*blocks.{index}.attn.softmax"])(images)
     except Exception as err:
-        raise RuntimeError("Could not read the attention matrix; build the ViT with fused_attention=False "
-                           "(timm.layers.set_fused_attn(False) before create_model).") from err
+        raise RuntimeError(f"Could not read the attention matrix of block {index}: {hint}.") from err
     finally:
         model.train(was_training)
-    if not found:
-        raise RuntimeError(f"No attention softmax found in block {index}: build the ViT with fused_attention=False.")
     attention = next(iter(found.values()))  # (N, heads, tokens, tokens)
     tokens = attention.shape[-1]
     grid = math.isqrt(tokens - 1)
