@@ -70,7 +70,7 @@ def main_(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", type=Path, help="pretrain snapshot to fine-tune (skips step 1)")
     parser.add_argument("--no-pretrain", action="store_true",
                         help="skip step 1: the config's backbone is pretrained already (timm weights)")
-    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs on `merged`")
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs on `merged`")
     parser.add_argument("--images", type=int, default=6, help="test images to draw")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
