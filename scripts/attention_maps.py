@@ -4,14 +4,15 @@ the last block's CLS attention of pretrained, full and LoRA side by side.
 MNIST by default (configs/vit_mnist.yaml: from scratch, CPU-sized). Steps:
 1. pretrain with the config (its phases, on ``remaining``), unless ``--pretrained`` is given;
 2. fine-tune that checkpoint on ``merged`` (the held-out 3/4/7 samples) for ``--epochs``, once
-   per mode (``full``, ``lora``), from the same config with only the phases and mode changed;
+   per mode (``full``, ``lora``), from the same config with only the phases and mode changed
+   (with ``--no-pretrain``: the config's own phases, from the config's pretrained backbone);
 3. load each final snapshot, merge LoRA into plain weights, and write
    ``<out>/attention_<name>.png`` and a TensorBoard figure (``attention/last_block``) next to
    the fine-tuning logs. ``<out>/vit_<name>.md`` gets the test metrics and parameter counts.
 
     python scripts/attention_maps.py --data-dir ../shared/data
     python scripts/attention_maps.py --config configs/vit_full.yaml --data-dir /data/imagewoof2 \\
-        --no-pretrain   # ImageWoof (GPU): timm's pretrained weights are the starting point
+        --no-pretrain   # ImageWoof (GPU): timm's pretrained weights, the config's 5 epochs
 """
 
 from __future__ import annotations
@@ -82,16 +83,18 @@ def main_(argv: list[str] | None = None) -> None:
         args.pretrained = log_dir / "checkpoints" / "phase-0-pretrain.ckpt"
         rows["pretrained"] = _row(log_dir, "pretrain")
     tuned = copy.deepcopy(config)
-    phases = [{"name": "merged", "split": "merged", "epochs": args.epochs}]
-    tuned["trainer"]["callbacks"][0]["init_args"]["phases"] = phases
-    tuned["trainer"].pop("limit_train_batches", None)  # `merged` is small: whole epochs
+    phases = tuned["trainer"]["callbacks"][0]["init_args"]["phases"]
+    if not args.no_pretrain:  # fine-tune the model just pretrained on the held-out samples
+        phases[:] = [{"name": "merged", "split": "merged", "epochs": args.epochs}]
+        tuned["trainer"].pop("limit_train_batches", None)  # `merged` is small: whole epochs
+    last = phases[-1]["name"]
     snapshots = {}
     for mode, finetune in (("full", {"mode": "full"}), ("lora", LORA)):
         tuned["model"]["finetune"] = finetune
         extra = ["--model.init_from", str(args.pretrained)] if args.pretrained else []
         log_dir = fit(tuned, f"{name}_{mode}", args, *extra)
-        snapshots[mode] = log_dir / "checkpoints" / "phase-0-merged.ckpt"
-        rows[mode] = _row(log_dir, "merged")
+        snapshots[mode] = log_dir / "checkpoints" / f"phase-{len(phases) - 1}-{last}.ckpt"
+        rows[mode] = _row(log_dir, last)
 
     from music.data import MusicDataModule
 
@@ -119,7 +122,7 @@ def main_(argv: list[str] | None = None) -> None:
 
     with SummaryWriter(str(Path(args.log_dir) / f"{name}_attention")) as writer:
         writer.add_figure("attention/last_block", fig)
-    _write_table(out / f"vit_{name}.md", rows, args, time.perf_counter() - start)
+    _write_table(out / f"vit_{name}.md", rows, args, time.perf_counter() - start, phases)
 
 
 def _row(log_dir: Path, phase: str) -> dict:
@@ -128,9 +131,10 @@ def _row(log_dir: Path, phase: str) -> dict:
     return {"acc": metrics["acc"], "f1": metrics["f1"], **costs}
 
 
-def _write_table(path: Path, rows: dict, args: argparse.Namespace, seconds: float) -> None:
+def _write_table(path: Path, rows: dict, args: argparse.Namespace, seconds: float, phases: list) -> None:
+    phases_note = ", ".join(f"{p['name']} ({p['split']}, {p['epochs']} epochs)" for p in phases)
     lines = [f"# ViT ({Path(args.config).name}), as measured", "",
-             f"Fine-tuning on `merged` for {args.epochs} epochs; LoRA: {LORA}. Total wall time {seconds:.0f} s "
+             f"Fine-tuning phases {phases_note}; LoRA: {LORA}. Total wall time {seconds:.0f} s "
              "(2-core CPU shared with other jobs).", "",
              "| model | test accuracy | macro F1 | trainable params | train time (s) |", "|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
