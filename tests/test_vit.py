@@ -44,7 +44,8 @@ def test_small_input_forward_and_attention_map_shape(small):
 
 
 def test_fused_attention_cannot_be_read():
-    fused = TimmViT(img_size=28, patch_size=7, in_chans=1, fused_attention=True)
+    with pytest.warns(UserWarning, match="random weights"):
+        fused = TimmViT(img_size=28, patch_size=7, in_chans=1, fused_attention=True)
     with pytest.raises(RuntimeError, match="fused_attention=False"):
         cls_attention(fused, torch.randn(1, 1, 28, 28))
 
