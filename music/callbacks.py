@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 
@@ -69,6 +70,7 @@ class SequentialFineTuning(Callback):
             raise ValueError("Phase name 'initial' is reserved for the evaluation before the first phase "
                              "(evaluate_initial=true): rename the phase.")
         self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
+        self._phase_start = time.perf_counter()  # wall time of a phase (since a resume, if resumed)
 
     def phase_index(self, epoch: int) -> int:
         return next((i for i, end in enumerate(self.ends) if epoch < end), len(self.phases) - 1)
@@ -98,6 +100,7 @@ class SequentialFineTuning(Callback):
                 rng = torch.get_rng_state()  # the test loader draws a seed; training must not notice
                 self._evaluate(trainer, pl_module, None, Phase("initial", "test", 1))
                 torch.set_rng_state(rng)
+        self._phase_start = time.perf_counter()
         rank_zero_info(f"Phase {self.phase_index(self.epoch)} '{self.phase.name}' (split {self.phase.split}) "
                        f"from epoch {self.epoch}.")
 
@@ -124,6 +127,7 @@ class SequentialFineTuning(Callback):
                 trainer.strategy.setup_optimizers(trainer)
             self._set_lr(trainer, pl_module)
         self._snapshot(trainer, index, phase)
+        self._phase_start = time.perf_counter()  # the next phase's clock leaves out evaluation and saving
 
     def state_dict(self) -> dict:
         # Checkpoints hold no RNG state; keeping torch's here makes a resumed run shuffle as
@@ -158,6 +162,7 @@ class SequentialFineTuning(Callback):
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, index: int | None, phase: Phase) -> None:
         loader = trainer.datamodule.dataloader("test", distributed=trainer.world_size > 1)
+        seconds = time.perf_counter() - self._phase_start
         metrics, confusion = pl_module.evaluate(loader)
         rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
         if trainer.logger is not None and trainer.is_global_zero:
@@ -166,6 +171,10 @@ class SequentialFineTuning(Callback):
         pl_module.log_confusion_matrix(f"test/{phase.name}/confusion_matrix", confusion)
         if index is not None:
             _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+            # Wall time goes to its own file: phase_metrics.json stays bit-identical across resumes.
+            trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            _record(trainer.log_dir, index, phase, {"train_seconds": seconds, "trainable_params": trainable},
+                    filename="phase_costs.json")
         self.rows[phase.name] = confusion.tolist()
         self._continual(trainer)
 
@@ -229,10 +238,10 @@ def _move_into_place(trainer: Trainer, temporary: str, path: str) -> None:
 
 
 @rank_zero_only
-def _record(log_dir: str, index: int, phase: Phase, metrics: dict) -> None:
+def _record(log_dir: str, index: int, phase: Phase, metrics: dict, filename: str = "phase_metrics.json") -> None:
     """Merge one phase's test metrics into ``phase_metrics.json``; idempotent, so a phase
     re-run after a crash overwrites its own entry instead of adding a second one."""
-    path = os.path.join(log_dir, "phase_metrics.json")
+    path = os.path.join(log_dir, filename)
     records = {}
     if os.path.exists(path):
         with open(path) as f:

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import os
+from dataclasses import asdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,8 @@ class MusicDataModule(LightningDataModule):
             ``merged``): the simplest guard against forgetting, as a baseline. 0: no replay.
         log_eda: log class counts per split and sample grids to TensorBoard when fitting starts
             (see ``music.eda``), so a run documents the data it saw.
+        image_folder: read a class-per-folder image dataset under ``data_dir`` instead of
+            ``dataset`` (see ``music.imagefolder``); the splits work the same.
     """
 
     def __init__(
@@ -98,12 +101,16 @@ class MusicDataModule(LightningDataModule):
         num_workers: int = 0,
         replay_size: int = 0,
         log_eda: bool = False,
+        image_folder: ImageFolderSource | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # a plain dict: checkpoints stay loadable with weights_only=True
+        self.hparams["image_folder"] = asdict(image_folder) if image_folder is not None else None
         self.dataset_class = import_class(dataset, "dataset")
         classes = getattr(self.dataset_class, "classes", None)
-        self._declared_num_classes = len(classes) if classes else None
+        self._declared_num_classes = len(classes) if classes and image_folder is None else None
+        self.image_folder = image_folder
         _check_held_out(held_out_classes, self._declared_num_classes, dataset)
         for name, value, low in (("samples_per_class", samples_per_class, 1), ("batch_size", batch_size, 1),
                                  ("eval_batch_size", eval_batch_size, 1), ("val_size", val_size, 0),
@@ -156,7 +163,7 @@ class MusicDataModule(LightningDataModule):
     # -- loading -----------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        if self.download:
+        if self.download and self.image_folder is None:
             for train in (True, False):
                 self.dataset_class(self.data_dir, train=train, download=True)
 
@@ -172,7 +179,9 @@ class MusicDataModule(LightningDataModule):
 
                 log_to_tensorboard(self, self.trainer.logger)
 
-    def _load(self, train: bool) -> tuple[Tensor, Tensor]:
+    def _load(self, train: bool) -> tuple[Tensor | None, Tensor]:
+        if self.image_folder is not None:  # labels only; images are read per split in dataset()
+            return None, self.image_folder.labels(self.data_dir, train)
         try:
             raw = self.dataset_class(self.data_dir, train=train, download=False)
         except Exception as err:  # torchvision fails deep inside on missing or truncated files
@@ -229,16 +238,20 @@ class MusicDataModule(LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def dataset(self, split: str, replay: bool = False) -> InMemoryDataset:
+    def dataset(self, split: str, replay: bool = False) -> Dataset:
         """A training split by name, or ``"test"`` for the full official test set. ``replay``
         adds the replay buffer to a held-out split (``class_<c>``, ``merged``)."""
+        index = None  # None: the whole train or test set
+        if split != "test" and self.check_split(split) != "train":
+            index = self.splits[split]
+            if replay and self.replay_index is not None and split in self.held_out_split_names:
+                index = torch.cat([index, self.replay_index])
+        if self.image_folder is not None:
+            return self.image_folder.dataset(self.data_dir, train=split != "test", index=index)
         if split == "test":
             return InMemoryDataset(self.test_images, self.test_labels)
-        if self.check_split(split) == "train":
+        if index is None:
             return InMemoryDataset(self.train_images, self.train_labels)
-        index = self.splits[split]
-        if replay and self.replay_index is not None and split in self.held_out_split_names:
-            index = torch.cat([index, self.replay_index])
         return InMemoryDataset(self.train_images[index], self.train_labels[index])
 
     @property
@@ -283,7 +296,7 @@ class MusicDataModule(LightningDataModule):
         if self.replay_index is not None:
             splits["replay"] = describe(self.train_labels[self.replay_index], self.replay_index)
         return {
-            "dataset": self.hparams.dataset,
+            "dataset": self.hparams.dataset if self.image_folder is None else os.path.abspath(self.data_dir),
             "held_out_classes": self.held_out_classes,
             "samples_per_class": self.samples_per_class,
             "split_seed": self.split_seed,
@@ -309,3 +322,6 @@ def _check_held_out(classes: Sequence[int], num_classes: int | None, dataset: st
             raise ValueError(
                 f"held_out_classes contains {bad}, not a class of {dataset}: allowed are 0..{num_classes - 1}."
             )
+
+
+from music.imagefolder import ImageFolderSource  # noqa: E402  (after MusicDataModule: it imports it back)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
@@ -21,6 +23,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from music.finetuning import FineTune
 from music.models import SimpleNN
 
 
@@ -50,6 +53,9 @@ class Classifier(LightningModule):
             fine-tuning runs start from one shared pretrained model. It is read with
             ``weights_only=True`` and only when fitting, so a later
             ``load_from_checkpoint`` never needs the file.
+        finetune: which parameters to train (``full``, ``lora``, ``head-only``; see
+            ``music.finetuning.FineTune``). Applied in ``configure_model``, i.e. after
+            ``init_from`` has loaded the pretrained weights and before a checkpoint is restored.
     """
 
     def __init__(
@@ -59,17 +65,24 @@ class Classifier(LightningModule):
         lr: float = 1e-3,
         optimizer: OptimizerCallable = torch.optim.Adam,
         init_from: str | None = None,
+        finetune: FineTune | None = None,
     ) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr={lr} is not allowed: the learning rate must be > 0.")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is not allowed: a classifier needs >= 2 classes.")
-        self.save_hyperparameters(ignore=["backbone"])
+        if isinstance(finetune, dict):  # as stored in a checkpoint's hyperparameters
+            finetune = FineTune(**finetune)
+        self.save_hyperparameters(ignore=["backbone", "finetune"])
+        # a plain dict, so checkpoints stay loadable with weights_only=True
+        self.hparams["finetune"] = asdict(finetune) if finetune is not None else None
         self.backbone = backbone if backbone is not None else SimpleNN(num_classes=num_classes)
         self.lr = lr
         self.optimizer = optimizer
         self.init_from = init_from
+        self.finetune = finetune
+        self._finetune_applied = False
         self.num_classes = num_classes
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
@@ -87,8 +100,19 @@ class Classifier(LightningModule):
 
             self.backbone.load_state_dict(load_state_dict(self.init_from))
 
+    def configure_model(self) -> None:
+        if self.finetune is None or self._finetune_applied:
+            return
+        from music.finetuning import ParameterReport, apply_finetune
+
+        self.backbone = apply_finetune(self.backbone, self.finetune)
+        self._finetune_applied = True
+        report = ParameterReport.of(self.backbone)
+        rank_zero_info(f"Fine-tuning mode {self.finetune.mode!r}: {report.trainable:,} of {report.total:,} "
+                       f"parameters trainable\n{report.table(trainable_only=True)}")
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(self.parameters(), lr=self.lr)
+        return self.optimizer([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
     # -- training: accumulate on device, log per epoch, so a step costs no host sync ---------
 
