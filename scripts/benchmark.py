@@ -17,6 +17,7 @@ before the clock starts on both sides.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -40,10 +41,20 @@ SEQ_PHASES = [("pretrain", "remaining", 50), ("class_3", "class_3", 10), ("class
 MERGED_PHASES = [("merged", "merged", 10)]
 
 
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall and CPU seconds since ``start``. CPU time (this process, all its threads) barely
+    moves when other processes load the machine, so its ratio is the steadier of the two."""
+    return tuple(now - then for now, then in zip(clock(), start))
+
+
 # -- framework ---------------------------------------------------------------------------------
 
 def framework_fit(config: str, phases: list[tuple[str, str, int]], args: argparse.Namespace, log_dir: str,
-                  *extra: str) -> tuple[float, str]:
+                  *extra: str) -> tuple[tuple[float, float], str]:
     """Seconds for one ``trainer.fit`` of a shipped config with ``phases``, and its log dir."""
     data = yaml.safe_load((REPO / "configs" / config).read_text())
     for callback in data["trainer"]["callbacks"]:
@@ -55,9 +66,9 @@ def framework_fit(config: str, phases: list[tuple[str, str, int]], args: argpars
     cli = main(["--config", str(path), "--data.data_dir", args.data_dir, "--data.download", "false",
                 "--trainer.logger.init_args.save_dir", log_dir, *limit, *extra, *args.extra], run=False)
     cli.datamodule.setup()  # read MNIST before the clock starts (the plain side gets it loaded too)
-    start = time.perf_counter()
+    start = clock()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return time.perf_counter() - start, cli.trainer.log_dir
+    return since(start), cli.trainer.log_dir
 
 
 # -- plain PyTorch -------------------------------------------------------------------------------
@@ -85,19 +96,36 @@ def plain_evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     return correct / len(labels)
 
 
+@contextlib.contextmanager
+def torch_defaults():
+    """Run the plain side as a script that never imported Lightning would: importing Lightning
+    sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (then every Adam step asks NVML whether CUDA exists,
+    ~0.2 ms on a machine without it) and a ``deterministic: true`` Trainer leaves deterministic
+    algorithms switched on for the process."""
+    nvml, deterministic = os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None), torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if nvml is not None:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml
+
+
+@torch_defaults()
 def plain_run(data: MusicDataModule, phases: list[tuple[str, str, int]], args: argparse.Namespace,
-              model: torch.nn.Module | None = None) -> tuple[float, torch.nn.Module]:
+              model: torch.nn.Module | None = None) -> tuple[tuple[float, float], torch.nn.Module]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     test = [t.to(device) for t in (data.test_images, data.test_labels)]
     splits = {s: [t.to(device) for t in (data.dataset(s).images, data.dataset(s).labels)] for _, s, _ in phases}
-    start = time.perf_counter()
+    start = clock()
     model = model if model is not None else SimpleNN().to(device)
     for _, split, epochs in phases:
         plain_train(model, *splits[split], epochs, args.batches)
         plain_evaluate(model, *test)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, model
+    return since(start), model
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -105,20 +133,23 @@ def plain_run(data: MusicDataModule, phases: list[tuple[str, str, int]], args: a
 def pretraining_ratio(data: MusicDataModule, args: argparse.Namespace) -> dict[str, float]:
     phases = [("pretrain", "remaining", args.epochs)]
     framework, plain = [], []
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # interleaved, so a burst of outside load hits both sides
         with tempfile.TemporaryDirectory() as log_dir:
             framework.append(framework_fit("seq.yaml", phases, args, log_dir)[0])
         plain.append(plain_run(data, phases, args)[0])
-    ratios = [f / p for f, p in zip(framework, plain)]
     steps = args.epochs * (args.batches or -(-len(data.splits["remaining"]) // 32))
-    result = {"framework_s": statistics.median(framework), "plain_s": statistics.median(plain),
-              "ratio": statistics.median(ratios), "steps": steps}
-    samples = steps * 32
+    samples = steps * 32 if args.batches else args.epochs * len(data.splits["remaining"])
     print(f"\nPretraining, {args.epochs} epoch(s) x {steps // args.epochs} steps, median of {args.repeats}:")
-    print(f"  framework {result['framework_s']:.2f} s ({samples / result['framework_s']:,.0f} samples/s), "
-          f"plain {result['plain_s']:.2f} s ({samples / result['plain_s']:,.0f} samples/s)")
-    print(f"  runs framework {[round(t, 2) for t in framework]}, plain {[round(t, 2) for t in plain]}")
-    print(f"  ratio framework/plain: {result['ratio']:.3f} (per run {[round(r, 3) for r in ratios]})")
+    result = {"steps": steps}
+    for i, kind in enumerate(("wall", "cpu")):
+        f, p = [t[i] for t in framework], [t[i] for t in plain]
+        ratios = [a / b for a, b in zip(f, p)]
+        result |= {f"framework_{kind}_s": statistics.median(f), f"plain_{kind}_s": statistics.median(p),
+                   f"{kind}_ratio": statistics.median(ratios)}
+        print(f"  {kind:4}: framework {statistics.median(f):.2f} s ({samples / statistics.median(f):,.0f} samples/s), "
+              f"plain {statistics.median(p):.2f} s ({samples / statistics.median(p):,.0f} samples/s); "
+              f"ratio framework/plain {statistics.median(ratios):.3f} (runs {[round(r, 3) for r in ratios]})")
+    result["ratio"] = result["wall_ratio"]
     return result
 
 
@@ -134,12 +165,16 @@ def study(data: MusicDataModule, args: argparse.Namespace) -> dict[str, float]:
     plain_seq_s, pretrained = plain_run(data, scale(SEQ_PHASES[:1]), args)
     plain_rest_s, _ = plain_run(data, scale(SEQ_PHASES[1:]), args, model=copy.deepcopy(pretrained))
     plain_merged_s, _ = plain_run(data, scale(MERGED_PHASES), args, model=pretrained)
-    framework_s, plain_s = seq_s + merged_s, plain_seq_s + plain_rest_s + plain_merged_s
     epochs = sum(e for _, _, e in scale(SEQ_PHASES + MERGED_PHASES))
-    print(f"\nTable I study ({epochs} epochs, 5 test evaluations): framework {framework_s:.1f} s "
-          f"(seq.yaml {seq_s:.1f} s + merged_finetune.yaml {merged_s:.1f} s), plain {plain_s:.1f} s, "
-          f"ratio {framework_s / plain_s:.3f}")
-    return {"study_framework_s": framework_s, "study_plain_s": plain_s, "study_ratio": framework_s / plain_s}
+    print(f"\nTable I study ({epochs} epochs, 5 test evaluations), once each way:")
+    result = {}
+    for i, kind in enumerate(("wall", "cpu")):
+        framework_s, plain_s = seq_s[i] + merged_s[i], plain_seq_s[i] + plain_rest_s[i] + plain_merged_s[i]
+        print(f"  {kind:4}: framework {framework_s:.1f} s (seq.yaml {seq_s[i]:.1f} s + merged_finetune.yaml "
+              f"{merged_s[i]:.1f} s), plain {plain_s:.1f} s, ratio {framework_s / plain_s:.3f}")
+        result |= {f"study_framework_{kind}_s": framework_s, f"study_plain_{kind}_s": plain_s,
+                   f"study_{kind}_ratio": framework_s / plain_s}
+    return result
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
