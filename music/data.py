@@ -114,6 +114,7 @@ class MusicDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.train_split = train_split
         self.splits: dict[str, Tensor] = {}
+        self._datasets: dict[str, InMemoryDataset] = {}
 
     # -- names -------------------------------------------------------------------------------
 
@@ -211,11 +212,17 @@ class MusicDataModule(LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
 
     def dataset(self, split: str) -> InMemoryDataset:
-        """A training split by name, or ``"test"`` for the full official test set."""
-        if split == "test":
-            return InMemoryDataset(self.test_images, self.test_labels)
-        index = self.splits[self.check_split(split)]
-        return InMemoryDataset(self.train_images[index], self.train_labels[index])
+        """A training split by name, or ``"test"`` for the full official test set.
+
+        Each split is gathered once and kept: phases reload the training loader every epoch,
+        and copying the 57,000 ``remaining`` images again each time cost ~0.4 s an epoch."""
+        if split not in self._datasets:
+            if split == "test":
+                self._datasets[split] = InMemoryDataset(self.test_images, self.test_labels)
+            else:
+                index = self.splits[self.check_split(split)]
+                self._datasets[split] = InMemoryDataset(self.train_images[index], self.train_labels[index])
+        return self._datasets[split]
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
                    distributed: bool = False) -> DataLoader:
