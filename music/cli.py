@@ -7,10 +7,9 @@ resumption of ``--ckpt_path last`` inside the run directory it came from.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-
-import contextlib
 from typing import Any
 
 from lightning.pytorch import Trainer

@@ -93,6 +93,7 @@ class Classifier(LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self._step_losses: list[Tensor] = []
+        self._first_step: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -156,9 +157,10 @@ class Classifier(LightningModule):
 
         Called before anything is saved at the end of an epoch, so checkpoints already
         written (the earlier phases' snapshots, ``last.ckpt`` of the previous epoch) stay good."""
-        if not getattr(self, "_step_losses", None):
+        if self._first_step is None:  # no epoch started
             return
-        bad = (~torch.isfinite(torch.stack(self._step_losses))).nonzero()
+        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(0, device=self.device)
+        bad = (~torch.isfinite(losses)).nonzero()  # every rank reduces below, even with no steps
         first = bad[0, 0] + self._first_step if len(bad) else torch.tensor(-1, device=self.device)
         step = int(self.trainer.strategy.reduce(first.float(), reduce_op="max"))
         if step >= 0:
