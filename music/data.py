@@ -131,6 +131,8 @@ class MusicDataModule(LightningDataModule):
         self.replay_index: Tensor | None = None  # indices into the training set, set by setup
         self.train_split = train_split
         self.splits: dict[str, Tensor] = {}
+        self._datasets: dict[tuple[str, bool, str], Dataset] = {}
+        self._device = torch.device("cpu")
 
     # -- names -------------------------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class MusicDataModule(LightningDataModule):
             self.train_images, self.train_labels = self._load(train=True)
             self.test_images, self.test_labels = self._load(train=False)
             self.splits = self._make_splits()
+        if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            self._device = self.trainer.strategy.root_device  # batches are then gathered on the GPU
         if self.trainer is not None and self.trainer.log_dir:
             self.write_manifest(os.path.join(self.trainer.log_dir, "split_manifest.json"))
             if self.log_eda and stage == "fit" and self.trainer.is_global_zero:
@@ -240,7 +244,17 @@ class MusicDataModule(LightningDataModule):
 
     def dataset(self, split: str, replay: bool = False) -> Dataset:
         """A training split by name, or ``"test"`` for the full official test set. ``replay``
-        adds the replay buffer to a held-out split (``class_<c>``, ``merged``)."""
+        adds the replay buffer to a held-out split (``class_<c>``, ``merged``).
+
+        Each split is gathered once and kept: phases reload the training loader every epoch,
+        and copying the 57,000 ``remaining`` images again each time cost ~0.4 s an epoch. When
+        training on a GPU the split is kept there, so no batch is copied from the host."""
+        key = (split, replay, str(self._device))
+        if key not in self._datasets:
+            self._datasets[key] = self._gather(split, replay)
+        return self._datasets[key]
+
+    def _gather(self, split: str, replay: bool) -> Dataset:
         index = None  # None: the whole train or test set
         if split != "test" and self.check_split(split) != "train":
             index = self.splits[split]
@@ -248,11 +262,10 @@ class MusicDataModule(LightningDataModule):
                 index = torch.cat([index, self.replay_index])
         if self.image_folder is not None:
             return self.image_folder.dataset(self.data_dir, train=split != "test", index=index)
-        if split == "test":
-            return InMemoryDataset(self.test_images, self.test_labels)
-        if index is None:
-            return InMemoryDataset(self.train_images, self.train_labels)
-        return InMemoryDataset(self.train_images[index], self.train_labels[index])
+        images, labels = (self.test_images, self.test_labels) if split == "test" else (self.train_images, self.train_labels)
+        if index is not None:
+            images, labels = images[index], labels[index]
+        return InMemoryDataset(images.to(self._device), labels.to(self._device))
 
     @property
     def held_out_split_names(self) -> list[str]:

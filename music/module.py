@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -25,6 +28,24 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from music.finetuning import FineTune
 from music.models import SimpleNN
+
+
+@contextlib.contextmanager
+def _cheap_cuda_check(enabled: bool) -> Iterator[None]:
+    """On a machine without CUDA, ask the CUDA runtime (not NVML) whether CUDA is available.
+
+    Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (so that asking does not start
+    CUDA before a fork); then every ``Adam.step`` -- which asks, for CUDA-graph checks -- loads
+    NVML anew: ~0.2 ms a step on a machine without a GPU, over 10% of a SimpleNN step. The
+    runtime's answer costs microseconds, and with no GPU there is nothing to protect."""
+    if not enabled or os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        yield
+        return
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+    try:
+        yield
+    finally:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -88,8 +109,8 @@ class Classifier(LightningModule):
         self.test_metrics = classification_metrics(num_classes)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        self._train_sums: Tensor | None = None
-        self._first_nonfinite_step: Tensor | None = None
+        self._step_losses: list[Tensor] = []
+        self._first_step: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -114,35 +135,62 @@ class Classifier(LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
-    # -- training: accumulate on device, log per epoch, so a step costs no host sync ---------
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets ``_current_fx_name`` around every hook call, ~40 times a training
+        # step; nn.Module.__setattr__ (which looks for parameters, buffers and submodules)
+        # made that ~0.1 ms a step. It is a plain attribute, so set it directly.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # -- training: per-step results stay on the device, summed once per epoch -----------------
 
     def on_train_epoch_start(self) -> None:
-        self._train_sums = torch.zeros(3, device=self.device)  # loss sum, correct, count
-        self._first_nonfinite_step = torch.tensor(-1, device=self.device)
+        self._step_losses: list[Tensor] = []
+        self._step_correct: list[Tensor] = []
+        self._step_sizes: list[int] = []
+        self._first_step = self.global_step
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        with torch.no_grad():
-            n = y.new_tensor(len(y), dtype=torch.float)
-            self._train_sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), n])
-            # remember the first bad step on the device; checked once per epoch (no per-step sync)
-            first = self._first_nonfinite_step
-            self._first_nonfinite_step = torch.where(~torch.isfinite(loss) & (first < 0), self.global_step, first)
+        # No host sync and no per-step logging call: keep the step's results, sum at epoch end.
+        self._step_losses.append(loss.detach())
+        self._step_correct.append((logits.detach().argmax(1) == y).sum())
+        self._step_sizes.append(len(y))
         every = self.trainer.log_every_n_steps
         if every and self.global_step % every == 0 and self.logger is not None:
             self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
         return loss
+
+    def on_fit_start(self) -> None:
+        self._no_cuda = self.device.type != "cuda" and not torch.cuda.is_available()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        with _cheap_cuda_check(getattr(self, "_no_cuda", False)):
+            super().optimizer_step(*args, **kwargs)
+
+    def _epoch_sums(self) -> Tensor:
+        """Loss sum, correct count and sample count of this epoch on this rank."""
+        if not self._step_losses:
+            return torch.zeros(3, device=self.device)
+        sizes = torch.tensor(self._step_sizes, device=self.device, dtype=torch.float)
+        losses = torch.stack(self._step_losses).float()
+        return torch.stack([(losses * sizes).sum(), torch.stack(self._step_correct).sum().float(), sizes.sum()])
 
     def check_finite(self) -> None:
         """Stop training if a loss this epoch was NaN or infinite, naming the first such step.
 
         Called before anything is saved at the end of an epoch, so checkpoints already
         written (the earlier phases' snapshots, ``last.ckpt`` of the previous epoch) stay good."""
-        if self._first_nonfinite_step is None:
+        if self._first_step is None:  # no epoch started
             return
-        step = int(self.trainer.strategy.reduce(self._first_nonfinite_step.float(), reduce_op="max"))
+        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(0, device=self.device)
+        bad = (~torch.isfinite(losses)).nonzero()  # every rank reduces below, even with no steps
+        first = bad[0, 0] + self._first_step if len(bad) else torch.tensor(-1, device=self.device)
+        step = int(self.trainer.strategy.reduce(first.float(), reduce_op="max"))
         if step >= 0:
             raise FloatingPointError(
                 f"Non-finite training loss at global step {step} (epoch {self.current_epoch}); training stopped. "
@@ -151,7 +199,7 @@ class Classifier(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()
-        sums = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum")
+        sums = self.trainer.strategy.reduce(self._epoch_sums(), reduce_op="sum")
         self.log_dict({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
 
     # -- evaluation ----------------------------------------------------------------------------

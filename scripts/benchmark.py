@@ -1,0 +1,217 @@
+"""How much does the framework cost? The same training, through MUSIC and through a plain loop.
+
+Both sides do the same work in one process, interleaved, so load from other processes hits
+both alike: SimpleNN, Adam (lr 1e-3), batch 32, the same in-memory tensors (the 57,000-sample
+``remaining`` split), the same number of optimizer steps, and a test-set evaluation at the end
+of every phase. The framework side is ``configs/seq.yaml`` as shipped (its Trainer, callbacks,
+TensorBoard logger, checkpoints and progress bar), only with its phases replaced; the plain side
+is the hand-written loop one would write without a framework. Loading MNIST from disk is done
+before the clock starts on both sides.
+
+    python scripts/benchmark.py                      # 2 pretraining epochs, median of 3
+    python scripts/benchmark.py --epochs 3 --repeats 5 --threads 1
+    python scripts/benchmark.py --study              # also the whole Table I study, once each
+    python scripts/benchmark.py --quick              # smoke run: a few batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from music.cli import main
+from music.data import MusicDataModule
+from music.models import SimpleNN
+
+REPO = Path(__file__).resolve().parents[1]
+# The Table I study: pretrain, then class 3 -> 4 -> 7 from it (seq.yaml), and merged from the
+# pretrained snapshot (merged_finetune.yaml).
+SEQ_PHASES = [("pretrain", "remaining", 50), ("class_3", "class_3", 10), ("class_4", "class_4", 10),
+              ("class_7", "class_7", 10)]
+MERGED_PHASES = [("merged", "merged", 10)]
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall and CPU seconds since ``start``. CPU time (this process, all its threads) barely
+    moves when other processes load the machine, so its ratio is the steadier of the two."""
+    return tuple(now - then for now, then in zip(clock(), start))
+
+
+# -- framework ---------------------------------------------------------------------------------
+
+def framework_fit(config: str, phases: list[tuple[str, str, int]], args: argparse.Namespace, log_dir: str,
+                  *extra: str) -> tuple[tuple[float, float], str]:
+    """Seconds for one ``trainer.fit`` of a shipped config with ``phases``, and its log dir."""
+    data = yaml.safe_load((REPO / "configs" / config).read_text())
+    for callback in data["trainer"]["callbacks"]:
+        if "phases" in callback.get("init_args", {}):
+            callback["init_args"]["phases"] = [{"name": n, "split": s, "epochs": e} for n, s, e in phases]
+    path = Path(log_dir) / f"bench-{config}"
+    path.write_text(yaml.safe_dump(data))
+    limit = ["--trainer.limit_train_batches", str(args.batches)] if args.batches else []
+    cli = main(["--config", str(path), "--data.data_dir", args.data_dir, "--data.download", "false",
+                "--trainer.logger.init_args.save_dir", log_dir, *limit, *extra, *args.extra], run=False)
+    cli.datamodule.setup()  # read MNIST before the clock starts (the plain side gets it loaded too)
+    start = clock()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return since(start), cli.trainer.log_dir
+
+
+# -- plain PyTorch -------------------------------------------------------------------------------
+
+def plain_train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
+                batches: int | None, batch_size: int = 32) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # fresh per phase, as the study does
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), device=images.device)
+        steps = range(0, len(labels), batch_size)
+        for i in steps[:batches] if batches else steps:
+            index = order[i : i + batch_size]
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def plain_evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    correct = sum(int((model(images[i : i + 1000]).argmax(1) == labels[i : i + 1000]).sum())
+                  for i in range(0, len(labels), 1000))
+    return correct / len(labels)
+
+
+@contextlib.contextmanager
+def torch_defaults():
+    """Run the plain side as a script that never imported Lightning would: importing Lightning
+    sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (then every Adam step asks NVML whether CUDA exists,
+    ~0.2 ms on a machine without it) and a ``deterministic: true`` Trainer leaves deterministic
+    algorithms switched on for the process."""
+    nvml, deterministic = os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None), torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if nvml is not None:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml
+
+
+@torch_defaults()
+def plain_run(data: MusicDataModule, phases: list[tuple[str, str, int]], args: argparse.Namespace,
+              model: torch.nn.Module | None = None) -> tuple[tuple[float, float], torch.nn.Module]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    test = [t.to(device) for t in (data.test_images, data.test_labels)]
+    splits = {s: [t.to(device) for t in (data.dataset(s).images, data.dataset(s).labels)] for _, s, _ in phases}
+    start = clock()
+    model = model if model is not None else SimpleNN().to(device)
+    for _, split, epochs in phases:
+        plain_train(model, *splits[split], epochs, args.batches)
+        plain_evaluate(model, *test)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return since(start), model
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+def pretraining_ratio(data: MusicDataModule, args: argparse.Namespace) -> dict[str, float]:
+    phases = [("pretrain", "remaining", args.epochs)]
+    framework, plain = [], []
+    for _ in range(args.repeats):  # interleaved, so a burst of outside load hits both sides
+        with tempfile.TemporaryDirectory() as log_dir:
+            framework.append(framework_fit("seq.yaml", phases, args, log_dir)[0])
+        plain.append(plain_run(data, phases, args)[0])
+    steps = args.epochs * (args.batches or -(-len(data.splits["remaining"]) // 32))
+    samples = steps * 32 if args.batches else args.epochs * len(data.splits["remaining"])
+    print(f"\nPretraining, {args.epochs} epoch(s) x {steps // args.epochs} steps, median of {args.repeats}:")
+    result = {"steps": steps}
+    for i, kind in enumerate(("wall", "cpu")):
+        f, p = [t[i] for t in framework], [t[i] for t in plain]
+        ratios = [a / b for a, b in zip(f, p)]
+        result |= {f"framework_{kind}_s": statistics.median(f), f"plain_{kind}_s": statistics.median(p),
+                   f"{kind}_ratio": statistics.median(ratios)}
+        print(f"  {kind:4}: framework {statistics.median(f):.2f} s ({samples / statistics.median(f):,.0f} samples/s), "
+              f"plain {statistics.median(p):.2f} s ({samples / statistics.median(p):,.0f} samples/s); "
+              f"ratio framework/plain {statistics.median(ratios):.3f} (runs {[round(r, 3) for r in ratios]})")
+    result["ratio"] = result["wall_ratio"]
+    return result
+
+
+def study(data: MusicDataModule, args: argparse.Namespace) -> dict[str, float]:
+    """The whole Table I study once each way: seq.yaml's four phases, then merged from the
+    pretrained snapshot (as scripts/reproduce_table1.py chains them)."""
+    scale = (lambda p: [(n, s, 1) for n, s, _ in p]) if args.quick else (lambda p: p)
+    with tempfile.TemporaryDirectory() as log_dir:
+        seq_s, seq_dir = framework_fit("seq.yaml", scale(SEQ_PHASES), args, log_dir)
+        snapshot = Path(seq_dir) / "checkpoints" / "phase-0-pretrain.ckpt"
+        merged_s, _ = framework_fit("merged_finetune.yaml", scale(MERGED_PHASES), args, log_dir,
+                                    "--model.init_from", str(snapshot))
+    plain_seq_s, pretrained = plain_run(data, scale(SEQ_PHASES[:1]), args)
+    plain_rest_s, _ = plain_run(data, scale(SEQ_PHASES[1:]), args, model=copy.deepcopy(pretrained))
+    plain_merged_s, _ = plain_run(data, scale(MERGED_PHASES), args, model=pretrained)
+    epochs = sum(e for _, _, e in scale(SEQ_PHASES + MERGED_PHASES))
+    print(f"\nTable I study ({epochs} epochs, 5 test evaluations), once each way:")
+    result = {}
+    for i, kind in enumerate(("wall", "cpu")):
+        framework_s, plain_s = seq_s[i] + merged_s[i], plain_seq_s[i] + plain_rest_s[i] + plain_merged_s[i]
+        print(f"  {kind:4}: framework {framework_s:.1f} s (seq.yaml {seq_s[i]:.1f} s + merged_finetune.yaml "
+              f"{merged_s[i]:.1f} s), plain {plain_s:.1f} s, ratio {framework_s / plain_s:.3f}")
+        result |= {f"study_framework_{kind}_s": framework_s, f"study_plain_{kind}_s": plain_s,
+                   f"study_{kind}_ratio": framework_s / plain_s}
+    return result
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2, help="pretraining epochs per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--study", action="store_true", help="also time the whole Table I study, once each way")
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch of 5 batches, 1 repeat")
+    parser.add_argument("extra", nargs="*", help="arguments after -- go to `python -m music fit`")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "repeats", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name}={value} is not allowed: it must be an integer >= 1.")
+    args.batches = None
+    if args.quick:
+        args.epochs, args.repeats, args.batches = 1, 1, 5
+    return args
+
+
+def run(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda (data and model on the GPU)" if torch.cuda.is_available() else "cpu"
+    print(f"device {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    data = MusicDataModule(data_dir=args.data_dir, download=False)
+    data.setup()
+    result = pretraining_ratio(data, args)
+    if args.study or args.quick:
+        result |= study(data, args)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return result
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,27 @@
+"""The benchmark's smoke mode runs end to end (timings are printed, never asserted)."""
+
+import importlib.util
+
+import pytest
+from conftest import REPO
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_runs_both_sides_and_prints_the_ratio(data_dir, capsys):
+    result = load_benchmark().run(["--quick", "--data-dir", data_dir, "--", "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    assert "ratio framework/plain" in out and "Table I study" in out
+    assert result["steps"] == 5  # 1 epoch x 5 batches, the same on both sides
+    for key in ("framework_wall_s", "plain_wall_s", "ratio", "study_framework_wall_s", "study_plain_wall_s"):
+        assert result[key] > 0, key
+
+
+def test_bad_arguments_fail_naming_the_value():
+    with pytest.raises(SystemExit):
+        load_benchmark().parse(["--repeats", "0"])
