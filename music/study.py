@@ -74,7 +74,7 @@ class Settings:
     replay_size: int = 300
     split_seed_follows_seed: bool = True  # each seed also draws its own held-out samples
     limit_train_batches: int | None = None
-    data_dir: str = str(REPO.parent / "shared" / "data")
+    data_dir: str = "data"  # MNIST root, downloaded if missing
     runs_dir: str = "study_runs"
     out: str = "results"
     workers: int | None = None
@@ -175,7 +175,7 @@ def cell_config(settings: Settings, cell: Cell) -> dict:
     config["model"]["lr"] = cell.lr
     if cell.needs_pretrained:
         config["model"]["init_from"] = str(pretrained_checkpoint(settings, cell.seed))
-    config["data"] |= {"data_dir": settings.data_dir, "download": False,
+    config["data"] |= {"data_dir": settings.data_dir, "download": True,
                        "held_out_classes": settings.held_out_classes,
                        "split_seed": cell.seed if settings.split_seed_follows_seed else 0,
                        "replay_size": cell.replay_size}

@@ -65,7 +65,7 @@ def load(snapshot: Path, config: dict) -> torch.nn.Module:
 def main_(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "vit_mnist.yaml"))
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
     parser.add_argument("--log-dir", default="lightning_logs/vit")
     parser.add_argument("--out", default="results")
     parser.add_argument("--pretrained", type=Path, help="pretrain snapshot to fine-tune (skips step 1)")
@@ -100,7 +100,7 @@ def main_(argv: list[str] | None = None) -> None:
 
     from music.imagefolder import ImageFolderSource
 
-    data_args = config["data"] | {"data_dir": args.data_dir, "download": False}
+    data_args = config["data"] | {"data_dir": args.data_dir, "download": True}
     if data_args.get("image_folder"):
         data_args["image_folder"] = ImageFolderSource(**data_args["image_folder"])
     data = MusicDataModule(**data_args)

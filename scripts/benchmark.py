@@ -63,7 +63,7 @@ def framework_fit(config: str, phases: list[tuple[str, str, int]], args: argpars
     path = Path(log_dir) / f"bench-{config}"
     path.write_text(yaml.safe_dump(data))
     limit = ["--trainer.limit_train_batches", str(args.batches)] if args.batches else []
-    cli = main(["--config", str(path), "--data.data_dir", args.data_dir, "--data.download", "false",
+    cli = main(["--config", str(path), "--data.data_dir", args.data_dir, "--data.download", "true",
                 "--trainer.logger.init_args.save_dir", log_dir, *limit, *extra, *args.extra], run=False)
     cli.datamodule.setup()  # read MNIST before the clock starts (the plain side gets it loaded too)
     start = clock()
@@ -183,7 +183,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--study", action="store_true", help="also time the whole Table I study, once each way")
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch of 5 batches, 1 repeat")
     parser.add_argument("extra", nargs="*", help="arguments after -- go to `python -m music fit`")
     args = parser.parse_args(argv)
@@ -204,7 +204,7 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
     device = "cuda (data and model on the GPU)" if torch.cuda.is_available() else "cpu"
     print(f"device {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    data = MusicDataModule(data_dir=args.data_dir, download=False)
+    data = MusicDataModule(data_dir=args.data_dir, download=True)
     data.setup()
     result = pretraining_ratio(data, args)
     if args.study or args.quick:

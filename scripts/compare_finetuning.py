@@ -35,7 +35,7 @@ STUDIES = {"sequential": ("lora.yaml", "class_7", ["class_3", "class_4", "class_
 
 def fit(config: str, name: str, args: argparse.Namespace, *extra: str) -> Path:
     cli = main(["fit", "--config", str(REPO / "configs" / config), "--data.data_dir", args.data_dir,
-                "--data.download", "false", "--trainer.logger.init_args.save_dir", args.log_dir,
+                "--data.download", "true", "--trainer.logger.init_args.save_dir", args.log_dir,
                 "--trainer.logger.init_args.name", f"finetuning/{name}", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", *extra, *args.extra])
     return Path(cli.trainer.log_dir)
@@ -97,7 +97,7 @@ def write(rows: list[dict], pretrained: dict, args: argparse.Namespace, seconds:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--out", default="results")
     parser.add_argument("--pretrained", type=Path, help="a pretrain phase snapshot to start from (skips pretraining)")

@@ -95,7 +95,7 @@ def write(table: dict, seeds: list[int], args: argparse.Namespace, seconds: floa
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="5 training batches an epoch (a smoke run)")
