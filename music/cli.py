@@ -7,9 +7,11 @@ resumption of ``--ckpt_path last`` inside the run directory it came from.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -84,3 +86,37 @@ def main(args: list[str] | None = None, run: bool = True) -> MusicCLI:
         args=args,
         run=run,
     )
+
+
+# -- what the study scripts (scripts/*.py) share --------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def script_parser(description: str | None) -> argparse.ArgumentParser:
+    """Options of every script that drives ``python -m music fit``: data, logs, results,
+    ``--quick`` and extra ``fit`` arguments after ``--``. Parse with ``parse_script_args``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
+    parser.add_argument("--log-dir", default="lightning_logs")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--quick", action="store_true", help="5 training batches an epoch (a smoke run)")
+    parser.add_argument("extra", nargs="*", help="arguments after -- go to every `python -m music fit` call")
+    return parser
+
+
+def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.extra = ["--trainer.limit_train_batches", "5", *args.extra]
+    return args
+
+
+def fit_config(config: str, name: str, args: argparse.Namespace, *extra: str) -> Path:
+    """``python -m music fit --config configs/<config>`` logging to ``<log_dir>/<name>``, quietly;
+    returns the run directory."""
+    cli = main(["fit", "--config", str(CONFIGS / config), "--data.data_dir", args.data_dir,
+                "--trainer.logger.init_args.save_dir", args.log_dir, "--trainer.logger.init_args.name", name,
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                *extra, *args.extra])
+    return Path(cli.trainer.log_dir)

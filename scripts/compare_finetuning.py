@@ -20,13 +20,12 @@ import json
 import time
 from pathlib import Path
 
-from music.cli import main
+from music.cli import fit_config, parse_script_args, script_parser
 from music.finetuning import merged_state_dict
 from music.models import SimpleNN
 from music.module import Classifier
 from music.task_vector import TaskVector, load_state_dict
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = ["full", "lora", "head-only"]
 LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["fc1", "fc2"]}
 STUDIES = {"sequential": ("lora.yaml", "class_7", ["class_3", "class_4", "class_7"]),
@@ -34,11 +33,7 @@ STUDIES = {"sequential": ("lora.yaml", "class_7", ["class_3", "class_4", "class_
 
 
 def fit(config: str, name: str, args: argparse.Namespace, *extra: str) -> Path:
-    cli = main(["fit", "--config", str(REPO / "configs" / config), "--data.data_dir", args.data_dir,
-                "--data.download", "true", "--trainer.logger.init_args.save_dir", args.log_dir,
-                "--trainer.logger.init_args.name", f"finetuning/{name}", "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false", *extra, *args.extra])
-    return Path(cli.trainer.log_dir)
+    return fit_config(config, f"finetuning/{name}", args, *extra)
 
 
 def task_vector_norm(pretrained: Path, snapshot: Path, mode: str) -> tuple[float, bool]:
@@ -96,18 +91,10 @@ def write(rows: list[dict], pretrained: dict, args: argparse.Namespace, seconds:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
-    parser.add_argument("--log-dir", default="lightning_logs")
-    parser.add_argument("--out", default="results")
+    parser = script_parser(__doc__)
     parser.add_argument("--pretrained", type=Path, help="a pretrain phase snapshot to start from (skips pretraining)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
-    parser.add_argument("--quick", action="store_true", help="5 training batches an epoch (a smoke run)")
-    parser.add_argument("extra", nargs="*", help="arguments after -- go to every `python -m music fit` call")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.extra = ["--trainer.limit_train_batches", "5", *args.extra]
-    return args
+    return parse_script_args(parser, argv)
 
 
 def run(argv: list[str] | None = None) -> list[dict]:

@@ -19,20 +19,14 @@ import statistics
 import time
 from pathlib import Path
 
-from music.cli import main
+from music.cli import fit_config, parse_script_args, script_parser
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = {"pretrained": (0.92, 0.38), "merged": (0.70, 2.1), "sequential (after 7)": (0.88, 0.60)}
 COLUMNS = ["loss", "acc", "precision", "recall", "f1", "recall/3", "recall/4", "recall/7"]
 
 
 def run_config(config: str, name: str, seed: int, args: argparse.Namespace, *extra: str) -> dict:
-    cli = main(["fit", "--config", str(REPO / "configs" / config), "--seed_everything", str(seed),
-                "--data.data_dir", args.data_dir, "--trainer.logger.init_args.save_dir", args.log_dir,
-                "--trainer.logger.init_args.name", f"table1/seed_{seed}/{name}",
-                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                *extra, *args.extra])
-    log_dir = Path(cli.trainer.log_dir)
+    log_dir = fit_config(config, f"table1/seed_{seed}/{name}", args, "--seed_everything", str(seed), *extra)
     return {"log_dir": log_dir, "phases": json.loads((log_dir / "phase_metrics.json").read_text())}
 
 
@@ -93,17 +87,9 @@ def write(table: dict, seeds: list[int], args: argparse.Namespace, seconds: floa
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
-    parser.add_argument("--log-dir", default="lightning_logs")
-    parser.add_argument("--out", default="results")
-    parser.add_argument("--quick", action="store_true", help="5 training batches an epoch (a smoke run)")
-    parser.add_argument("extra", nargs="*", help="arguments after -- go to every `python -m music fit` call")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.extra = ["--trainer.limit_train_batches", "5", *args.extra]
-    return args
+    return parse_script_args(parser, argv)
 
 
 def run(argv: list[str] | None = None) -> dict:
