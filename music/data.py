@@ -24,6 +24,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from music.imagefolder import ImageFolderSource
+
 
 def import_class(path: str, what: str) -> type:
     """Resolve ``package.module.Class`` with an error that names the bad path."""
@@ -335,6 +337,3 @@ def _check_held_out(classes: Sequence[int], num_classes: int | None, dataset: st
             raise ValueError(
                 f"held_out_classes contains {bad}, not a class of {dataset}: allowed are 0..{num_classes - 1}."
             )
-
-
-from music.imagefolder import ImageFolderSource  # noqa: E402  (after MusicDataModule: it imports it back)

@@ -128,15 +128,3 @@ class FolderDataset(Dataset):
         else:
             raw = torch.stack([self.folder[int(self.index[i])][0] for i in indices])
         return self.source.normalize(raw), self.labels[torch.as_tensor(indices)]
-
-
-from music.data import MusicDataModule  # noqa: E402  (here: music.data imports ImageFolderSource)
-
-
-class ImageFolderDataModule(MusicDataModule):
-    """``MusicDataModule`` over an image folder, for Python use. In YAML, give the data module
-    an ``image_folder:`` section instead (same effect, same config layout)."""
-
-    def __init__(self, data_dir: str, image_folder: ImageFolderSource | None = None, **kwargs) -> None:
-        super().__init__(data_dir=data_dir, download=False, image_folder=image_folder or ImageFolderSource(image_size=224),
-                         **kwargs)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from music.data import MusicDataModule
-from music.imagefolder import ImageFolderDataModule, ImageFolderSource
+from music.imagefolder import ImageFolderSource
 
 CLASSES, TRAIN, TEST = 4, 7, 2
 
@@ -64,8 +64,8 @@ def test_cached_and_lazy_batches_are_identical(tree):
 
 def test_timm_data_config_sets_size_and_normalisation(tree):
     pytest.importorskip("timm")
-    dm = ImageFolderDataModule(tree, ImageFolderSource(timm_model="vit_tiny_patch16_224"),
-                               held_out_classes=[0], samples_per_class=1)
+    dm = MusicDataModule(tree, download=False, image_folder=ImageFolderSource(timm_model="vit_tiny_patch16_224"),
+                         held_out_classes=[0], samples_per_class=1)
     dm.setup()
     assert dm.dataset("test")[0][0].shape == (3, 224, 224)
 
