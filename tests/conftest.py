@@ -41,7 +41,8 @@ def shrink(tmp_path: Path, data_dir: str):
 
     def shrink_config(name: str, epochs: int = 1, phases: list[dict] | None = None, **data: object) -> Path:
         config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-        config["data"] |= {"data_dir": data_dir, "download": False, **data}
+        # EDA figures (1-2 s of matplotlib) only where a test asks for them
+        config["data"] |= {"data_dir": data_dir, "download": False, "log_eda": False, **data}
         config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
         config["trainer"] |= {"enable_progress_bar": False, "enable_model_summary": False}
         for callback in config["trainer"]["callbacks"]:

@@ -38,3 +38,13 @@ def test_logged_to_tensorboard(data_dir, tmp_path):
     logger.experiment.flush()
     images = set(EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload().Tags()["images"])
     assert {"eda/class_counts", "eda/samples/train", "eda/samples/class_7", "eda/samples/test"} <= images
+
+
+def test_shipped_pretrain_config_logs_eda_figures_to_tensorboard(shrink, tmp_path):
+    from conftest import run
+
+    cli = run("fit", "--config", shrink("pretrain", log_eda=True), "--trainer.limit_train_batches", "2")
+    events = EventAccumulator(cli.trainer.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert "eda/class_counts" in tags and any(t.startswith("eda/samples/") for t in tags)
