@@ -247,25 +247,28 @@ def _record(log_dir: str, index: int, phase: Phase, metrics: dict, filename: str
         with open(path) as f:
             records = json.load(f)
     records[phase.name] = {"index": index, "split": phase.split, "epochs": phase.epochs, "lr": phase.lr, **metrics}
-    os.makedirs(log_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_text_atomically(path, json.dumps(records, indent=1))
 
 
 @rank_zero_only
 def _write_continual(log_dir: str, header: list, table: list[list], summary: dict) -> None:
     import csv
+    import io
 
-    os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, "accuracy_matrix.csv.tmp"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([[f"{v:.6f}" if isinstance(v, float) else v for v in row] for row in table])
-    os.replace(os.path.join(log_dir, "accuracy_matrix.csv.tmp"), os.path.join(log_dir, "accuracy_matrix.csv"))
-    with open(os.path.join(log_dir, "continual_metrics.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(log_dir, "continual_metrics.json.tmp"), os.path.join(log_dir, "continual_metrics.json"))
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(header)
+    writer.writerows([[f"{v:.6f}" if isinstance(v, float) else v for v in row] for row in table])
+    _write_text_atomically(os.path.join(log_dir, "accuracy_matrix.csv"), rows.getvalue())
+    _write_text_atomically(os.path.join(log_dir, "continual_metrics.json"), json.dumps(summary, indent=1))
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    """Temporary file, then rename: a reader (or a run killed mid-write) never sees half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _check_phases(phases: list[Phase]) -> None:
