@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from music.continual import accuracy_on
 from music.data import MusicDataModule
 from music.models import SimpleNN
 from music.module import Classifier
@@ -101,16 +102,13 @@ class Evaluator:
 
 
 def accuracies(confusion: Tensor, held_out: Sequence[int]) -> dict[str, float]:
-    """Per-class accuracy (recall), overall, and accuracy on the held-out / other classes' images."""
-    confusion = confusion.double()
-    correct, count = confusion.diagonal(), confusion.sum(1)
-    others = [c for c in range(len(count)) if c not in held_out]
-
-    def subset(classes: Sequence[int]) -> float:
-        return float(correct[list(classes)].sum() / count[list(classes)].sum().clamp(min=1))
-
-    values = {str(c): float(correct[c] / count[c].clamp(min=1)) for c in range(len(count))}
-    return values | {"overall": float(correct.sum() / count.sum()), "held_out": subset(held_out), "others": subset(others)}
+    """Per-class accuracy (recall), overall, and accuracy on the held-out / other classes' images
+    (``music.continual.accuracy_on``; NaN for classes with no images in the evaluated split)."""
+    n = len(confusion)
+    others = [c for c in range(n) if c not in held_out]
+    values = {str(c): accuracy_on(confusion, [c]) for c in range(n)}
+    return values | {"overall": accuracy_on(confusion, range(n)), "held_out": accuracy_on(confusion, held_out),
+                     "others": accuracy_on(confusion, others)}
 
 
 class TaskVectorStudy:
