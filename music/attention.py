@@ -47,11 +47,11 @@ def cls_attention(model: nn.Module, images: Tensor, block: int = -1) -> Tensor:
 def attention_figure(images: Tensor, maps: dict[str, Tensor], labels: Tensor | None = None,
                      predictions: dict[str, Tensor] | None = None):
     """A matplotlib figure: one row per image; the image, then each model's map over it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch.nn.functional as F
+
+    from music.plots import pyplot
+
+    plt = pyplot()
 
     n, columns = len(images), 1 + len(maps)
     fig, axes = plt.subplots(n, columns, figsize=(2.2 * columns, 2.2 * n), squeeze=False)

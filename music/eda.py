@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from music.data import MusicDataModule
+from music.plots import pyplot
 
 
 def class_counts(datamodule: MusicDataModule) -> dict[str, list[int]]:
@@ -21,18 +22,9 @@ def class_counts(datamodule: MusicDataModule) -> dict[str, list[int]]:
     return {name: splits[name]["class_counts"] for name in order}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files and TensorBoard only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def class_counts_figure(counts: dict[str, list[int]]):
     """Grouped bars: one group per class, one bar per split (log scale: 60,000 vs 1,000)."""
-    plt = _pyplot()
+    plt = pyplot()
     num_classes = max(len(c) for c in counts.values())
     fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(counts)
@@ -48,7 +40,7 @@ def class_counts_figure(counts: dict[str, list[int]]):
 
 def sample_grid_figure(datamodule: MusicDataModule, split: str, rows: int = 4, cols: int = 8, seed: int = 0):
     """``rows x cols`` random samples of ``split`` (seeded), each titled with its label."""
-    plt = _pyplot()
+    plt = pyplot()
     datamodule.setup()
     dataset = datamodule.dataset(split)
     count = min(rows * cols, len(dataset))
@@ -79,7 +71,7 @@ def log_to_tensorboard(datamodule: MusicDataModule, logger) -> None:
 
     if not isinstance(logger, TensorBoardLogger):
         return
-    plt = _pyplot()
+    plt = pyplot()
     figures = {"eda/class_counts": class_counts_figure(class_counts(datamodule))}
     figures |= {f"eda/samples/{split}": sample_grid_figure(datamodule, split) for split in grid_splits(datamodule)}
     for tag, fig in figures.items():
@@ -91,7 +83,7 @@ def write_pngs(datamodule: MusicDataModule, out_dir: str) -> list[str]:
     """The same figures as PNG files in ``out_dir``; returns their paths."""
     import os
 
-    plt = _pyplot()
+    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     figures = [("class_counts.png", class_counts_figure(class_counts(datamodule)))]

@@ -252,11 +252,9 @@ class Classifier(LightningModule):
         """A confusion-matrix figure in TensorBoard's Images tab (rank zero only)."""
         if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
             return
-        import matplotlib
+        from music.plots import pyplot  # matplotlib only when a figure is drawn
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 6))
         ax.imshow(confusion, cmap="Blues")
         half = int(confusion.max()) / 2

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from music.continual import accuracy_on
+from music.plots import pyplot
 from music.study import Cell, Settings, cell_dir, lr_tag, plan
 
 METRICS = ["final_acc", "held_out_acc", "untouched_acc", "average_accuracy", "backward_transfer",
@@ -190,18 +191,9 @@ def statement(records: list[dict], settings: Settings) -> list[str]:
 
 # -- figures -----------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
     """Test accuracy after each phase (row 0: the pretrained model), one line per ordering."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(settings.lrs), figsize=(5 * len(settings.lrs), 4.2), sharey=True, squeeze=False)
     reference = {k: [r["metrics"]["final_acc"] for r in records if r["cell"].kind == k] for k in ("pretrain", "joint")}
     for ax, lr in zip(axes[0], settings.lrs):
@@ -232,7 +224,7 @@ def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
 
 def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None:
     """Per class: pretrained accuracy minus final accuracy (positive: forgotten)."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds = [k for k in ("seq", "merged", "replay") if any(r["cell"].kind == k for r in records)]
     fig, axes = plt.subplots(1, len(settings.lrs), figsize=(5 * len(settings.lrs), 4), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], settings.lrs):
@@ -256,7 +248,7 @@ def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None
 
 
 def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), squeeze=False)
     for ax, metric in zip(axes[0], ("final_acc", "held_out_acc", "untouched_acc")):
         for kind, label in (("seq", "sequential (all orderings)"), ("merged", "merged"), ("replay", f"sequential + replay {settings.replay_size}")):
@@ -281,7 +273,7 @@ def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
 
 def plot_confusions(records: list[dict], settings: Settings, path: Path) -> None:
     """Final confusion matrices summed over seeds, rows normalised (share of each true class)."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("pretrained", lambda c: c.kind == "pretrain"), ("joint", lambda c: c.kind == "joint")]
     for lr in settings.lrs:
         first = settings.orderings[0]
