@@ -18,7 +18,7 @@ from itertools import accumulate
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 
 @dataclass
@@ -89,6 +89,10 @@ class SequentialFineTuning(Callback):
             raise ValueError("SequentialFineTuning needs a data module with named splits (MusicDataModule).")
         for phase in self.phases:
             datamodule.check_split(phase.split)
+        if trainer.fit_loop.max_epochs not in (None, -1, 1000, self.ends[-1]):  # 1000/-1: Lightning's "not set"
+            rank_zero_warn(f"trainer.max_epochs={trainer.fit_loop.max_epochs} is ignored: the phases define the run "
+                           f"({self.ends[-1]} epochs in all). Set `epochs` per phase, or shorten epochs with "
+                           "trainer.limit_train_batches.")
         trainer.fit_loop.max_epochs = self.ends[-1]
         trainer.reload_dataloaders_every_n_epochs = 1  # the split may change at any epoch
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -101,12 +102,18 @@ def script_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--out", default="results")
     parser.add_argument("--quick", action="store_true", help="5 training batches an epoch (a smoke run)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1, as the committed results were made: metrics are "
+                             "bitwise-reproducible only at the same thread count)")
     parser.add_argument("extra", nargs="*", help="arguments after -- go to every `python -m music fit` call")
     return parser
 
 
 def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.extra = ["--trainer.limit_train_batches", "5", *args.extra]
     return args

@@ -78,7 +78,7 @@ def write(rows: list[dict], pretrained: dict, args: argparse.Namespace, seconds:
         "10,000 MNIST test images after the last phase; 'acc c' is the accuracy on class c. Train time is "
         "the wall time of the training epochs (evaluation and checkpointing excluded) on a 2-core CPU shared "
         f"with other jobs, so it is indicative only. ||tau||: norm of the task vector merged fine-tune minus "
-        f"pretrained (the merged keys equal the base keys in every mode). Extra arguments: {args.extra or 'none'}. Total wall time {seconds:.0f} s.", "",
+        f"pretrained (the merged keys equal the base keys in every mode). Torch threads: {args.threads}. Extra arguments: {args.extra or 'none'}. Total wall time {seconds:.0f} s.", "",
         "| study | mode | accuracy | macro F1 | acc 3 | acc 4 | acc 7 | trainable params | train time (s) | ‖τ‖ |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

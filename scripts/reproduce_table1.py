@@ -72,8 +72,8 @@ def write(table: dict, seeds: list[int], args: argparse.Namespace, seconds: floa
         "test set. Precision, recall and F1 are macro averages; 'acc c' is the accuracy (recall) on class c. "
         "Settings: configs/pretrain.yaml (50 epochs on `remaining`), then configs/seq_finetune.yaml "
         "(class 3, 4, 7, 10 epochs each) and configs/merged_finetune.yaml (10 epochs) from the same "
-        f"pretrained checkpoint; Adam, lr 1e-3, batch 32, split_seed 0. Extra arguments: {args.extra or 'none'}. "
-        f"Wall time: {seconds:.0f} s.",
+        f"pretrained checkpoint; Adam, lr 1e-3, batch 32, split_seed 0. Torch threads: {args.threads}. "
+        f"Extra arguments: {args.extra or 'none'}. Wall time: {seconds:.0f} s.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -55,7 +56,8 @@ def test_resume_from_a_mid_sequence_snapshot_continues_in_the_next_phase(shrink)
 
 def test_ckpt_path_last_resumes_in_the_same_run_directory(shrink):
     config = shrink("seq")
-    first = fit(config, "--trainer.max_epochs", 2)  # overridden by the phases: runs all 4
+    with pytest.warns(UserWarning, match=r"trainer.max_epochs=2 is ignored: the phases define the run \(4 epochs"):
+        first = fit(config, "--trainer.max_epochs", 2)  # overridden by the phases: runs all 4
     again = fit(config, "--ckpt_path", "last")
     assert again.trainer.log_dir == first.trainer.log_dir
     assert again.trainer.current_epoch == 4  # nothing left to run, nothing re-run

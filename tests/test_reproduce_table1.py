@@ -3,13 +3,24 @@
 import csv
 import importlib.util
 
+import pytest
+import torch
 from conftest import REPO
 
+from music.cli import parse_script_args, script_parser
 
-def test_quick_table1_writes_every_stage_from_one_pretrained_model(tmp_path, data_dir):
+
+@pytest.fixture
+def script():
     spec = importlib.util.spec_from_file_location("reproduce_table1", REPO / "scripts" / "reproduce_table1.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # the script pins torch's threads for the whole process
+
+
+def test_quick_table1_writes_every_stage_from_one_pretrained_model(tmp_path, data_dir, script):
     table = script.run(["--quick", "--data-dir", data_dir, "--log-dir", str(tmp_path / "logs"),
                         "--out", str(tmp_path / "results")])
 
@@ -25,3 +36,10 @@ def test_quick_table1_writes_every_stage_from_one_pretrained_model(tmp_path, dat
         assert "phase-0-pretrain.ckpt" in config
     markdown = (tmp_path / "results" / "table1.md").read_text()
     assert "paper acc / loss (reference)" in markdown
+    assert "Torch threads: 1." in markdown and torch.get_num_threads() == 1  # reproducible by default
+
+
+def test_thread_count_below_one_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_script_args(script_parser(None), ["--threads", "0"])
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
