@@ -11,6 +11,7 @@ MNIST by default (configs/vit_mnist.yaml: from scratch, CPU-sized). Steps:
    the fine-tuning logs. ``<out>/vit_<name>.md`` gets the test metrics and parameter counts.
 
     python scripts/attention_maps.py --data-dir ../shared/data
+    python scripts/attention_maps.py --data-dir ../shared/data --quick   # smoke run: 2 batches an epoch
     python scripts/attention_maps.py --config configs/vit_full.yaml --data-dir /data/imagewoof2 \\
         --no-pretrain   # ImageWoof (GPU): timm's pretrained weights, the config's 5 epochs
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -73,8 +75,11 @@ def main_(argv: list[str] | None = None) -> None:
                         help="skip step 1: the config's backbone is pretrained already (timm weights)")
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs on `merged`")
     parser.add_argument("--images", type=int, default=6, help="test images to draw")
+    parser.add_argument("--quick", action="store_true", help="2 training batches an epoch (a smoke run)")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
+    if args.quick:
+        config["trainer"]["limit_train_batches"] = 2
     name = Path(args.config).stem
     start = time.perf_counter()
     rows = {}
@@ -86,7 +91,8 @@ def main_(argv: list[str] | None = None) -> None:
     phases = tuned["trainer"]["callbacks"][0]["init_args"]["phases"]
     if not args.no_pretrain:  # fine-tune the model just pretrained on the held-out samples
         phases[:] = [{"name": "merged", "split": "merged", "epochs": args.epochs}]
-        tuned["trainer"].pop("limit_train_batches", None)  # `merged` is small: whole epochs
+        if not args.quick:
+            tuned["trainer"].pop("limit_train_batches", None)  # `merged` is small: whole epochs
     last = phases[-1]["name"]
     snapshots = {}
     for mode, finetune in (("full", {"mode": "full"}), ("lora", LORA)):
@@ -135,7 +141,7 @@ def _write_table(path: Path, rows: dict, args: argparse.Namespace, seconds: floa
     phases_note = ", ".join(f"{p['name']} ({p['split']}, {p['epochs']} epochs)" for p in phases)
     lines = [f"# ViT ({Path(args.config).name}), as measured", "",
              f"Fine-tuning phases {phases_note}; LoRA: {LORA}. Total wall time {seconds:.0f} s "
-             "(2-core CPU shared with other jobs).", "",
+             f"({os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads).", "",
              "| model | test accuracy | macro F1 | trainable params | train time (s) |", "|---|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['acc']:.2%} | {r['f1']:.4f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} |")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def write(rows: list[dict], pretrained: dict, args: argparse.Namespace, seconds:
         f"Adam lr 1e-3, batch 32, seed 0. LoRA: rank {LORA['rank']}, alpha {LORA['alpha']:g} on "
         f"{'/'.join(LORA['target_modules'])}, head fc3 trained fully; head-only trains fc3 alone. Test set: all "
         "10,000 MNIST test images after the last phase; 'acc c' is the accuracy on class c. Train time is "
-        "the wall time of the training epochs (evaluation and checkpointing excluded) on a 2-core CPU shared "
-        f"with other jobs, so it is indicative only. ||tau||: norm of the task vector merged fine-tune minus "
+        "the wall time of the training epochs (evaluation and checkpointing excluded) with "
+        f"{os.cpu_count()} CPU cores, so it is indicative only. ||tau||: norm of the task vector merged fine-tune minus "
         f"pretrained (the merged keys equal the base keys in every mode). Torch threads: {args.threads}. Extra arguments: {args.extra or 'none'}. Total wall time {seconds:.0f} s.", "",
         "| study | mode | accuracy | macro F1 | acc 3 | acc 4 | acc 7 | trainable params | train time (s) | ‖τ‖ |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
