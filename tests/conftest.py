@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from music.cli import main
@@ -16,6 +17,15 @@ from music.data import MusicDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """The scripts pin torch's thread count for their whole process; a test that runs one
+    in-process must not change the numerics of the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ TESTS = Path(__file__).parent
 
 
 def python_m_music(*args, check=True) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = os.environ | {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                        # bitwise comparisons with in-process runs hold only at the same thread count
+                        "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run([sys.executable, "-m", "music", *map(str, args)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:

@@ -15,9 +15,7 @@ def script():
     spec = importlib.util.spec_from_file_location("reproduce_table1", REPO / "scripts" / "reproduce_table1.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    yield module
-    torch.set_num_threads(threads)  # the script pins torch's threads for the whole process
+    return module
 
 
 def test_quick_table1_writes_every_stage_from_one_pretrained_model(tmp_path, data_dir, script):
