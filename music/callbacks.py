@@ -251,7 +251,7 @@ def _record(log_dir: str, index: int, phase: Phase, metrics: dict, filename: str
         with open(path) as f:
             records = json.load(f)
     records[phase.name] = {"index": index, "split": phase.split, "epochs": phase.epochs, "lr": phase.lr, **metrics}
-    _write_text_atomically(path, json.dumps(records, indent=1))
+    write_text_atomically(path, json.dumps(records, indent=1))
 
 
 @rank_zero_only
@@ -263,11 +263,11 @@ def _write_continual(log_dir: str, header: list, table: list[list], summary: dic
     writer = csv.writer(rows)
     writer.writerow(header)
     writer.writerows([[f"{v:.6f}" if isinstance(v, float) else v for v in row] for row in table])
-    _write_text_atomically(os.path.join(log_dir, "accuracy_matrix.csv"), rows.getvalue())
-    _write_text_atomically(os.path.join(log_dir, "continual_metrics.json"), json.dumps(summary, indent=1))
+    write_text_atomically(os.path.join(log_dir, "accuracy_matrix.csv"), rows.getvalue())
+    write_text_atomically(os.path.join(log_dir, "continual_metrics.json"), json.dumps(summary, indent=1))
 
 
-def _write_text_atomically(path: str, text: str) -> None:
+def write_text_atomically(path: str, text: str) -> None:
     """Temporary file, then rename: a reader (or a run killed mid-write) never sees half a file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", newline="") as f:

@@ -119,7 +119,7 @@ def summarise(confusions: Sequence[Sequence[Sequence[int]]], task_classes: Seque
         "rows": len(confusions),
         "trained_classes": trained,
         "untouched_classes": untouched,
-        "final_acc": float(np.trace(np.asarray(final)) / np.asarray(final).sum()),
+        "final_acc": accuracy_on(final, range(num_classes)),
         "average_accuracy": average_accuracy(task_matrix, range(len(tasks))) if tasks else math.nan,
         "backward_transfer": backward_transfer(task_matrix, learned) if tasks else math.nan,
         "forgetting_per_class": {str(c): v for c, v in forgetting(matrix, first).items()},
@@ -129,7 +129,7 @@ def summarise(confusions: Sequence[Sequence[Sequence[int]]], task_classes: Seque
         "collapse_share": prediction_share(final, last_classes[0]) if len(last_classes) == 1 else math.nan,
     }
     if reference_row is not None:
-        result["reference_acc"] = float(np.trace(np.asarray(confusions[reference_row])) / np.asarray(confusions[reference_row]).sum())
+        result["reference_acc"] = accuracy_on(confusions[reference_row], range(num_classes))
         vs_reference = forgetting_vs_reference(matrix, reference_row, untouched)
         result["untouched_forgetting_per_class"] = {str(c): v for c, v in vs_reference.items()}
         result["untouched_forgetting"] = float(np.mean(list(vs_reference.values()))) if untouched else math.nan

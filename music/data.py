@@ -140,7 +140,7 @@ class MusicDataModule(LightningDataModule):
 
     @property
     def split_names(self) -> list[str]:
-        names = ["remaining", *(f"class_{c}" for c in self.held_out_classes), "merged"]
+        names = ["remaining", *self.held_out_split_names]
         # "train" is the whole training set (held-out samples included): the joint upper bound
         return names + (["val"] if self.val_size else []) + ["train"]
 

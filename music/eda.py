@@ -65,31 +65,36 @@ def grid_splits(datamodule: MusicDataModule) -> list[str]:
     return ["train", "test", *(n for n in datamodule.split_names if n != "train")]
 
 
+def figures(datamodule: MusicDataModule):
+    """``(name, figure)``: ``class_counts``, then ``samples/<split>`` for every split; each
+    figure is drawn when asked for and closed after it is used."""
+    plt = pyplot()
+    drawers = [("class_counts", lambda: class_counts_figure(class_counts(datamodule)))]
+    drawers += [(f"samples/{split}", lambda split=split: sample_grid_figure(datamodule, split))
+                for split in grid_splits(datamodule)]
+    for name, draw in drawers:
+        fig = draw()
+        yield name, fig
+        plt.close(fig)
+
+
 def log_to_tensorboard(datamodule: MusicDataModule, logger) -> None:
     """Class counts and a sample grid per split in the Images tab, under ``eda/``."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     if not isinstance(logger, TensorBoardLogger):
         return
-    plt = pyplot()
-    figures = {"eda/class_counts": class_counts_figure(class_counts(datamodule))}
-    figures |= {f"eda/samples/{split}": sample_grid_figure(datamodule, split) for split in grid_splits(datamodule)}
-    for tag, fig in figures.items():
-        logger.experiment.add_figure(tag, fig, global_step=0)
-        plt.close(fig)
+    for name, fig in figures(datamodule):
+        logger.experiment.add_figure(f"eda/{name}", fig, global_step=0)
 
 
 def write_pngs(datamodule: MusicDataModule, out_dir: str) -> list[str]:
-    """The same figures as PNG files in ``out_dir``; returns their paths."""
+    """The same figures as PNG files in ``out_dir`` (``samples_<split>.png``); returns their paths."""
     import os
 
-    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    figures = [("class_counts.png", class_counts_figure(class_counts(datamodule)))]
-    figures += [(f"samples_{split}.png", sample_grid_figure(datamodule, split)) for split in grid_splits(datamodule)]
-    for name, fig in figures:
-        paths.append(os.path.join(out_dir, name))
+    for name, fig in figures(datamodule):
+        paths.append(os.path.join(out_dir, name.replace("/", "_") + ".png"))
         fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
     return paths

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
 import statistics
 from collections import defaultdict
@@ -366,7 +367,7 @@ def write_report(settings: Settings) -> Path:
         f"- Test set: the full 10,000-image MNIST test set after every phase. Cells finished: {len(records)}/{len(planned)}."
         + (f" Training limited to {s.limit_train_batches} batches an epoch (quick mode)." if s.limit_train_batches else ""),
         f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
-        f"{platform.system()}, CPU only, shared with other jobs.",
+        f"{platform.system()}, {os.cpu_count()} CPU cores.",
         f"- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
         "`study_accuracy_matrices.csv`.",
         "",

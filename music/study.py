@@ -119,6 +119,10 @@ def plan(settings: Settings) -> list[Cell]:
     """Every cell of the grid, pretraining first."""
     cells = []
     fine = settings.finetune_epochs
+
+    def one_phase_per_class(ordering: list[int]) -> list[dict]:
+        return [{"name": f"class_{c}", "split": f"class_{c}", "epochs": fine} for c in ordering]
+
     for seed in settings.seeds:
         cells.append(Cell(seed, "pretrain", "pretrain", "pretrain.yaml",
                           [{"name": "pretrain", "split": "remaining", "epochs": settings.pretrain_epochs}],
@@ -130,16 +134,14 @@ def plan(settings: Settings) -> list[Cell]:
         for lr in settings.lrs:
             for ordering in settings.orderings:
                 cells.append(Cell(seed, "seq", f"seq_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune.yaml",
-                                  [{"name": f"class_{c}", "split": f"class_{c}", "epochs": fine} for c in ordering],
-                                  lr, list(ordering)))
+                                  one_phase_per_class(ordering), lr, list(ordering)))
             cells.append(Cell(seed, "merged", f"merged_{lr_tag(lr)}", "merged_finetune.yaml",
                               [{"name": "merged", "split": "merged", "epochs": fine}], lr))
             if settings.replay_size:
                 ordering = settings.orderings[0]
                 cells.append(Cell(seed, "replay", f"replay_{'-'.join(map(str, ordering))}_{lr_tag(lr)}",
-                                  "seq_finetune.yaml",
-                                  [{"name": f"class_{c}", "split": f"class_{c}", "epochs": fine} for c in ordering],
-                                  lr, list(ordering), settings.replay_size))
+                                  "seq_finetune.yaml", one_phase_per_class(ordering), lr, list(ordering),
+                                  settings.replay_size))
     return cells
 
 
@@ -175,7 +177,7 @@ def cell_config(settings: Settings, cell: Cell) -> dict:
     config["model"]["lr"] = cell.lr
     if cell.needs_pretrained:
         config["model"]["init_from"] = str(pretrained_checkpoint(settings, cell.seed))
-    config["data"] |= {"data_dir": settings.data_dir, "download": True, "log_eda": False,  # 90 cells, 1 data set
+    config["data"] |= {"data_dir": settings.data_dir, "download": True, "log_eda": False,  # many cells, one data set
                        "held_out_classes": settings.held_out_classes,
                        "split_seed": cell.seed if settings.split_seed_follows_seed else 0,
                        "replay_size": cell.replay_size}
@@ -198,6 +200,7 @@ def is_done(settings: Settings, cell: Cell) -> bool:
 def run_cell(settings: Settings, cell: Cell) -> dict:
     """Run one cell through ``python -m music fit``'s entry point (in this process) and mark it
     done; an interrupted cell resumes from its ``last.ckpt``."""
+    from music.callbacks import write_text_atomically
     from music.cli import main
 
     run_dir = cell_dir(settings, cell)
@@ -212,8 +215,7 @@ def run_cell(settings: Settings, cell: Cell) -> dict:
     main(args)
     record = {"cell": asdict(cell), "fingerprint": fingerprint(settings, cell), "seconds": time.perf_counter() - start,
               "resumed": last.exists() and "--ckpt_path" in args}
-    (run_dir / "done.tmp").write_text(json.dumps(record, indent=1))
-    os.replace(run_dir / "done.tmp", run_dir / "done")
+    write_text_atomically(str(run_dir / "done"), json.dumps(record, indent=1))
     return record
 
 

@@ -37,7 +37,7 @@ def fit(config: str, name: str, args: argparse.Namespace, *extra: str) -> Path:
     return fit_config(config, f"finetuning/{name}", args, *extra)
 
 
-def task_vector_norm(pretrained: Path, snapshot: Path, mode: str) -> tuple[float, bool]:
+def task_vector_norm(pretrained: Path, snapshot: Path) -> tuple[float, bool]:
     """Norm of (merged fine-tune - pretrained), and whether the merged keys equal the base keys."""
     model = Classifier.load_from_checkpoint(snapshot, backbone=SimpleNN(), weights_only=True)
     merged = merged_state_dict(model.backbone)
@@ -52,7 +52,7 @@ def run_mode(mode: str, study: str, init: Path, args: argparse.Namespace) -> dic
     metrics = json.loads((log_dir / "phase_metrics.json").read_text())[last]
     costs = json.loads((log_dir / "phase_costs.json").read_text())
     snapshot = log_dir / "checkpoints" / f"phase-{len(phases) - 1}-{last}.ckpt"
-    norm, same_keys = task_vector_norm(init, snapshot, mode)
+    norm, same_keys = task_vector_norm(init, snapshot)
     if not same_keys:
         raise RuntimeError(f"{mode}: the merged state_dict's keys differ from the pretrained model's.")
     return {"study": study, "mode": mode, "acc": metrics["acc"], "f1": metrics["f1"],
@@ -79,7 +79,8 @@ def write(rows: list[dict], pretrained: dict, args: argparse.Namespace, seconds:
         "10,000 MNIST test images after the last phase; 'acc c' is the accuracy on class c. Train time is "
         "the wall time of the training epochs (evaluation and checkpointing excluded) with "
         f"{os.cpu_count()} CPU cores, so it is indicative only. ||tau||: norm of the task vector merged fine-tune minus "
-        f"pretrained (the merged keys equal the base keys in every mode). Torch threads: {args.threads}. Extra arguments: {args.extra or 'none'}. Total wall time {seconds:.0f} s.", "",
+        f"pretrained (the merged keys equal the base keys in every mode). Torch threads: {args.threads}. "
+        f"Extra arguments: {args.extra or 'none'}. Total wall time {seconds:.0f} s.", "",
         "| study | mode | accuracy | macro F1 | acc 3 | acc 4 | acc 7 | trainable params | train time (s) | ‖τ‖ |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
