@@ -57,13 +57,28 @@ class MusicCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.batches_per_block", "model.batches_per_block")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
+        _check_blocks(config)
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             _resume_in_latest_version(config.trainer.logger)
+
+
+def _check_blocks(config) -> None:
+    """Blocks train through manual optimization, where Lightning refuses or ignores these;
+    say so in the user's terms, before anything runs."""
+    blocks = config.get("data.batches_per_block", 1)
+    settings = {"trainer.gradient_clip_val": config.get("trainer.gradient_clip_val"),
+                "trainer.accumulate_grad_batches": config.get("trainer.accumulate_grad_batches"),
+                "lr_scheduler": config.get("lr_scheduler")}
+    for key, value in settings.items():
+        if blocks > 1 and value and not (key == "trainer.accumulate_grad_batches" and value == 1):
+            raise ValueError(f"{key}={value} is not allowed with data.batches_per_block={blocks}: blocks are "
+                             "trained batch by batch through manual optimization. Set --data.batches_per_block 1.")
 
 
 def _resume_in_latest_version(logger) -> None:
@@ -101,7 +116,8 @@ def script_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
     parser.add_argument("--log-dir", default="lightning_logs")
     parser.add_argument("--out", default="results")
-    parser.add_argument("--quick", action="store_true", help="5 training batches an epoch (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="5 loader steps an epoch: 5 blocks where the config sets data.batches_per_block (a smoke run)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1, as the committed results were made: metrics are "
                              "bitwise-reproducible only at the same thread count)")

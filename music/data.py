@@ -14,8 +14,9 @@ import hashlib
 import importlib
 import json
 import os
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import torch
@@ -58,6 +59,12 @@ def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
+def split_block(batch: tuple[Tensor, Tensor], batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Collate function for blocks: the fetched ``batches_per_block * batch_size`` samples as
+    the consecutive training batches a batch-size loader would have served (views, no copy)."""
+    return list(zip(batch[0].split(batch_size), batch[1].split(batch_size)))
+
+
 def split_hash(indices: Tensor) -> str:
     return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()
 
@@ -77,6 +84,12 @@ class MusicDataModule(LightningDataModule):
             The test set is never used to choose anything.
         train_split: the split ``train_dataloader`` serves; phases switch it.
         batch_size: training batch size.
+        batches_per_block: training batches the loader hands over at once, as a list; the
+            model still takes one optimizer step per batch, in the same order, so training is
+            unchanged sample for sample. Lightning's loop then runs once per block: for a small
+            model on a CPU, its per-step work costs about half a plain SimpleNN step. What
+            Lightning counts as a batch (``limit_train_batches``, the progress bar,
+            ``val_check_interval``, ``on_train_batch_*`` hooks) is then a block. 1 under DDP.
         eval_batch_size: batch size for validation and test (no gradients, so larger is faster).
         num_workers: loader workers; 0 is fastest for in-memory tensors.
         replay_size: size of a replay buffer of ``remaining`` samples (drawn once from
@@ -99,6 +112,7 @@ class MusicDataModule(LightningDataModule):
         val_size: int = 0,
         train_split: str = "remaining",
         batch_size: int = 32,
+        batches_per_block: int = 1,
         eval_batch_size: int = 1000,
         num_workers: int = 0,
         replay_size: int = 0,
@@ -115,6 +129,7 @@ class MusicDataModule(LightningDataModule):
         self.image_folder = image_folder
         _check_held_out(held_out_classes, self._declared_num_classes, dataset)
         for name, value, low in (("samples_per_class", samples_per_class, 1), ("batch_size", batch_size, 1),
+                                 ("batches_per_block", batches_per_block, 1),
                                  ("eval_batch_size", eval_batch_size, 1), ("val_size", val_size, 0),
                                  ("num_workers", num_workers, 0), ("replay_size", replay_size, 0)):
             if value < low:
@@ -126,6 +141,7 @@ class MusicDataModule(LightningDataModule):
         self.split_seed = split_seed
         self.val_size = val_size
         self.batch_size = batch_size
+        self.batches_per_block = batches_per_block
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.replay_size = replay_size
@@ -274,23 +290,28 @@ class MusicDataModule(LightningDataModule):
         return [f"class_{c}" for c in self.held_out_classes] + ["merged"]
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
-                   distributed: bool = False, replay: bool = False) -> DataLoader:
+                   distributed: bool = False, replay: bool = False, batches_per_block: int = 1) -> DataLoader:
         """Any split as a loader; ``distributed`` shards it over the ranks (for evaluation run
-        outside Lightning's loops, where no sampler is injected)."""
+        outside Lightning's loops, where no sampler is injected). With ``batches_per_block``
+        > 1 it yields lists of that many batches, in the order a batch loader would (the
+        shuffled order does not depend on the batch size)."""
         dataset = self.dataset(split, replay=replay)
         sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
+        batch_size = batch_size or (self.batch_size if shuffle else self.eval_batch_size)
         return DataLoader(
             dataset,
-            batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            batch_size=batch_size * batches_per_block,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            collate_fn=keep_batch,
+            collate_fn=keep_batch if batches_per_block == 1 else partial(split_block, batch_size=batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader(self.train_split, shuffle=True, replay=True)
+        # Under DDP every batch must pass the DDP wrapper's forward: one batch per loop step.
+        blocks = self.batches_per_block if self.trainer is None or self.trainer.world_size == 1 else 1
+        return self.dataloader(self.train_split, shuffle=True, replay=True, batches_per_block=blocks)
 
     def val_dataloader(self) -> DataLoader | list:
         return self.dataloader("val") if self.val_size else []

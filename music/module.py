@@ -77,6 +77,12 @@ class Classifier(LightningModule):
         finetune: which parameters to train (``full``, ``lora``, ``head-only``; see
             ``music.finetuning.FineTune``). Applied in ``configure_model``, i.e. after
             ``init_from`` has loaded the pretrained weights and before a checkpoint is restored.
+        batches_per_block: batches per loop step, as the data module hands them over
+            (``MusicDataModule.batches_per_block``; the CLI links the two). Above 1, each
+            block is trained batch by batch through Lightning's manual optimization -- one
+            ``optimizer.step`` per batch, so ``global_step`` still counts batches -- which
+            rules out the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches`` and
+            learning-rate schedulers.
     """
 
     def __init__(
@@ -87,12 +93,15 @@ class Classifier(LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         init_from: str | None = None,
         finetune: FineTune | None = None,
+        batches_per_block: int = 1,
     ) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr={lr} is not allowed: the learning rate must be > 0.")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is not allowed: a classifier needs >= 2 classes.")
+        if batches_per_block < 1:
+            raise ValueError(f"batches_per_block={batches_per_block} is not allowed: it must be an integer >= 1.")
         if isinstance(finetune, dict):  # as stored in a checkpoint's hyperparameters
             finetune = FineTune(**finetune)
         self.save_hyperparameters(ignore=["backbone", "finetune"])
@@ -105,6 +114,8 @@ class Classifier(LightningModule):
         self.finetune = finetune
         self._finetune_applied = False
         self.num_classes = num_classes
+        self.automatic_optimization = batches_per_block == 1
+        self._no_cuda = False  # set when fitting starts
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -152,8 +163,24 @@ class Classifier(LightningModule):
         self._step_sizes: list[int] = []
         self._first_step = self.global_step
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor | None:
+        if self.automatic_optimization:
+            if isinstance(batch, list):
+                raise ValueError(f"Got a block of {len(batch)} batches but the model has batches_per_block=1: "
+                                 "give the model the data module's batches_per_block (the CLI links them).")
+            return self._train_batch(*batch)
+        # A block: one optimizer step per batch, through Lightning's hooks, as automatic
+        # optimization would take them (forward, zero_grad, backward, step).
+        optimizer = self.optimizers()
+        with _cheap_cuda_check(self._no_cuda):
+            for x, y in batch if isinstance(batch, list) else [batch]:  # DDP serves single batches
+                loss = self._train_batch(x, y)
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+        return None
+
+    def _train_batch(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         # No host sync and no per-step logging call: keep the step's results, sum at epoch end.
@@ -169,7 +196,7 @@ class Classifier(LightningModule):
         self._no_cuda = self.device.type != "cuda" and not torch.cuda.is_available()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        with _cheap_cuda_check(getattr(self, "_no_cuda", False)):
+        with _cheap_cuda_check(self._no_cuda):
             super().optimizer_step(*args, **kwargs)
 
     def _epoch_sums(self) -> Tensor:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run
 
 from music.callbacks import Phase, SequentialFineTuning
@@ -66,6 +67,12 @@ CASES = [
     ("model lr <= 0", lambda ctx: Classifier(lr=0.0), ValueError, r"lr=0.0.*must be > 0"),
     ("model lr <= 0 from the config", cli("seq", "--model.lr", "-1"), ValueError, r"lr=-1.0.*must be > 0"),
     ("init_from file missing", missing_init_from, FileNotFoundError, "nope.ckpt"),
+    ("batches_per_block < 1", data(batches_per_block=0), ValueError, r"batches_per_block=0.*>= 1"),
+    ("gradient clipping with blocks", cli("seq", "--trainer.gradient_clip_val", "1.0"), ValueError,
+     r"trainer.gradient_clip_val=1.0 is not allowed with data.batches_per_block=32.*--data.batches_per_block 1"),
+    ("blocks for a model built without them",
+     lambda ctx: Classifier().training_step([(torch.zeros(2, 784), torch.zeros(2, dtype=torch.long))] * 3, 0),
+     ValueError, r"block of 3 batches but the model has batches_per_block=1"),
 ]
 
 

@@ -53,6 +53,19 @@ def test_batches_are_fetched_whole_and_shuffled(mnist):
     assert not torch.equal(y, mnist.train_labels[mnist.splits["remaining"][:32]])
 
 
+def test_blocks_are_the_batches_a_batch_loader_serves_in_the_same_order(data_dir):
+    def batches(blocks: int) -> list[torch.Tensor]:
+        dm = MusicDataModule(data_dir=data_dir, download=False, train_split="class_3", batches_per_block=blocks)
+        dm.setup()
+        torch.manual_seed(0)  # the shuffle's seed comes from torch's generator
+        loaded = list(dm.train_dataloader())
+        return [y for block in loaded for _, y in block] if blocks > 1 else [y for _, y in loaded]
+
+    single, blocked = batches(1), batches(5)
+    assert [len(y) for y in blocked] == [32] * 31 + [8]  # 1,000 samples: the last batch is short
+    assert all(torch.equal(a, b) for a, b in zip(single, blocked, strict=True))
+
+
 def test_manifest_is_written_as_json(mnist, tmp_path):
     mnist.write_manifest(str(tmp_path / "m.json"))
     manifest = json.loads((tmp_path / "m.json").read_text())

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import run
 from torch import nn
 
 from music.module import Classifier
@@ -39,3 +40,16 @@ def test_init_from_loads_pretrained_weights_when_fitting(tmp_path):
     assert not torch.equal(model.backbone.fc1.weight, pretrained.backbone.fc1.weight)
     model.setup("fit")
     assert torch.equal(model.backbone.fc1.weight, pretrained.backbone.fc1.weight)
+
+
+def test_blocks_train_exactly_as_single_batches(shrink):
+    """A block is trained batch by batch: same weights, steps and logged metrics, bit for bit."""
+    phases = [{"name": "class_3", "split": "class_3", "epochs": 2}]  # 32 batches an epoch: 7 blocks of 5
+    single = run("fit", "--config", shrink("seq", phases=phases, batches_per_block=1))
+    blocks = run("fit", "--config", shrink("seq", phases=phases, batches_per_block=5))
+    assert single.model.automatic_optimization and not blocks.model.automatic_optimization
+    assert single.trainer.global_step == blocks.trainer.global_step == 2 * 32
+    for (name, a), b in zip(single.model.state_dict().items(), blocks.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for key in ("train/loss", "train/acc"):
+        assert torch.equal(single.trainer.callback_metrics[key], blocks.trainer.callback_metrics[key])
