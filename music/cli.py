@@ -72,13 +72,16 @@ def _check_blocks(config) -> None:
     """Blocks train through manual optimization, where Lightning refuses or ignores these;
     say so in the user's terms, before anything runs."""
     blocks = config.get("data.batches_per_block", 1)
-    settings = {"trainer.gradient_clip_val": config.get("trainer.gradient_clip_val"),
-                "trainer.accumulate_grad_batches": config.get("trainer.accumulate_grad_batches"),
-                "lr_scheduler": config.get("lr_scheduler")}
-    for key, value in settings.items():
-        if blocks > 1 and value and not (key == "trainer.accumulate_grad_batches" and value == 1):
-            raise ValueError(f"{key}={value} is not allowed with data.batches_per_block={blocks}: blocks are "
-                             "trained batch by batch through manual optimization. Set --data.batches_per_block 1.")
+    if blocks == 1:
+        return
+    in_use = {"trainer.gradient_clip_val": bool(config.get("trainer.gradient_clip_val")),
+              "trainer.accumulate_grad_batches": (config.get("trainer.accumulate_grad_batches") or 1) != 1,
+              "lr_scheduler": bool(config.get("lr_scheduler"))}
+    refused = [key for key, used in in_use.items() if used]
+    if refused:
+        key = refused[0]
+        raise ValueError(f"{key}={config.get(key)} is not allowed with data.batches_per_block={blocks}: blocks are "
+                         "trained batch by batch through manual optimization. Set --data.batches_per_block 1.")
 
 
 def _resume_in_latest_version(logger) -> None:

@@ -6,6 +6,7 @@ rather than test-only configs that could drift from what ships.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,14 @@ def shrink(tmp_path: Path, data_dir: str):
         return path
 
     return shrink_config
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package), to call in-process."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(*args: str):

@@ -1,21 +1,12 @@
 """The benchmark's smoke mode runs end to end (timings are printed, never asserted)."""
 
-import importlib.util
-
 import pytest
 import yaml
-from conftest import REPO
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, load_script
 
 
 def test_quick_mode_runs_both_sides_and_prints_the_ratio(data_dir, capsys):
-    result = load_benchmark().run(["--quick", "--data-dir", data_dir, "--", "--trainer.enable_progress_bar", "false"])
+    result = load_script("benchmark").run(["--quick", "--data-dir", data_dir, "--", "--trainer.enable_progress_bar", "false"])
     out = capsys.readouterr().out
     assert "ratio framework/plain" in out and "Table I study" in out
     blocks = yaml.safe_load((REPO / "configs" / "seq.yaml").read_text())["data"].get("batches_per_block", 1)
@@ -26,4 +17,4 @@ def test_quick_mode_runs_both_sides_and_prints_the_ratio(data_dir, capsys):
 
 def test_bad_arguments_fail_naming_the_value():
     with pytest.raises(SystemExit):
-        load_benchmark().parse(["--repeats", "0"])
+        load_script("benchmark").parse(["--repeats", "0"])

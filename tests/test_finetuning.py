@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import REPO, run
+from conftest import load_script, run
 
 from music.finetuning import FineTune, ParameterReport, apply_finetune, merged_state_dict
 from music.models import SimpleNN
@@ -104,11 +103,8 @@ def test_lora_study_trains_only_adapters_and_head_and_merges_to_base_keys(shrink
 
 
 def test_compare_finetuning_quick_writes_a_row_per_study_from_one_pretrained_model(tmp_path, data_dir):
-    spec = importlib.util.spec_from_file_location("compare_finetuning", REPO / "scripts" / "compare_finetuning.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.run(["--quick", "--modes", "lora", "--data-dir", data_dir, "--log-dir", str(tmp_path / "logs"),
-                "--out", str(tmp_path / "out")])
+    load_script("compare_finetuning").run(["--quick", "--modes", "lora", "--data-dir", data_dir,
+                                           "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out")])
     rows = list(csv.DictReader(open(tmp_path / "out" / "finetuning.csv")))
     assert [(r["study"], r["mode"]) for r in rows] == [("sequential", "lora"), ("merged", "lora")]
     assert all(int(r["trainable_params"]) == 9_482 for r in rows)  # rank 8 on fc1, fc2 + the fc3 head

@@ -1,21 +1,17 @@
-"""scripts/reproduce_table1.py: the README's main command, as a smoke run (5 batches an epoch)."""
+"""scripts/reproduce_table1.py: the README's main command, as a smoke run (5 loader steps an epoch)."""
 
 import csv
-import importlib.util
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import load_script
 
 from music.cli import parse_script_args, script_parser
 
 
 @pytest.fixture
 def script():
-    spec = importlib.util.spec_from_file_location("reproduce_table1", REPO / "scripts" / "reproduce_table1.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce_table1")
 
 
 def test_quick_table1_writes_every_stage_from_one_pretrained_model(tmp_path, data_dir, script):

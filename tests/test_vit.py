@@ -57,14 +57,9 @@ def test_unknown_model_name_is_refused():
 
 @pytest.mark.slow  # ~2.5 min on 2 cores: six ViT evaluations of the full 10,000-image test set
 def test_attention_maps_quick_pretrains_fine_tunes_both_modes_and_draws(tmp_path, data_dir):
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("attention_maps", REPO / "scripts" / "attention_maps.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main_(["--quick", "--data-dir", data_dir, "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out")])
+    load_script("attention_maps").main_(["--quick", "--data-dir", data_dir, "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out")])
 
     assert (tmp_path / "out" / "attention_vit_mnist.png").stat().st_size > 0
     assert list((tmp_path / "logs" / "vit_mnist_attention").glob("events.out.tfevents.*"))
