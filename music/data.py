@@ -14,10 +14,10 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -59,10 +59,26 @@ def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-def split_block(batch: tuple[Tensor, Tensor], batch_size: int) -> list[tuple[Tensor, Tensor]]:
-    """Collate function for blocks: the fetched ``batches_per_block * batch_size`` samples as
-    the consecutive training batches a batch-size loader would have served (views, no copy)."""
-    return list(zip(batch[0].split(batch_size), batch[1].split(batch_size)))
+class Block(NamedTuple):
+    """Consecutive training batches fetched at once, as one tensor pair: one index fetch, one
+    transfer to the device, and ``batches()`` cuts it back into the batches (views, no copy) a
+    batch-size loader would have served."""
+
+    images: Tensor
+    labels: Tensor
+    batch_size: int
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+
+def as_block(batch: tuple[Tensor, Tensor], batch_size: int) -> Block:
+    """Collate function for blocks (``__getitems__`` batches arrive already stacked)."""
+    return Block(*batch, batch_size)
 
 
 def split_hash(indices: Tensor) -> str:
@@ -84,7 +100,7 @@ class MusicDataModule(LightningDataModule):
             The test set is never used to choose anything.
         train_split: the split ``train_dataloader`` serves; phases switch it.
         batch_size: training batch size.
-        batches_per_block: training batches the loader hands over at once, as a list; the
+        batches_per_block: training batches the loader hands over at once, as one ``Block``; the
             model still takes one optimizer step per batch, in the same order, so training is
             unchanged sample for sample. Lightning's loop then runs once per block: for a small
             model on a CPU, its per-step work costs about half a plain SimpleNN step. What
@@ -293,7 +309,7 @@ class MusicDataModule(LightningDataModule):
                    distributed: bool = False, replay: bool = False, batches_per_block: int = 1) -> DataLoader:
         """Any split as a loader; ``distributed`` shards it over the ranks (for evaluation run
         outside Lightning's loops, where no sampler is injected). With ``batches_per_block``
-        > 1 it yields lists of that many batches, in the order a batch loader would (the
+        > 1 it yields ``Block``s of that many batches, in the order a batch loader would (the
         shuffled order does not depend on the batch size)."""
         dataset = self.dataset(split, replay=replay)
         sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
@@ -303,7 +319,7 @@ class MusicDataModule(LightningDataModule):
             batch_size=batch_size * batches_per_block,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            collate_fn=keep_batch if batches_per_block == 1 else partial(split_block, batch_size=batch_size),
+            collate_fn=keep_batch if batches_per_block == 1 else partial(as_block, batch_size=batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
@@ -26,6 +30,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from music.data import Block
 from music.finetuning import FineTune
 from music.models import SimpleNN
 
@@ -46,6 +51,22 @@ def _cheap_cuda_check(enabled: bool) -> Iterator[None]:
         yield
     finally:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+
+
+# The hooks Lightning calls between a training loss and the optimizer step it leads to.
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def steps_are_plain(trainer: Trainer, module: LightningModule) -> bool:
+    """Whether ``manual_backward`` and ``LightningOptimizer.step`` would do nothing but
+    ``loss.backward()`` and ``optimizer.step()`` plus calls of hooks nobody overrides: one device
+    (no gradient sync), 32-bit precision (no loss scaling or casting), no profiler timing the
+    step, and neither the module nor any callback overriding ``STEP_HOOKS`` (or ``backward``)."""
+    return (type(trainer.strategy) is SingleDeviceStrategy
+            and type(trainer.precision_plugin) is Precision
+            and isinstance(trainer.profiler, PassThroughProfiler)
+            and not is_overridden("backward", module)
+            and not any(is_overridden(hook, listener) for hook in STEP_HOOKS for listener in [module, *trainer.callbacks]))
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -82,7 +103,8 @@ class Classifier(LightningModule):
             block is trained batch by batch through Lightning's manual optimization -- one
             ``optimizer.step`` per batch, so ``global_step`` still counts batches -- which
             rules out the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches`` and
-            learning-rate schedulers.
+            learning-rate schedulers. Backward and step are the plain PyTorch calls when
+            ``steps_are_plain`` (``direct_steps``), else Lightning's, with every hook.
     """
 
     def __init__(
@@ -120,8 +142,9 @@ class Classifier(LightningModule):
         self.test_metrics = classification_metrics(num_classes)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        self._step_losses: list[Tensor] = []
+        self._losses: list[Tensor] = []
         self._first_step: int | None = None
+        self.direct_steps = False  # set when training starts: see ``steps_are_plain``
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -158,39 +181,69 @@ class Classifier(LightningModule):
     # -- training: per-step results stay on the device, summed once per epoch -----------------
 
     def on_train_epoch_start(self) -> None:
-        self._step_losses: list[Tensor] = []
-        self._step_correct: list[Tensor] = []
-        self._step_sizes: list[int] = []
+        self._losses: list[Tensor] = []  # one tensor of per-batch losses per loop step
+        self._correct: list[Tensor] = []
+        self._sizes: list[int] = []
         self._first_step = self.global_step
 
-    def training_step(self, batch: tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: tuple[Tensor, Tensor] | Block, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
-            if isinstance(batch, list):
-                raise ValueError(f"Got a block of {len(batch)} batches but the model has batches_per_block=1: "
+            if isinstance(batch, Block):
+                raise ValueError(f"Got a block of {batch.num_batches} batches but the model has batches_per_block=1: "
                                  "give the model the data module's batches_per_block (the CLI links them).")
-            return self._train_batch(*batch)
-        # A block: one optimizer step per batch, through Lightning's hooks, as automatic
+            return self._train_on([batch])
+        # A block (DDP serves single batches): one optimizer step per batch, as automatic
         # optimization would take them (forward, zero_grad, backward, step).
-        optimizer = self.optimizers()
         with _cheap_cuda_check(self._no_cuda):
-            for x, y in batch if isinstance(batch, list) else [batch]:  # DDP serves single batches
-                loss = self._train_batch(x, y)
+            self._train_on(batch.batches() if isinstance(batch, Block) else [batch], self._stepper())
+        return None
+
+    def _train_on(self, batches: Iterable[tuple[Tensor, Tensor]], step: Callable[[Tensor], None] | None = None) -> Tensor:
+        """Forward and loss of each batch, each followed by ``step(loss)`` if given. No host sync
+        and no logging call per batch: results are kept on the device, summed at epoch end."""
+        first_step = self.global_step  # the step at which the first batch's loss is computed
+        losses, logits, labels = [], [], []
+        for x, y in batches:
+            out = self(x)
+            loss = F.cross_entropy(out, y)
+            if step is not None:
+                step(loss)
+            losses.append(loss.detach())
+            logits.append(out.detach())
+            labels.append(y)
+        self._losses.append(torch.stack(losses))
+        self._correct.append((torch.cat(logits).argmax(1) == torch.cat(labels)).sum())
+        self._sizes += [len(y) for y in labels]
+        every = self.trainer.log_every_n_steps
+        if every and self.logger is not None:
+            for i in range(-first_step % every, len(losses), every):  # batches at multiples of `every`
+                self.logger.log_metrics({"train/loss_step": losses[i].item()}, step=first_step + i)
+        return loss
+
+    def _stepper(self) -> Callable[[Tensor], None]:
+        """zero_grad, backward and step for one batch of a block. Lightning's ``manual_backward``
+        and ``LightningOptimizer.step`` wrap the plain calls in hook calls, ~10% of a SimpleNN
+        step on a CPU; when ``direct_steps`` says nobody listens, take the plain calls and only
+        count the step as Lightning's own ``step`` does (so ``global_step`` is the same)."""
+        optimizer = self.optimizers()
+        if not self.direct_steps:
+            def step(loss: Tensor) -> None:
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()
-        return None
+            return step
+        plain = optimizer.optimizer
 
-    def _train_batch(self, x: Tensor, y: Tensor) -> Tensor:
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        # No host sync and no per-step logging call: keep the step's results, sum at epoch end.
-        self._step_losses.append(loss.detach())
-        self._step_correct.append((logits.detach().argmax(1) == y).sum())
-        self._step_sizes.append(len(y))
-        every = self.trainer.log_every_n_steps
-        if every and self.global_step % every == 0 and self.logger is not None:
-            self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
-        return loss
+        def direct_step(loss: Tensor) -> None:
+            plain.zero_grad()
+            loss.backward()
+            optimizer._on_before_step()  # Lightning's step counting, as LightningOptimizer.step calls it
+            plain.step()
+            optimizer._on_after_step()
+        return direct_step
+
+    def on_train_start(self) -> None:
+        self.direct_steps = steps_are_plain(self.trainer, self)
 
     def on_fit_start(self) -> None:
         self._no_cuda = self.device.type != "cuda" and not torch.cuda.is_available()
@@ -201,11 +254,11 @@ class Classifier(LightningModule):
 
     def _epoch_sums(self) -> Tensor:
         """Loss sum, correct count and sample count of this epoch on this rank."""
-        if not self._step_losses:
+        if not self._losses:
             return torch.zeros(3, device=self.device)
-        sizes = torch.tensor(self._step_sizes, device=self.device, dtype=torch.float)
-        losses = torch.stack(self._step_losses).float()
-        return torch.stack([(losses * sizes).sum(), torch.stack(self._step_correct).sum().float(), sizes.sum()])
+        sizes = torch.tensor(self._sizes, device=self.device, dtype=torch.float)
+        losses = torch.cat(self._losses).float()
+        return torch.stack([(losses * sizes).sum(), torch.stack(self._correct).sum().float(), sizes.sum()])
 
     def check_finite(self) -> None:
         """Stop training if a loss this epoch was NaN or infinite, naming the first such step.
@@ -214,7 +267,7 @@ class Classifier(LightningModule):
         written (the earlier phases' snapshots, ``last.ckpt`` of the previous epoch) stay good."""
         if self._first_step is None:  # no epoch started
             return
-        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(0, device=self.device)
+        losses = torch.cat(self._losses) if self._losses else torch.zeros(0, device=self.device)
         bad = (~torch.isfinite(losses)).nonzero()  # every rank reduces below, even with no steps
         first = bad[0, 0] + self._first_step if len(bad) else torch.tensor(-1, device=self.device)
         step = int(self.trainer.strategy.reduce(first.float(), reduce_op="max"))

@@ -12,7 +12,7 @@ import torch
 from conftest import run
 
 from music.callbacks import Phase, SequentialFineTuning
-from music.data import MusicDataModule
+from music.data import Block, MusicDataModule
 from music.module import Classifier
 
 
@@ -71,7 +71,7 @@ CASES = [
     ("gradient clipping with blocks", cli("seq", "--trainer.gradient_clip_val", "1.0"), ValueError,
      r"trainer.gradient_clip_val=1.0 is not allowed with data.batches_per_block=32.*--data.batches_per_block 1"),
     ("blocks for a model built without them",
-     lambda ctx: Classifier().training_step([(torch.zeros(2, 784), torch.zeros(2, dtype=torch.long))] * 3, 0),
+     lambda ctx: Classifier().training_step(Block(torch.zeros(5, 784), torch.zeros(5, dtype=torch.long), 2), 0),
      ValueError, r"block of 3 batches but the model has batches_per_block=1"),
 ]
 

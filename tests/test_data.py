@@ -59,7 +59,7 @@ def test_blocks_are_the_batches_a_batch_loader_serves_in_the_same_order(data_dir
         dm.setup()
         torch.manual_seed(0)  # the shuffle's seed comes from torch's generator
         loaded = list(dm.train_dataloader())
-        return [y for block in loaded for _, y in block] if blocks > 1 else [y for _, y in loaded]
+        return [y for block in loaded for _, y in block.batches()] if blocks > 1 else [y for _, y in loaded]
 
     single, blocked = batches(1), batches(5)
     assert [len(y) for y in blocked] == [32] * 31 + [8]  # 1,000 samples: the last batch is short

@@ -1,9 +1,13 @@
+from collections import Counter
+
 import pytest
 import torch
 from conftest import run
+from lightning.pytorch import Callback
 from torch import nn
 
-from music.module import Classifier
+from music.cli import main
+from music.module import STEP_HOOKS, Classifier
 
 
 class Fixed(nn.Module):
@@ -42,13 +46,41 @@ def test_init_from_loads_pretrained_weights_when_fitting(tmp_path):
     assert torch.equal(model.backbone.fc1.weight, pretrained.backbone.fc1.weight)
 
 
-def test_blocks_train_exactly_as_single_batches(shrink):
-    """A block is trained batch by batch: same weights, steps and logged metrics, bit for bit."""
+class StepHookCounter(Callback):
+    """Listens between each loss and its optimizer step, so blocks must go through Lightning's steps."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.calls["on_before_backward"] += 1
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.calls["on_after_backward"] += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.calls["on_before_optimizer_step"] += 1
+
+
+@pytest.mark.parametrize("listener", [None, StepHookCounter], ids=["direct steps", "a callback on the step hooks"])
+def test_blocks_train_exactly_as_single_batches(shrink, listener):
+    """A block is trained batch by batch: same weights, steps and logged metrics, bit for bit,
+    through the plain backward/step calls or, when a callback listens, Lightning's with every hook."""
     phases = [{"name": "class_3", "split": "class_3", "epochs": 2}]  # 32 batches an epoch: 7 blocks of 5
-    single = run("fit", "--config", shrink("seq", phases=phases, batches_per_block=1))
-    blocks = run("fit", "--config", shrink("seq", phases=phases, batches_per_block=5))
+
+    def fit(blocks: int, *callbacks: Callback):
+        cli = main(["--config", str(shrink("seq", phases=phases, batches_per_block=blocks))], run=False)
+        cli.trainer.callbacks.extend(callbacks)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return cli
+
+    listening = [listener()] if listener else []
+    single, blocks = fit(1), fit(5, *listening)
     assert single.model.automatic_optimization and not blocks.model.automatic_optimization
+    assert blocks.model.direct_steps is not bool(listening)
     assert single.trainer.global_step == blocks.trainer.global_step == 2 * 32
+    if listening:
+        assert listening[0].calls == {hook: 2 * 32 for hook in STEP_HOOKS}
     for (name, a), b in zip(single.model.state_dict().items(), blocks.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for key in ("train/loss", "train/acc"):
