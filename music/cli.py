@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,17 @@ def _resume_in_latest_version(logger) -> None:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MusicCLI:
-    return MusicCLI(
-        Classifier,
-        MusicDataModule,
-        save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
-        args=args,
-        run=run,
-    )
+    with warnings.catch_warnings():
+        # Scripts pass the fit arguments themselves; sys.argv then holds the script's own options,
+        # which LightningCLI would otherwise warn about on every call.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return MusicCLI(
+            Classifier,
+            MusicDataModule,
+            save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+            args=args,
+            run=run,
+        )
 
 
 # -- what the study scripts (scripts/*.py) share --------------------------------------------
