@@ -56,6 +56,13 @@ class MusicCLI(LightningCLI):
             kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)])
         return super().instantiate_trainer(**kwargs)
 
+    def parse_arguments(self, parser, args) -> None:
+        with warnings.catch_warnings():
+            # Scripts pass the fit arguments themselves; sys.argv then holds the script's own
+            # options, which LightningCLI would otherwise warn about on every call.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.batches_per_block", "model.batches_per_block")
@@ -99,17 +106,13 @@ def _resume_in_latest_version(logger) -> None:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MusicCLI:
-    with warnings.catch_warnings():
-        # Scripts pass the fit arguments themselves; sys.argv then holds the script's own options,
-        # which LightningCLI would otherwise warn about on every call.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return MusicCLI(
-            Classifier,
-            MusicDataModule,
-            save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
-            args=args,
-            run=run,
-        )
+    return MusicCLI(
+        Classifier,
+        MusicDataModule,
+        save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+        args=args,
+        run=run,
+    )
 
 
 # -- what the study scripts (scripts/*.py) share --------------------------------------------

@@ -280,7 +280,14 @@ class Classifier(LightningModule):
     def on_train_epoch_end(self) -> None:
         self.check_finite()
         sums = self.trainer.strategy.reduce(self._epoch_sums(), reduce_op="sum")
-        self.log_dict({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
+        self.log_epoch({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
+
+    def log_epoch(self, values: dict[str, Tensor], **kwargs: Any) -> None:
+        """``log_dict`` at ``global_step`` on TensorBoard's x-axis. Lightning's default counts
+        loop steps, which are blocks when ``batches_per_block`` > 1, while ``train/loss_step``
+        and the phases' test metrics are logged at optimizer steps: one axis for all of them."""
+        self.log_dict(values, **kwargs)
+        self.log_dict({"step": float(self.global_step), "epoch": float(self.current_epoch)})
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -295,13 +302,13 @@ class Classifier(LightningModule):
         self._update(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self._compute("val", self.val_metrics, self.val_loss))
+        self.log_epoch(self._compute("val", self.val_metrics, self.val_loss))
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._compute("test", self.test_metrics, self.test_loss))
+        self.log_epoch(self._compute("test", self.test_metrics, self.test_loss))
         self.log_confusion_matrix("test/confusion_matrix", self.test_confusion.compute())
         self.test_confusion.reset()
 

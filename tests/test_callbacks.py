@@ -30,6 +30,10 @@ def test_seq_run_snapshots_and_evaluates_every_phase(shrink):
         assert {f"test/{name}/acc", f"test/{name}/loss", f"test/{name}/f1", f"test/{name}/recall/7"} <= scalars
         assert f"test/{name}/confusion_matrix" in images
     assert {"train/loss", "train/acc", "phase"} <= scalars
+    # one x-axis: epoch metrics, like the phases' test metrics, at optimizer steps (not blocks)
+    steps = [e.step for e in events.Scalars("phase")]
+    assert [e.step for e in events.Scalars("train/loss")] == steps[1:] + [cli.trainer.global_step]
+    assert [e.value for e in events.Scalars("epoch")] == list(range(len(steps)))
     assert (log_dir / "split_manifest.json").exists()
 
 
