@@ -17,8 +17,9 @@ from itertools import accumulate
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from music.checkpoint import write_atomically
 
 
 @dataclass
@@ -215,30 +216,9 @@ class SequentialFineTuning(Callback):
         _write_continual(trainer.log_dir, header, table, summary)
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
-        save_atomically(trainer, os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"))
-
-
-class AtomicModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose files (``last.ckpt`` included) appear whole or not at all, so a
-    run killed while saving still resumes from the previous complete checkpoint."""
-
-    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath + ".tmp")
-        _move_into_place(trainer, filepath + ".tmp", filepath)
-        self._last_checkpoint_saved = filepath
-
-
-def save_atomically(trainer: Trainer, path: str) -> None:
-    """Write a checkpoint to a temporary file, then rename it into place. Call on every rank:
-    ``save_checkpoint`` holds a barrier (and writes on rank zero only)."""
-    trainer.save_checkpoint(path + ".tmp", weights_only=False)
-    _move_into_place(trainer, path + ".tmp", path)
-
-
-def _move_into_place(trainer: Trainer, temporary: str, path: str) -> None:
-    if trainer.is_global_zero:
-        os.replace(temporary, path)  # atomic on POSIX: readers see the old file or the new one
-    trainer.strategy.barrier("checkpoint-in-place")
+        # on every rank: save_checkpoint holds a barrier; rank zero writes, atomically (AtomicCheckpointIO)
+        trainer.save_checkpoint(os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"),
+                                weights_only=False)
 
 
 @rank_zero_only
@@ -251,7 +231,7 @@ def _record(log_dir: str, index: int, phase: Phase, metrics: dict, filename: str
         with open(path) as f:
             records = json.load(f)
     records[phase.name] = {"index": index, "split": phase.split, "epochs": phase.epochs, "lr": phase.lr, **metrics}
-    write_text_atomically(path, json.dumps(records, indent=1))
+    write_atomically(path, json.dumps(records, indent=1))
 
 
 @rank_zero_only
@@ -263,16 +243,8 @@ def _write_continual(log_dir: str, header: list, table: list[list], summary: dic
     writer = csv.writer(rows)
     writer.writerow(header)
     writer.writerows([[f"{v:.6f}" if isinstance(v, float) else v for v in row] for row in table])
-    write_text_atomically(os.path.join(log_dir, "accuracy_matrix.csv"), rows.getvalue())
-    write_text_atomically(os.path.join(log_dir, "continual_metrics.json"), json.dumps(summary, indent=1))
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    """Temporary file, then rename: a reader (or a run killed mid-write) never sees half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", newline="") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomically(os.path.join(log_dir, "accuracy_matrix.csv"), rows.getvalue())
+    write_atomically(os.path.join(log_dir, "continual_metrics.json"), json.dumps(summary, indent=1))
 
 
 def _check_phases(phases: list[Phase]) -> None:

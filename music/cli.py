@@ -1,71 +1,116 @@
-"""``python -m music``: LightningCLI over ``Classifier`` and ``MusicDataModule``.
+"""``music``: one command for training, evaluation and every experiment.
 
-Everything is configured in YAML (``configs/``) and flows into constructor arguments; the
-only additions to the stock CLI are the link that sizes the model from the data and the
-resumption of ``--ckpt_path last`` inside the run directory it came from.
+``music fit | validate | test | predict`` is LightningCLI over ``Classifier`` and
+``MusicDataModule``; ``music <experiment>`` runs one of ``music.experiments``. Both read the same
+config language: YAML through jsonargparse, ``--config`` repeatable (a shipped config by name,
+e.g. ``--config seq``, or any path), dotted overrides, ``--print_config``, ``--help``. The
+Lightning subcommands start from ``configs/base.yaml``, so a shipped config holds only what
+differs from it.
+
+Bad input ends in one line, ``error: ...`` on stderr, exit code 2; ``--debug`` (or
+``MUSIC_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from music.callbacks import SequentialFineTuning
+from music.checkpoint import AtomicCheckpointIO
 from music.data import MusicDataModule
 from music.module import Classifier
 
-
-# Steps between progress-bar redraws. Lightning's default bar redraws every step (Rich's, when
-# rich is installed, also from a second thread), which cost more than a SimpleNN step itself.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Errors that mean "the input is wrong", reported in one line; anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, MisconfigurationException)
+# Steps between progress-bar redraws: Lightning's default bar redraws every step, which costs
+# more than a SimpleNN step itself.
 PROGRESS_BAR_REFRESH_RATE = 50
 
 
-class NullProfiler(PassThroughProfiler):
-    """Lightning's default no-op profiler, minus the cost: the Trainer enters ``profile()``
-    ~50 times a training step, and the stock one builds a generator-based context manager each
-    time (~20% of the Python calls Lightning makes per step). This hands back one shared
-    ``nullcontext``. Any configured profiler (``--trainer.profiler simple``) replaces it."""
+class UsageError(Exception):
+    """Raised instead of exiting, so callers in-process (tests, experiments) can catch it."""
 
-    _null = contextlib.nullcontext()
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
-    def profile(self, action_name: str) -> contextlib.nullcontext:
-        return self._null
+
+def shipped_config(name: str) -> Path:
+    """``seq`` -> ``music/configs/seq.yaml``; a name that is no shipped config is refused."""
+    path = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"--config {name!r} is neither a file nor a shipped config: shipped are {names}.")
+    return path
+
+
+def resolve_configs(args: list[str]) -> list[str]:
+    """Every ``--config X`` that names no existing file becomes the shipped config ``X``."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args):
+            out += [arg, _config_path(args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + _config_path(arg.removeprefix("--config="))
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _config_path(value: str) -> str:
+    if os.path.exists(value) or "\n" in value or ":" in value:  # a file, or inline YAML
+        return value
+    return str(shipped_config(value))
 
 
 class MusicCLI(LightningCLI):
+    """LightningCLI with the phase schedule and checkpointing as config sections of their own
+    (``schedule``, ``checkpoint``), so a config delta can change the phases without repeating
+    the callback list."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(SequentialFineTuning, "schedule")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.batches_per_block", "model.batches_per_block")
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """A TQDM bar redrawn every ``PROGRESS_BAR_REFRESH_RATE`` steps, unless the config
-        disables the bar or brings its own (e.g. ``TQDMProgressBar`` with ``refresh_rate: 1``),
-        and the ``NullProfiler`` unless a profiler is configured."""
+        """A TQDM bar redrawn every ``PROGRESS_BAR_REFRESH_RATE`` steps unless the config brings
+        or disables one, and atomic checkpoint files unless it brings its own ``CheckpointIO``."""
         config = self._get(self.config_init, "trainer", default={})
-        if config.get("profiler") is None:
-            kwargs.setdefault("profiler", NullProfiler())
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)])
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         with warnings.catch_warnings():
-            # Scripts pass the fit arguments themselves; sys.argv then holds the script's own
-            # options, which LightningCLI would otherwise warn about on every call.
+            # in-process callers pass their arguments; sys.argv then holds their own options
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.batches_per_block", "model.batches_per_block")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -105,52 +150,67 @@ def _resume_in_latest_version(logger) -> None:
         init_args.version = max(resumable, key=lambda d: int(d.split("_")[1]))
 
 
-def main(args: list[str] | None = None, run: bool = True) -> MusicCLI:
+def lightning(args: list[str], run: bool = True) -> MusicCLI:
+    """``music fit|validate|test|predict ...`` in-process; returns the CLI (``.trainer``, ...)."""
+    base = {"default_config_files": [str(BASE_CONFIG)]}
     return MusicCLI(
         Classifier,
         MusicDataModule,
         save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
-        args=args,
+        parser_kwargs={sub: dict(base) for sub in LIGHTNING_SUBCOMMANDS},
+        args=resolve_configs(args),
         run=run,
     )
 
 
-# -- what the study scripts (scripts/*.py) share --------------------------------------------
+def usage() -> str:
+    from music.experiments import EXPERIMENTS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def script_parser(description: str | None) -> argparse.ArgumentParser:
-    """Options of every script that drives ``python -m music fit``: data, logs, results,
-    ``--quick`` and extra ``fit`` arguments after ``--``. Parse with ``parse_script_args``."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout); downloaded there if missing")
-    parser.add_argument("--log-dir", default="lightning_logs")
-    parser.add_argument("--out", default="results")
-    parser.add_argument("--quick", action="store_true",
-                        help="5 loader steps an epoch: 5 blocks where the config sets data.batches_per_block (a smoke run)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1, as the committed results were made: metrics are "
-                             "bitwise-reproducible only at the same thread count)")
-    parser.add_argument("extra", nargs="*", help="arguments after -- go to every `python -m music fit` call")
-    return parser
+    lines = ["usage: music <subcommand> [--config NAME|PATH ...] [--key value ...] [--print_config] [--help]", "",
+             "Training and evaluation (LightningCLI; configs start from configs/base.yaml):",
+             "  fit        train through the phases of `schedule`, with a snapshot and test evaluation after each",
+             "  validate   evaluate on the validation split",
+             "  test       evaluate on the test set (--ckpt_path or --model.init_from)",
+             "  predict    predict on the test set", "", "Experiments:"]
+    lines += [f"  {name:<18} {experiment.summary}" for name, experiment in EXPERIMENTS.items()]
+    lines += ["", f"Shipped configs ({CONFIG_DIR}): " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))),
+              "`music <subcommand> --help` lists every setting with its documentation."]
+    return "\n".join(lines)
 
 
-def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    if args.quick:
-        args.extra = ["--trainer.limit_train_batches", "5", *args.extra]
-    return args
+def dispatch(args: list[str]) -> Any:
+    """Run one subcommand; raises ``UsageError`` and the ``USER_ERRORS`` instead of exiting."""
+    from music.experiments import EXPERIMENTS, run_experiment
+
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        if not args:
+            raise UsageError("no subcommand given", code=2)
+        return None
+    if args[0] in EXPERIMENTS:
+        return run_experiment(args[0], resolve_configs(args[1:]))
+    if args[0] in LIGHTNING_SUBCOMMANDS or args[0].startswith("-"):
+        return lightning(args)
+    known = [*LIGHTNING_SUBCOMMANDS, *EXPERIMENTS]
+    raise UsageError(f"unknown subcommand {args[0]!r}: choose one of {', '.join(known)}")
 
 
-def fit_config(config: str, name: str, args: argparse.Namespace, *extra: str) -> Path:
-    """``python -m music fit --config configs/<config>`` logging to ``<log_dir>/<name>``, quietly;
-    returns the run directory."""
-    cli = main(["fit", "--config", str(CONFIGS / config), "--data.data_dir", args.data_dir,
-                "--trainer.logger.init_args.save_dir", args.log_dir, "--trainer.logger.init_args.name", name,
-                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                *extra, *args.extra])
-    return Path(cli.trainer.log_dir)
+def main(args: list[str] | None = None) -> None:
+    """The ``music`` entry point: errors from bad input are one line on stderr, exit code 2."""
+    args = list(sys.argv[1:] if args is None else args)
+    debug = os.environ.get("MUSIC_DEBUG", "") not in ("", "0") or "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    if debug:
+        dispatch(args)
+        return
+    try:
+        dispatch(args)
+    except UsageError as err:
+        _fail(str(err), err.code)
+    except USER_ERRORS as err:
+        _fail(str(err), 2)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(code)

@@ -151,7 +151,7 @@ class Classifier(LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from:
-            from music.task_vector import load_state_dict  # weights_only / safetensors, never pickle code
+            from music.checkpoint import load_state_dict  # weights_only / safetensors, never pickle code
 
             self.backbone.load_state_dict(load_state_dict(self.init_from))
 

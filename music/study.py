@@ -200,7 +200,7 @@ def is_done(settings: Settings, cell: Cell) -> bool:
 def run_cell(settings: Settings, cell: Cell) -> dict:
     """Run one cell through ``python -m music fit``'s entry point (in this process) and mark it
     done; an interrupted cell resumes from its ``last.ckpt``."""
-    from music.callbacks import write_text_atomically
+    from music.checkpoint import write_atomically
     from music.cli import main
 
     run_dir = cell_dir(settings, cell)
@@ -215,7 +215,7 @@ def run_cell(settings: Settings, cell: Cell) -> dict:
     main(args)
     record = {"cell": asdict(cell), "fingerprint": fingerprint(settings, cell), "seconds": time.perf_counter() - start,
               "resumed": last.exists() and "--ckpt_path" in args}
-    write_text_atomically(str(run_dir / "done"), json.dumps(record, indent=1))
+    write_atomically(str(run_dir / "done"), json.dumps(record, indent=1))
     return record
 
 

@@ -12,7 +12,6 @@ import json
 import math
 import numbers
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from functools import reduce
@@ -22,13 +21,14 @@ from typing import BinaryIO, Collection, Iterable, Literal, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from music.checkpoint import load_state_dict
 
 StateDict = Mapping[str, Tensor]
 PathLike = str | os.PathLike
 _LISTED = 5
-_PREFIX = "backbone."
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16,
@@ -131,35 +131,6 @@ def _apply_tensor(base: Tensor, tau: Tensor, coef: float, key: str) -> Tensor:
     dtype = _wide(base.dtype, tau.dtype)
     out = torch.add(base.detach().to(dtype), tau.to(base.device, dtype), alpha=coef)
     return out.to(base.dtype)
-
-
-def load_state_dict(path: PathLike) -> dict[str, Tensor]:
-    """Load a state_dict from ``.safetensors``, ``.pt``/``.pth`` or a Lightning ``.ckpt``.
-
-    Torch files are loaded with ``weights_only=True`` only: a file whose unpickling would run
-    code is refused, never retried unsafely. A dict with a ``"state_dict"`` key (Lightning)
-    is unwrapped, and a ``backbone.`` prefix is stripped when *every* key has it, so the
-    result is the plain network's state_dict whichever way it was saved.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        raw: object = load_file(str(path))
-    else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise TaskVectorError(
-                f"refused to load {path}: not a plain weights file (its pickle needs objects "
-                "that torch.load(weights_only=True) does not allow, and unpickling them could "
-                "run code)") from e
-    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
-        raise TaskVectorError(f"{path} holds no state_dict (str -> Tensor), "
-                              "nor a dict with a 'state_dict' key")
-    if raw and all(k.startswith(_PREFIX) for k in raw):
-        return {k.removeprefix(_PREFIX): v for k, v in raw.items()}
-    return dict(raw)
 
 
 @dataclass(frozen=True, eq=False)

@@ -67,7 +67,7 @@ class TimmViT(nn.Module):
                           "no weights_path): this trains from scratch.", stacklevel=2)
 
     def _load(self, path: str) -> None:
-        from music.task_vector import load_state_dict
+        from music.checkpoint import load_state_dict
 
         state = load_state_dict(path)
         state = {k.removeprefix("model."): v for k, v in state.items()}

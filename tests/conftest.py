@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from music.cli import main
+from music.cli import CONFIG_DIR, lightning  # noqa: F401  (CONFIG_DIR for the tests)
 from music.data import MusicDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,24 +44,34 @@ def mnist(data_dir: str) -> MusicDataModule:
     return datamodule
 
 
+def merged_config(*names: str) -> dict:
+    """``base.yaml`` with the shipped configs ``names`` laid over it, as ``--config`` does."""
+    def merge(into: dict, delta: dict) -> dict:
+        for key, value in delta.items():
+            into[key] = merge(into.get(key) or {}, value) if isinstance(value, dict) and isinstance(into.get(key), dict) else value
+        return into
+
+    config: dict = {}
+    for name in ("base", *names):
+        merge(config, yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {})
+    return config
+
+
 @pytest.fixture
 def shrink(tmp_path: Path, data_dir: str):
-    """``shrink("seq", epochs=1)`` writes a copy of ``configs/seq.yaml`` that runs in seconds:
-    every phase ``epochs`` long (or ``phases`` instead of the shipped ones), logs under
-    ``tmp_path``, MNIST from the shared copy, data arguments overridden by ``data``."""
+    """``shrink("seq", epochs=1)`` writes the shipped ``seq`` config (over ``base``; more names
+    are more deltas) as one file that runs in seconds: every phase ``epochs`` long (or
+    ``phases`` instead of the shipped ones), logs under ``tmp_path``, MNIST from the shared
+    copy, data arguments overridden by ``data``."""
 
-    def shrink_config(name: str, epochs: int = 1, phases: list[dict] | None = None, **data: object) -> Path:
-        config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    def shrink_config(*names: str, epochs: int = 1, phases: list[dict] | None = None, **data: object) -> Path:
+        config = merged_config(*names)
         # EDA figures (1-2 s of matplotlib) only where a test asks for them
         config["data"] |= {"data_dir": data_dir, "download": False, "log_eda": False, **data}
         config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
         config["trainer"] |= {"enable_progress_bar": False, "enable_model_summary": False}
-        for callback in config["trainer"]["callbacks"]:
-            if "phases" in callback.get("init_args", {}):
-                callback["init_args"]["phases"] = phases or [
-                    p | {"epochs": epochs} for p in callback["init_args"]["phases"]
-                ]
-        path = tmp_path / f"{name}.yaml"
+        config["schedule"]["phases"] = phases or [p | {"epochs": epochs} for p in config["schedule"]["phases"]]
+        path = tmp_path / f"{'_'.join(names)}.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
 
@@ -77,5 +87,5 @@ def load_script(name: str):
 
 
 def run(*args: str):
-    """Run ``python -m music`` in-process; returns the CLI (``.trainer``, ``.model``, ...)."""
-    return main(args=[str(a) for a in args])
+    """Run ``music fit|validate|test|predict`` in-process; returns the CLI (``.trainer``, ...)."""
+    return lightning([str(a) for a in args])

@@ -86,7 +86,7 @@ def test_lora_study_trains_only_adapters_and_head_and_merges_to_base_keys(shrink
     pretrained = SimpleNN().state_dict()
     torch.save(pretrained, tmp_path / "pretrained.pt")
     phases = [{"name": "class_3", "split": "class_3", "epochs": 1}, {"name": "class_4", "split": "class_4", "epochs": 1}]
-    cli = run("fit", "--config", shrink("lora", phases=phases), "--trainer.limit_train_batches", "3",
+    cli = run("fit", "--config", shrink("seq_finetune", "lora", phases=phases), "--trainer.limit_train_batches", "3",
               "--model.init_from", tmp_path / "pretrained.pt")
     log_dir = cli.trainer.log_dir
     costs = json.loads(open(f"{log_dir}/phase_costs.json").read())

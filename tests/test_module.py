@@ -6,7 +6,7 @@ from conftest import run
 from lightning.pytorch import Callback
 from torch import nn
 
-from music.cli import main
+from music.cli import lightning
 from music.module import STEP_HOOKS, Classifier
 
 
@@ -69,7 +69,7 @@ def test_blocks_train_exactly_as_single_batches(shrink, listener):
     phases = [{"name": "class_3", "split": "class_3", "epochs": 2}]  # 32 batches an epoch: 7 blocks of 5
 
     def fit(blocks: int, *callbacks: Callback):
-        cli = main(["--config", str(shrink("seq", phases=phases, batches_per_block=blocks))], run=False)
+        cli = lightning(["--config", str(shrink("seq", phases=phases, batches_per_block=blocks))], run=False)
         cli.trainer.callbacks.extend(callbacks)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         return cli

@@ -30,7 +30,7 @@ def python_m_music(*args, check=True) -> subprocess.CompletedProcess:
 
 def with_callback(config: Path, callback: dict) -> Path:
     data = yaml.safe_load(config.read_text())
-    data["trainer"]["callbacks"].append(callback)
+    data["trainer"].setdefault("callbacks", []).append(callback)
     path = config.with_name(f"{config.stem}-faulty.yaml")
     path.write_text(yaml.safe_dump(data))
     return path

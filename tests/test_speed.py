@@ -3,7 +3,7 @@
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.profilers import SimpleProfiler
 
-from music.cli import PROGRESS_BAR_REFRESH_RATE, NullProfiler, main
+from music.cli import PROGRESS_BAR_REFRESH_RATE, lightning
 
 
 def progress_bars(trainer):
@@ -12,20 +12,14 @@ def progress_bars(trainer):
 
 def test_default_progress_bar_refreshes_every_n_steps_and_config_wins(shrink):
     config = shrink("pretrain")
-    trainer = main(["--config", str(config), "--trainer.enable_progress_bar", "true"], run=False).trainer
+    trainer = lightning(["--config", str(config), "--trainer.enable_progress_bar", "true"], run=False).trainer
     (bar,) = progress_bars(trainer)
-    assert bar.refresh_rate == PROGRESS_BAR_REFRESH_RATE and isinstance(trainer.profiler, NullProfiler)
-    own = main(["--config", str(config), "--trainer.enable_progress_bar", "true", "--trainer.callbacks+",
+    assert bar.refresh_rate == PROGRESS_BAR_REFRESH_RATE
+    own = lightning(["--config", str(config), "--trainer.enable_progress_bar", "true", "--trainer.callbacks+",
                 "lightning.pytorch.callbacks.TQDMProgressBar", "--trainer.callbacks.refresh_rate", "1",
                 "--trainer.profiler", "simple"], run=False).trainer
     assert [b.refresh_rate for b in progress_bars(own)] == [1] and isinstance(own.profiler, SimpleProfiler)
-    assert progress_bars(main(["--config", str(config)], run=False).trainer) == []  # shrink disables the bar
-
-
-def test_null_profiler_contexts_nest():
-    profiler = NullProfiler()
-    with profiler.profile("a"), profiler.profile("b"):
-        pass
+    assert progress_bars(lightning(["--config", str(config)], run=False).trainer) == []  # shrink disables the bar
 
 
 def test_split_datasets_are_gathered_once(mnist):

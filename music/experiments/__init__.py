@@ -1,0 +1,72 @@
+"""Experiments: the studies MUSIC ships, each a ``music <name>`` subcommand.
+
+An experiment is a class whose constructor arguments (typed, documented in its docstring) are
+its settings and whose ``run()`` does the work; ``music <name>`` parses them with jsonargparse
+from ``--config`` files (a shipped config by name, e.g. ``--config study``, or a path) and
+dotted overrides, exactly as the Lightning subcommands parse theirs. Experiments may know
+datasets, class counts and the paper's protocol; the library (``music/*.py``) does not.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Experiment:
+    target: str  # "module:Class"
+    summary: str
+    default_config: str | None = None  # a shipped config read before any --config
+
+    def load(self) -> type:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "table1": Experiment("music.experiments.table1:Table1",
+                         "the paper's Table I: pretrain, then sequential and merged fine-tuning, per seed",
+                         "table1"),
+    "finetune-compare": Experiment("music.experiments.finetune_compare:FineTuneCompare",
+                                   "full vs LoRA vs head-only fine-tuning of one pretrained model",
+                                   "finetune_compare"),
+    "attention": Experiment("music.experiments.attention:AttentionMaps",
+                            "ViT: pretrain, fine-tune full and LoRA, draw last-block CLS attention maps",
+                            "attention"),
+    "eda": Experiment("music.experiments.eda:EDA", "class counts and sample grids of every split, as PNGs", "eda"),
+}
+
+
+def parser_for(name: str):
+    """The jsonargparse parser of ``music <name>``: the experiment's constructor arguments."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from music.cli import shipped_config
+
+    experiment = EXPERIMENTS[name]
+    cls = experiment.load()
+    defaults = [str(shipped_config(experiment.default_config))] if experiment.default_config else []
+    parser = ArgumentParser(prog=f"music {name}", description=cls.__doc__, default_config_files=defaults,
+                            exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable; a shipped name or a path)")
+    parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, sub_configs=True)
+    return parser, cls
+
+
+def run_experiment(name: str, args: list[str]) -> Any:
+    """Parse ``args`` for experiment ``name``, build it and ``run()`` it; returns what it returns."""
+    from jsonargparse import ArgumentError
+
+    from music.cli import UsageError
+
+    parser, cls = parser_for(name)
+    try:
+        config = parser.parse_args(args)
+    except ArgumentError as err:
+        raise UsageError(f"music {name}: {err}") from err
+    init = parser.instantiate_classes(config).as_dict()
+    for key in ("config", "print_config", "__path__", "__default_config__"):
+        init.pop(key, None)
+    return cls(**init).run()
