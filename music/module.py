@@ -91,10 +91,10 @@ class Classifier(LightningModule):
         num_classes: size of the label space (linked from the data module by the CLI).
         lr: learning rate; phases of ``SequentialFineTuning`` may override it.
         optimizer: optimizer class or callable taking ``(params, lr=...)``; Adam by default.
-        init_from: checkpoint whose weights initialise the model when fitting starts, so
-            fine-tuning runs start from one shared pretrained model. It is read with
-            ``weights_only=True`` and only when fitting, so a later
-            ``load_from_checkpoint`` never needs the file.
+        init_from: weights (``.ckpt``, ``.pt`` or ``.safetensors``) that initialise the network
+            before any stage (fit, validate, test, predict), so fine-tuning runs start from one
+            shared pretrained model and an edited model is evaluated like any other. Read with
+            ``weights_only=True``; a model loaded from a checkpoint never reads it again.
         finetune: which parameters to train (``full``, ``lora``, ``head-only``; see
             ``music.finetuning.FineTune``). Applied in ``configure_model``, i.e. after
             ``init_from`` has loaded the pretrained weights and before a checkpoint is restored.
@@ -133,6 +133,7 @@ class Classifier(LightningModule):
         self.lr = lr
         self.optimizer = optimizer
         self.init_from = init_from
+        self._weights_loaded = False
         self.finetune = finetune
         self._finetune_applied = False
         self.num_classes = num_classes
@@ -150,10 +151,17 @@ class Classifier(LightningModule):
         return self.backbone(x)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.init_from:
+        # Every stage (fit, validate, test, predict) starts from ``init_from``; a checkpoint
+        # given as ``ckpt_path`` is restored after this and wins, and a model loaded from a
+        # checkpoint (``on_load_checkpoint``) already has its weights and skips the file.
+        if self.init_from and not self._weights_loaded:
             from music.checkpoint import load_state_dict  # weights_only / safetensors, never pickle code
 
             self.backbone.load_state_dict(load_state_dict(self.init_from))
+            self._weights_loaded = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._weights_loaded = True
 
     def configure_model(self) -> None:
         if self.finetune is None or self._finetune_applied:
