@@ -41,6 +41,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, Misconfigurati
 # more than a SimpleNN step itself.
 PROGRESS_BAR_REFRESH_RATE = 50
 
+# Upstream deprecations MUSIC cannot act on, silenced where they are raised: Lightning 2.6's
+# own use of torch's LeafSpec, and LightningCLI's use of jsonargparse APIs deprecated in 4.49.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        module=r"lightning\.pytorch\.utilities\._pytree")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
+
 
 class UsageError(Exception):
     """Raised instead of exiting, so callers in-process (tests, experiments) can catch it."""
@@ -117,6 +123,7 @@ class MusicCLI(LightningCLI):
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
         _check_blocks(config)
+        _size_trainer(config, self.subcommand)
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             _resume_in_latest_version(config.trainer.logger)
 
@@ -137,6 +144,21 @@ def _check_blocks(config) -> None:
                          "trained batch by batch through manual optimization. Set --data.batches_per_block 1.")
 
 
+def _size_trainer(config, subcommand: str | None) -> None:
+    """Settings Lightning would otherwise guess and warn about: the number of epochs is the
+    phases' sum, and without a ``val`` split there is no validation loop to run."""
+    phases = config.get("schedule.phases") or []
+    if config.get("trainer.max_epochs") is None and phases:
+        config.trainer.max_epochs = sum(p.epochs if hasattr(p, "epochs") else p["epochs"] for p in phases)
+    if not config.get("data.val_size"):
+        if subcommand == "validate":
+            raise ValueError("music validate needs a validation split: set data.val_size > 0 (samples carved from "
+                             "the training data; the test set is `music test`).")
+        if config.get("trainer.limit_val_batches") is None:
+            config.trainer.limit_val_batches = 0
+            config.trainer.num_sanity_val_steps = 0
+
+
 def _resume_in_latest_version(logger) -> None:
     """Point a TensorBoard logger without a fixed version at the newest ``version_N`` that holds
     ``checkpoints/last.ckpt``, so "last" finds it and the run keeps writing where it was."""
@@ -151,16 +173,25 @@ def _resume_in_latest_version(logger) -> None:
 
 
 def lightning(args: list[str], run: bool = True) -> MusicCLI:
-    """``music fit|validate|test|predict ...`` in-process; returns the CLI (``.trainer``, ...)."""
-    base = {"default_config_files": [str(BASE_CONFIG)]}
-    return MusicCLI(
-        Classifier,
-        MusicDataModule,
-        save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
-        parser_kwargs={sub: dict(base) for sub in LIGHTNING_SUBCOMMANDS},
-        args=resolve_configs(args),
-        run=run,
-    )
+    """``music fit|validate|test|predict ...`` in-process; returns the CLI (``.trainer``, ...).
+    With ``run=False`` nothing runs and the subcommand may be left out: the objects are built
+    from the configs, for code that drives them itself."""
+    from jsonargparse import ArgumentError
+
+    base = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": False}
+    if not run and args and args[0] in LIGHTNING_SUBCOMMANDS:
+        args = args[1:]
+    try:
+        return MusicCLI(
+            Classifier,
+            MusicDataModule,
+            save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+            parser_kwargs={"exit_on_error": False, **{sub: dict(base) for sub in LIGHTNING_SUBCOMMANDS}} if run else base,
+            args=resolve_configs(args),
+            run=run,
+        )
+    except ArgumentError as err:  # the parser's own errors: unknown keys, wrong types, bad class paths
+        raise UsageError(f"{err} (see `music {args[0] if args else 'fit'} --help`)") from err
 
 
 def usage() -> str:

@@ -201,7 +201,16 @@ class MusicDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         if self.download and self.image_folder is None:
             for train in (True, False):
-                self.dataset_class(self.data_dir, train=train, download=True)
+                try:
+                    self.dataset_class(self.data_dir, train=train, download=True)
+                except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError
+                    name = self.dataset_class.__name__
+                    raise FileNotFoundError(
+                        f"Could not download {self.hparams.dataset} into data_dir={os.path.abspath(self.data_dir)!r} "
+                        f"({type(err).__name__}: {err}). Without internet, put the files at "
+                        f"<data_dir>/{name}/raw (torchvision's layout) or point --data.data_dir at a copy, and set "
+                        "--data.download false."
+                    ) from err
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:

@@ -105,6 +105,9 @@ class Classifier(LightningModule):
             rules out the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches`` and
             learning-rate schedulers. Backward and step are the plain PyTorch calls when
             ``steps_are_plain`` (``direct_steps``), else Lightning's, with every hook.
+        log_every_n_steps: optimizer steps between points of ``train/loss_step``. The model logs
+            it itself, at optimizer steps, because a Lightning loop step is a whole block; the
+            shipped configs set the Trainer's own interval to 1 loop step.
     """
 
     def __init__(
@@ -116,12 +119,15 @@ class Classifier(LightningModule):
         init_from: str | None = None,
         finetune: FineTune | None = None,
         batches_per_block: int = 1,
+        log_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr={lr} is not allowed: the learning rate must be > 0.")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is not allowed: a classifier needs >= 2 classes.")
+        if log_every_n_steps < 0:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps} is not allowed: it must be >= 0 (0: no step losses).")
         if batches_per_block < 1:
             raise ValueError(f"batches_per_block={batches_per_block} is not allowed: it must be an integer >= 1.")
         if isinstance(finetune, dict):  # as stored in a checkpoint's hyperparameters
@@ -137,6 +143,7 @@ class Classifier(LightningModule):
         self.finetune = finetune
         self._finetune_applied = False
         self.num_classes = num_classes
+        self.log_every_n_steps = log_every_n_steps
         self.automatic_optimization = batches_per_block == 1
         self._no_cuda = False  # set when fitting starts
         self.val_metrics = classification_metrics(num_classes)
@@ -222,7 +229,7 @@ class Classifier(LightningModule):
         self._losses.append(torch.stack(losses))
         self._correct.append((torch.cat(logits).argmax(1) == torch.cat(labels)).sum())
         self._sizes += [len(y) for y in labels]
-        every = self.trainer.log_every_n_steps
+        every = self.log_every_n_steps
         if every and self.logger is not None:
             for i in range(-first_step % every, len(losses), every):  # batches at multiples of `every`
                 self.logger.log_metrics({"train/loss_step": losses[i].item()}, step=first_step + i)

@@ -1,7 +1,9 @@
-"""Shared fixtures: the real MNIST copy beside the repo and the shipped configs, shrunk.
+"""Shared fixtures: the shipped configs, shrunk, on a synthetic dataset or the real MNIST copy.
 
 Tests run the configs users run, with fewer epochs and batches and logs under ``tmp_path``,
-rather than test-only configs that could drift from what ships.
+rather than test-only configs that could drift from what ships. Unit tests use the synthetic
+dataset (``tests/synthetic.py``) and need no files; tests that use the real MNIST copy beside
+the repo (the ``data_dir``, ``mnist`` and ``shrink_mnist`` fixtures) are marked ``mnist``.
 """
 
 from __future__ import annotations
@@ -57,17 +59,11 @@ def merged_config(*names: str) -> dict:
     return config
 
 
-@pytest.fixture
-def shrink(tmp_path: Path, data_dir: str):
-    """``shrink("seq", epochs=1)`` writes the shipped ``seq`` config (over ``base``; more names
-    are more deltas) as one file that runs in seconds: every phase ``epochs`` long (or
-    ``phases`` instead of the shipped ones), logs under ``tmp_path``, MNIST from the shared
-    copy, data arguments overridden by ``data``."""
-
-    def shrink_config(*names: str, epochs: int = 1, phases: list[dict] | None = None, **data: object) -> Path:
+def shrinker(tmp_path: Path, data: dict):
+    def shrink_config(*names: str, epochs: int = 1, phases: list[dict] | None = None, **overrides: object) -> Path:
         config = merged_config(*names)
         # EDA figures (1-2 s of matplotlib) only where a test asks for them
-        config["data"] |= {"data_dir": data_dir, "download": False, "log_eda": False, **data}
+        config["data"] |= {"download": False, "log_eda": False, **data, **overrides}
         config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
         config["trainer"] |= {"enable_progress_bar": False, "enable_model_summary": False}
         config["schedule"]["phases"] = phases or [p | {"epochs": epochs} for p in config["schedule"]["phases"]]
@@ -76,6 +72,44 @@ def shrink(tmp_path: Path, data_dir: str):
         return path
 
     return shrink_config
+
+
+# The synthetic dataset (tests/synthetic.py): 340 training images a class, 40 of them held out.
+SYNTHETIC = {"dataset": "synthetic.SyntheticDigits", "samples_per_class": 40}
+
+
+@pytest.fixture
+def shrink(tmp_path: Path):
+    """``shrink("seq", epochs=1)`` writes the shipped ``seq`` config (over ``base``; more names
+    are more deltas) as one file that runs in seconds on the synthetic dataset: every phase
+    ``epochs`` long (or ``phases`` instead of the shipped ones), logs under ``tmp_path``, data
+    arguments overridden by keyword."""
+    return shrinker(tmp_path, SYNTHETIC | {"data_dir": str(tmp_path / "data")})
+
+
+@pytest.fixture
+def shrink_mnist(tmp_path: Path, data_dir: str):
+    """``shrink`` on the real MNIST copy (the test is then marked ``mnist``)."""
+    return shrinker(tmp_path, {"data_dir": data_dir})
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> MusicDataModule:
+    """The synthetic data module with the shipped held-out classes, set up."""
+    datamodule = MusicDataModule(data_dir=str(tmp_path / "data"), download=False, **SYNTHETIC)
+    datamodule.setup()
+    return datamodule
+
+
+MNIST_FIXTURES = {"data_dir", "mnist", "shrink_mnist"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that read the real MNIST copy are integration tests: marked ``mnist``, so
+    ``pytest -m "not mnist"`` runs everywhere."""
+    for item in items:
+        if MNIST_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mnist)
 
 
 def load_script(name: str):

@@ -17,20 +17,6 @@ def test_class_counts_per_split(mnist):
     assert [a - b for a, b in zip(counts["train"], counts["remaining"])] == counts["merged"]
 
 
-def test_script_writes_pngs_and_counts(data_dir, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import eda
-
-    paths = eda.main(["--data.data_dir", data_dir, "--data.held_out_classes", "[3]", "--out", str(tmp_path)])
-    names = sorted(Path(p).name for p in paths)
-    assert names == ["class_counts.png", "samples_class_3.png", "samples_merged.png", "samples_remaining.png",
-                     "samples_test.png", "samples_train.png"]
-    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in paths)
-    assert (tmp_path / "class_counts.json").exists()
-
-
 def test_logged_to_tensorboard(data_dir, tmp_path):
     datamodule = MusicDataModule(data_dir=data_dir, download=False, held_out_classes=[7])
     logger = TensorBoardLogger(str(tmp_path), name="eda")

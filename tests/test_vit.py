@@ -53,21 +53,3 @@ def test_fused_attention_cannot_be_read():
 def test_unknown_model_name_is_refused():
     with pytest.raises(ValueError, match="Unknown timm model_name='vit_tiny_patch16'"):
         TimmViT("vit_tiny_patch16")
-
-
-@pytest.mark.slow  # ~2.5 min on 2 cores: six ViT evaluations of the full 10,000-image test set
-def test_attention_maps_quick_pretrains_fine_tunes_both_modes_and_draws(tmp_path, data_dir):
-    from conftest import load_script
-
-    load_script("attention_maps").main_(["--quick", "--data-dir", data_dir, "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out")])
-
-    assert (tmp_path / "out" / "attention_vit_mnist.png").stat().st_size > 0
-    assert list((tmp_path / "logs" / "vit_mnist_attention").glob("events.out.tfevents.*"))
-    rows = [line.split(" | ") for line in (tmp_path / "out" / "vit_vit_mnist.md").read_text().splitlines()
-            if line.startswith("| ") and "%" in line]
-    assert {row[0].lstrip("| "): row[3] for row in rows} == {
-        "pretrained": "5,353,738", "full": "5,353,738", "lora": "177,418"}  # LoRA r8 qkv+fc1, LayerNorms, head
-    # both fine-tunes started from the pretrain snapshot, not from scratch
-    for mode in ("full", "lora"):
-        config = (tmp_path / "logs" / f"vit_mnist_{mode}" / "version_0" / "config.yaml").read_text()
-        assert "phase-0-pretrain.ckpt" in config, mode

@@ -48,11 +48,16 @@ def parser_for(name: str):
     experiment = EXPERIMENTS[name]
     cls = experiment.load()
     defaults = [str(shipped_config(experiment.default_config))] if experiment.default_config else []
-    parser = ArgumentParser(prog=f"music {name}", description=cls.__doc__, default_config_files=defaults,
+    parser = ArgumentParser(prog=f"music {name}", description=_description(cls), default_config_files=defaults,
                             exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable; a shipped name or a path)")
     parser.add_class_arguments(cls, nested_key=None, fail_untyped=True, sub_configs=True)
     return parser, cls
+
+
+def _description(cls: type) -> str:
+    """The class docstring without its ``Args:`` section (each argument's help shows that)."""
+    return (cls.__doc__ or "").split("Args:")[0].strip()
 
 
 def run_experiment(name: str, args: list[str]) -> Any:

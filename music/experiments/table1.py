@@ -1,0 +1,88 @@
+"""The paper's Table I: one pretrained model per seed, fine-tuned sequentially and merged."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from music.experiments.common import Data, Output, final_phase, fit, machine, phases, write_table
+
+# The paper's reported accuracy / loss, shown only as a labelled reference column.
+PAPER = {"pretrained": (0.92, 0.38), "merged": (0.70, 2.1), "sequential (after 7)": (0.88, 0.60)}
+METRICS = ["loss", "acc", "precision", "recall", "f1"]
+
+
+class Table1:
+    """Pretrain once per seed, then fine-tune that same checkpoint sequentially (one phase per
+    held-out class) and merged (all held-out samples at once); every stage is evaluated on the
+    full test set. Writes ``<results>/table1.md`` and ``table1.csv`` (mean ± std over seeds).
+
+    Args:
+        seeds: training seeds (``seed_everything``); the held-out samples stay those of
+            ``data.split_seed`` in the configs.
+        pretrain: configs of the pretraining run.
+        sequential: configs of the sequential run (started from the pretrained snapshot).
+        merged: configs of the merged run (started from the same snapshot).
+        data: where the dataset is.
+        output: where runs and tables go, threads, smoke mode.
+    """
+
+    def __init__(self, seeds: list[int] = [0], pretrain: list[str] = ["pretrain"],
+                 sequential: list[str] = ["seq_finetune"], merged: list[str] = ["merged_finetune"],
+                 data: Data = Data(), output: Output = Output()) -> None:
+        if not seeds or len(set(seeds)) < len(seeds):
+            raise ValueError(f"seeds={seeds} is not allowed: give a non-empty list of distinct seeds.")
+        self.seeds, self.data, self.output = seeds, data, output
+        self.configs = {"pretrain": pretrain, "sequential": sequential, "merged": merged}
+
+    def one_seed(self, seed: int) -> tuple[dict[str, dict], list[int]]:
+        start = time.perf_counter()
+
+        def run(stage: str, *extra: str) -> Path:
+            return fit(self.configs[stage], f"table1/seed_{seed}/{stage}", self.data, self.output,
+                       "--seed_everything", str(seed), *extra)
+
+        pretrain_dir = run("pretrain")
+        _, pretrained, snapshot = final_phase(pretrain_dir)
+        init = ("--model.init_from", str(snapshot))
+        sequential, merged = phases(run("sequential", *init)), final_phase(run("merged", *init))[1]
+        held_out = json.loads((pretrain_dir / "split_manifest.json").read_text())["held_out_classes"]
+        print(f"seed {seed}: {time.perf_counter() - start:.0f} s")
+        rows = {"pretrained": pretrained, "merged": merged}
+        rows |= {f"sequential (after {name.removeprefix('class_')})": phase for name, phase in sequential.items()}
+        return rows, held_out
+
+    def run(self) -> dict[str, dict[str, tuple[float, float]]]:
+        start = time.perf_counter()
+        per_seed, held_out = [], []
+        for seed in self.seeds:
+            rows, held_out = self.one_seed(seed)
+            per_seed.append(rows)
+        columns = METRICS + [f"recall/{c}" for c in held_out]
+        table = {stage: {c: _mean_std([rows[stage][c] for rows in per_seed]) for c in columns} for stage in per_seed[0]}
+        self.write(table, columns, held_out, time.perf_counter() - start)
+        return table
+
+    def write(self, table: dict, columns: list[str], held_out: list[int], seconds: float) -> None:
+        fmt = (lambda m, s: f"{m:.3f} ± {s:.3f}") if len(self.seeds) > 1 else (lambda m, s: f"{m:.3f}")
+        header = ["stage", "test loss", "accuracy", "precision", "recall", "F1", *(f"acc {c}" for c in held_out),
+                  "paper acc / loss (reference)"]
+        rows, csv_rows = [], []
+        for stage, values in table.items():
+            paper = PAPER.get(stage)
+            rows.append([stage, *(fmt(*values[c]) for c in columns), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else ""])
+            csv_rows.append({"stage": stage, **{f"{c}_{s}": f"{v:.4f}" for c in columns for s, v in zip(("mean", "std"), values[c])},
+                             "paper_acc": paper[0] if paper else "", "paper_loss": paper[1] if paper else ""})
+        notes = (f"`music table1` with seeds {self.seeds} (mean ± std over seeds where more than one). Configs: "
+                 f"pretrain {self.configs['pretrain']}, then sequential {self.configs['sequential']} and merged "
+                 f"{self.configs['merged']}, both from the same pretrained snapshot. Test set: the dataset's full test "
+                 "split. Precision, recall and F1 are macro averages; 'acc c' is the accuracy (recall) on class c. "
+                 f"Machine: {machine(self.output.threads)}. Extra arguments: {self.output.trainer_args or 'none'}"
+                 f"{'; quick (smoke) run' if self.output.quick else ''}. Wall time: {seconds:.0f} s.")
+        print(write_table(self.output.results, "table1", "Table I, as measured", notes, header, rows, csv_rows))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0

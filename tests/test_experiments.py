@@ -1,0 +1,88 @@
+"""The experiments through ``music <name>``, as smoke runs (5 loader steps an epoch) on the
+synthetic dataset: each writes its table from runs of the shipped configs."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import SYNTHETIC
+from test_bad_input import fails_in_one_line
+
+from music.cli import main
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> str:
+    """A config delta that puts any run on the synthetic dataset."""
+    path = tmp_path / "synthetic.yaml"
+    path.write_text(yaml.safe_dump({"data": SYNTHETIC | {"data_dir": str(tmp_path / "data"), "download": False}}))
+    return str(path)
+
+
+def outputs(tmp_path: Path) -> list[str]:
+    return ["--output.quick", "true", "--output.log_dir", str(tmp_path / "logs"), "--output.results", str(tmp_path / "results")]
+
+
+def test_table1_writes_every_stage_from_one_pretrained_model(tmp_path, synthetic):
+    main(["table1", "--pretrain", f"[pretrain, {synthetic}]", "--sequential", f"[seq_finetune, {synthetic}]",
+          "--merged", f"[merged_finetune, {synthetic}]", *outputs(tmp_path)])
+    stages = ["pretrained", "merged", "sequential (after 3)", "sequential (after 4)", "sequential (after 7)"]
+    rows = list(csv.DictReader(open(tmp_path / "results" / "table1.csv")))
+    assert [r["stage"] for r in rows] == stages
+    for row in rows:
+        assert 0.0 <= float(row["acc_mean"]) <= 1.0 and float(row["loss_mean"]) > 0 and "recall/7_mean" in row
+    for stage in ("sequential", "merged"):  # both fine-tunes started from the pretrain run's snapshot
+        config = yaml.safe_load(next((tmp_path / "logs" / "table1" / "seed_0" / stage).glob("*/config.yaml")).read_text())
+        assert config["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
+    markdown = (tmp_path / "results" / "table1.md").read_text()
+    assert "paper acc / loss (reference)" in markdown and "1 torch thread," in markdown
+    assert torch.get_num_threads() == 1  # reproducible by default
+
+
+def test_finetune_compare_writes_a_row_per_study_and_mode(tmp_path, synthetic):
+    main(["finetune-compare", "--pretrain", f"[pretrain, {synthetic}]",
+          "--studies", json.dumps({"sequential": ["seq_finetune", synthetic], "merged": ["merged_finetune", synthetic]}),
+          "--modes", json.dumps({"lora": ["lora"], "head-only": ["head_only"]}), *outputs(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "results" / "finetuning.csv")))
+    assert [(r["study"], r["mode"]) for r in rows] == [("sequential", "lora"), ("sequential", "head-only"),
+                                                        ("merged", "lora"), ("merged", "head-only")]
+    # rank 8 on fc1, fc2 + the fc3 head / the head alone
+    assert [int(r["trainable_params"]) for r in rows] == [9_482, 650, 9_482, 650]
+    assert all(float(r["task_vector_norm"]) > 0 for r in rows)
+
+
+def test_eda_draws_the_splits_a_config_trains_on(tmp_path, synthetic):
+    main(["eda", "--configs", f"[seq, {synthetic}]", "--out", str(tmp_path / "eda")])
+    names = sorted(p.name for p in (tmp_path / "eda").glob("*.png"))
+    assert names == ["class_counts.png", *(f"samples_{s}.png" for s in
+                     ("class_3", "class_4", "class_7", "merged", "remaining", "test", "train"))]
+    counts = json.loads((tmp_path / "eda" / "class_counts.json").read_text())
+    assert counts["merged"] == [SYNTHETIC["samples_per_class"] if c in (3, 4, 7) else 0 for c in range(10)]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["table1", "--seeds", "[]"], r"seeds=\[\] is not allowed"),
+    (["table1", "--output.threads", "0"], r"output.threads=0 is not allowed"),
+    (["table1", "--sedes", "[1]"], "sedes"),
+    (["finetune-compare", "--pretrained", "/nonexistent.ckpt"], r"pretrained='/nonexistent.ckpt' does not exist"),
+    (["tabel1"], r"unknown subcommand 'tabel1'"),
+])
+def test_bad_experiment_settings_end_in_one_line(args, message, capsys):
+    assert re.search(message, fails_in_one_line(args, capsys))
+
+
+@pytest.mark.slow  # a few minutes on 2 cores: six ViT evaluations of the full 10,000-image test set
+def test_attention_pretrains_fine_tunes_both_modes_and_draws(tmp_path, data_dir):
+    main(["attention", "--data.data_dir", data_dir, *outputs(tmp_path)])
+    assert (tmp_path / "results" / "attention_vit_mnist.png").stat().st_size > 0
+    assert list((tmp_path / "logs" / "vit_mnist" / "attention").glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader(open(tmp_path / "results" / "vit_vit_mnist.csv")))
+    assert {r["model"]: int(r["trainable_params"]) for r in rows} == {
+        "pretrained": 5_353_738, "full": 5_353_738, "lora": 177_418}  # LoRA r8 qkv+fc1, LayerNorms, head
+    for mode in ("full", "lora"):  # both fine-tunes started from the pretrain snapshot
+        config = yaml.safe_load(next((tmp_path / "logs" / "vit_mnist" / mode).glob("*/config.yaml")).read_text())
+        assert config["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
