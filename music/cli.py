@@ -46,6 +46,8 @@ PROGRESS_BAR_REFRESH_RATE = 50
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                         module=r"lightning\.pytorch\.utilities\._pytree")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
+# Splits are tensors in memory: loader worker processes would only add start-up cost.
+warnings.filterwarnings("ignore", message=r".*does not have many workers", module=r"lightning\.pytorch")
 
 
 class UsageError(Exception):

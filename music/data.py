@@ -344,6 +344,9 @@ class MusicDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
     # -- provenance --------------------------------------------------------------------------
 
     def manifest(self) -> dict[str, Any]:

@@ -322,6 +322,10 @@ class Classifier(LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
 
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Predicted classes of a batch (labels, if the split has them, are ignored)."""
+        return self(batch[0]).argmax(1)
+
     def on_test_epoch_end(self) -> None:
         self.log_epoch(self._compute("test", self.test_metrics, self.test_loss))
         self.log_confusion_matrix("test/confusion_matrix", self.test_confusion.compute())

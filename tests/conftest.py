@@ -123,3 +123,29 @@ def load_script(name: str):
 def run(*args: str):
     """Run ``music fit|validate|test|predict`` in-process; returns the CLI (``.trainer``, ...)."""
     return lightning([str(a) for a in args])
+
+
+# -- no avoidable warning: a warning raised from music's own code, or one of Lightning's that
+# the framework is meant to prevent, fails the run (a test that expects one uses pytest.warns).
+MUSIC_DIR = str(Path(__file__).resolve().parents[1] / "music")
+AVOIDABLE = ("`max_epochs` was not set", "smaller than the logging interval", "Total length of `list` across ranks",
+             "isinstance(treespec, LeafSpec)", "`weights_only` was not set")
+_avoidable: list[str] = []
+
+
+def pytest_warning_recorded(warning_message, when, nodeid, location) -> None:
+    text = str(warning_message.message)
+    if warning_message.filename.startswith(MUSIC_DIR) or any(a in text for a in AVOIDABLE):
+        _avoidable.append(f"{nodeid}: {warning_message.category.__name__}: {text.splitlines()[0] if text else ''}")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _avoidable:
+        terminalreporter.section("avoidable warnings (fail the run)")
+        for line in dict.fromkeys(_avoidable):
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _avoidable and exitstatus == 0:
+        session.exitstatus = 1

@@ -1,8 +1,13 @@
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import CONFIG_DIR, REPO, run
+
+TESTS = Path(__file__).parent
 
 from music.experiments import EXPERIMENTS
 
@@ -45,3 +50,31 @@ print(sorted(i for i in importers if i[0].startswith("music")))
     assert out.strip().splitlines()[-1] == "[]"
     for name in ("fit", "test", *EXPERIMENTS):
         assert f"  {name} " in out
+
+
+def music(*args, cwd, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "music", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_a_short_fit_prints_no_warning_the_framework_could_avoid(shrink, tmp_path):
+    env = os.environ | {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = music("fit", "--config", shrink("seq"), "--trainer.limit_train_batches", 5, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in (result.stdout + result.stderr).splitlines() if re.search(r"\.py:\d+: |Warning", line)]
+    assert warnings == []
+
+
+def test_commands_work_from_any_directory_and_a_non_editable_install(tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(REPO)], check=True, capture_output=True, timeout=600)
+    env = os.environ | {"PYTHONPATH": str(site)}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for args in (["--help"], ["fit", "--config", "seq", "--config", "lora", "--print_config"],
+                 *([name, "--print_config"] for name in EXPERIMENTS)):
+        result = music(*args, cwd=elsewhere, env=env)
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+    shown = music("fit", "--config", "seq", "--print_config", cwd=elsewhere, env=env).stdout
+    assert "name: class_7" in shown and "class_path: music.models.SimpleNN" in shown

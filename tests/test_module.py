@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 from collections import Counter
 
 import pytest
@@ -86,3 +89,23 @@ def test_blocks_train_exactly_as_single_batches(shrink, listener):
         assert torch.equal(a, b), name
     for key in ("train/loss", "train/acc"):
         assert torch.equal(single.trainer.callback_metrics[key], blocks.trainer.callback_metrics[key])
+
+
+def test_init_from_initialises_every_stage(shrink, tmp_path):
+    """``test``/``validate``/``predict --model.init_from`` evaluate the weights named, as ``fit``
+    starts from them: the pretrained model's test accuracy comes back exactly."""
+    config = shrink("pretrain", val_size=200)
+    fitted = run("fit", "--config", config, "--trainer.limit_train_batches", 2)
+    snapshot = Path(fitted.trainer.log_dir) / "checkpoints" / "phase-0-pretrain.ckpt"
+    pretrained = json.loads((Path(fitted.trainer.log_dir) / "phase_metrics.json").read_text())["pretrain"]
+    tested = run("test", "--config", config, "--model.init_from", snapshot)
+    assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(pretrained["acc"], abs=1e-7)
+    random = run("test", "--config", config)
+    assert random.trainer.callback_metrics["test/acc"].item() != pytest.approx(pretrained["acc"], abs=1e-3)
+    validated = run("validate", "--config", config, "--model.init_from", snapshot)
+    from_ckpt = run("validate", "--config", config, "--ckpt_path", snapshot)
+    assert validated.trainer.callback_metrics["val/acc"] == from_ckpt.trainer.callback_metrics["val/acc"]
+    predictions = torch.cat(lightning(["predict", "--config", str(config), "--model.init_from", str(snapshot),
+                                       "--return_predictions", "true"]).trainer.predict_loop.predictions)
+    labels = tested.datamodule.dataset("test").labels
+    assert (predictions == labels).float().mean().item() == pytest.approx(pretrained["acc"], abs=1e-7)
