@@ -124,7 +124,7 @@ class SequentialFineTuning(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({"phase": self.phase_index(self.epoch)}, step=logged_step(trainer, pl_module))
+            trainer.logger.log_metrics({"train/phase": self.phase_index(self.epoch)}, step=logged_step(trainer, pl_module))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
@@ -261,14 +261,14 @@ class SequentialFineTuning(Callback):
         num_classes = len(self.rows[names[0]])
         evaluations = [[i, n, e["split"], e["step"], e["epoch"], e["acc"], e["f1_macro"], e["loss"]]
                        for i, (n, e) in enumerate((n, self.evaluations[n]) for n in names)]
-        dashboard.log_text(logger, "evaluations", dashboard.markdown_table(
+        dashboard.log_text(logger, "test/evaluations", dashboard.markdown_table(
             ["row", "after", "split", "step", "epoch", "test acc", "F1 macro", "loss"], evaluations), step)
         matrix = [row[2 : 2 + num_classes] for row in table]
-        dashboard.log_text(logger, "accuracy_matrix", dashboard.markdown_table(
+        dashboard.log_text(logger, "test/accuracy_matrix", dashboard.markdown_table(
             ["after", *(f"class {c}" for c in range(num_classes))], [[n, *r] for n, r in zip(names, matrix)]), step)
         if last:
             title = f"{dashboard.run_name(logger)}: test accuracy per class"
-            dashboard.log_figure(logger, "continual/accuracy_matrix", accuracy_matrix_figure(names, matrix, title), step)
+            dashboard.log_figure(logger, "test/accuracy_matrix", accuracy_matrix_figure(names, matrix, title), step)
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
         # on every rank: save_checkpoint holds a barrier; rank zero writes, atomically (AtomicCheckpointIO)

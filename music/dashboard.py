@@ -2,9 +2,11 @@
 
 A quantity keeps one tag for the whole run (``test/acc``), with one point per evaluation at
 the global step it was made, so "test accuracy after each phase" is one curve, and runs whose
-steps continue each other (``Classifier(init_from=...)``) share one x-axis. Per-class values go
-under ``<prefix>_per_class/<metric>/class_<c>``, a group of their own, and are drawn as one
-multi-line chart per metric in the Custom Scalars tab. Every run writes the same layout and the
+steps continue each other (``Classifier(init_from=...)``) share one x-axis. TensorBoard groups
+cards by the tag's first part and sorts the groups by name: ``test`` holds the headline
+numbers (accuracy, loss, macro F1, the continual-learning metrics, the confusion and accuracy
+matrices), ``test_per_class`` the per-class values (``<metric>/class_<c>``), which the Custom
+Scalars tab draws as one multi-line chart per metric, and ``train`` the training curves. Every run writes the same layout and the
 same HParams experiment (so TensorBoard, which merges layouts and reads one experiment
 definition, shows every run's settings), and a Markdown table of its evaluations in the Text tab,
 where a series of one point per phase reads better than on a smoothed chart.
@@ -25,9 +27,13 @@ PER_CLASS = ("f1", "recall", "precision")
 CONTINUAL = ("average_accuracy", "backward_transfer", "mean_forgetting", "held_out_acc", "untouched_acc",
              "untouched_forgetting", "collapse_share", "reference_acc")
 # The metric columns of the HParams tab: the last value of each tag, i.e. the run's final one.
-HPARAM_METRICS = ("test/acc", "test/f1_macro", "test/loss", "continual/average_accuracy",
-                  "continual/backward_transfer", "continual/mean_forgetting", "continual/held_out_acc",
-                  "continual/untouched_acc", "continual/collapse_share", "train/loss")
+HPARAM_METRICS = ("test/acc", "test/f1_macro", "test/loss", "test/continual/average_accuracy",
+                  "test/continual/backward_transfer", "test/continual/mean_forgetting", "test/continual/held_out_acc",
+                  "test/continual/untouched_acc", "test/continual/collapse_share", "train/loss")
+
+
+# The settings a study varies, shown first in the HParams tab (it shows five by default).
+KEY_SETTINGS = ("seed", "schedule.phases", "model.init_from", "model.finetune", "model.lr")
 
 
 def metric_scalars(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -44,13 +50,13 @@ def metric_scalars(prefix: str, metrics: Mapping[str, float]) -> dict[str, float
 
 
 def continual_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The run-level continual metrics (``continual/...``) and forgetting per class
-    (``continual_per_class/forgetting/class_<c>``); undefined ones (``None``/NaN) are left out."""
+    """The run-level continual metrics (``test/continual/...``) and forgetting per class
+    (``test_per_class/forgetting/class_<c>``); undefined ones (``None``/NaN) are left out."""
     def defined(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
-    out = {f"continual/{k}": float(summary[k]) for k in CONTINUAL if defined(summary.get(k))}
-    out |= {f"continual_per_class/forgetting/class_{c}": float(v)
+    out = {f"test/continual/{k}": float(summary[k]) for k in CONTINUAL if defined(summary.get(k))}
+    out |= {f"test_per_class/forgetting/class_{c}": float(v)
             for c, v in (summary.get("forgetting_per_class") or {}).items() if defined(v)}
     return out
 
@@ -70,12 +76,13 @@ def layout() -> dict:
             "precision per class": ["Multiline", [r"^test_per_class/precision/"]],
         },
         "Continual learning": {
-            "forgetting per class": ["Multiline", [r"^continual_per_class/forgetting/"]],
+            "forgetting per class": ["Multiline", [r"^test_per_class/forgetting/"]],
             "average accuracy, backward transfer, forgetting": [
-                "Multiline", [r"^continual/(average_accuracy|backward_transfer|mean_forgetting)$"]],
+                "Multiline", [r"^test/continual/(average_accuracy|backward_transfer|mean_forgetting)$"]],
         },
         "Training": {
-            "loss (per step and per epoch) and phase": ["Multiline", [r"^train/loss", r"^phase$"]],
+            "loss, per step and per epoch": ["Multiline", [r"^train/loss"]],
+            "phase (index in the run)": ["Multiline", [r"^train/phase$"]],
         },
     }
 
@@ -120,17 +127,49 @@ def log_layout(logger) -> None:
 def log_hparams(logger, hparams: Mapping[str, Any], start: bool = True) -> None:
     """The HParams tab: the run's settings (``hparams``: str, number or bool values) and the
     ``HPARAM_METRICS`` columns. Written when the run starts, so a run that stops early is
-    listed too; the metric values are read by TensorBoard from the tags' last points. With
-    ``start=False``, marks the run finished instead."""
-    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    listed too; TensorBoard reads each metric's value from its tag's last point, the run's
+    final one. With ``start=False``, marks the run finished instead.
+
+    TensorBoard takes the columns from the first experiment definition it finds, shows the
+    first five hyperparameters and sorts those flagged as differing between runs first: the
+    ``KEY_SETTINGS`` are flagged, so a study's axes are the columns shown."""
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams.plugin_data_pb2 import SessionEndInfo, SessionStartInfo
 
     writer = tensorboard(logger)
     if writer is None:
         return
-    experiment, session_start, session_end = hparams_summaries(dict(hparams), dict.fromkeys(HPARAM_METRICS, 0.0))
-    file_writer = writer._get_file_writer()  # as Lightning's own TensorBoardLogger.log_hyperparams writes them
-    for summary in ((experiment, session_start) if start else (session_end,)):
-        file_writer.add_summary(summary)
+    file_writer = writer._get_file_writer()  # as Lightning's own TensorBoardLogger.log_hyperparams writes
+    if not start:
+        file_writer.add_summary(_hparams_summary("session_end_info", SessionEndInfo(status=api_pb2.STATUS_SUCCESS)))
+        return
+    types = {str: api_pb2.DATA_TYPE_STRING, bool: api_pb2.DATA_TYPE_BOOL}
+    infos = [api_pb2.HParamInfo(name=k, type=types.get(type(v), api_pb2.DATA_TYPE_FLOAT64), differs=k in KEY_SETTINGS)
+             for k, v in hparams.items()]
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=f"{tag} (final)")
+               for tag in HPARAM_METRICS]
+    session = SessionStartInfo(group_name=run_name(logger))
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            session.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            session.hparams[key].number_value = value
+        else:
+            session.hparams[key].string_value = str(value)
+    file_writer.add_summary(_hparams_summary("experiment", api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)))
+    file_writer.add_summary(_hparams_summary("session_start_info", session))
+
+
+def _hparams_summary(kind: str, message):
+    """One HParams plugin summary (``_hparams_/<kind>``), as ``tensorboard.plugins.hparams.summary``
+    builds it without needing TensorFlow."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    content = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **{kind: message})
+    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+    return Summary(value=[Summary.Value(tag=f"_hparams_/{kind}", metadata=SummaryMetadata(plugin_data=plugin))])
 
 
 def flat_settings(prefix: str, values: Mapping[str, Any]) -> dict[str, str | float | bool]:
@@ -139,7 +178,8 @@ def flat_settings(prefix: str, values: Mapping[str, Any]) -> dict[str, str | flo
     keys for every run (so ``None`` becomes ``"none"`` rather than a missing column)."""
     out: dict[str, str | float | bool] = {}
     for key, value in values.items():
-        out[f"{prefix}.{key}"] = setting(value)
+        if not key.startswith("_"):  # Lightning's own entries, e.g. "_instantiator"
+            out[f"{prefix}.{key}"] = setting(value)
     return out
 
 

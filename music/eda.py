@@ -27,7 +27,7 @@ def class_counts_figure(counts: dict[str, list[int]]):
     heights compare as counts do (the splits' totals are in the legend)."""
     plt = pyplot()
     num_classes = max(len(c) for c in counts.values())
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     width = 0.8 / len(counts)
     for i, (name, values) in enumerate(counts.items()):
         ax.bar([c + (i - len(counts) / 2 + 0.5) * width for c in range(len(values))], values, width,
@@ -39,7 +39,7 @@ def class_counts_figure(counts: dict[str, list[int]]):
     ax.tick_params(labelsize=11)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Class counts per split", fontsize=13)
-    ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=4, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -307,7 +307,7 @@ class Classifier(LightningModule):
         loop steps, which are blocks when ``batches_per_block`` > 1, while ``train/loss_step``
         and the phases' test metrics are logged at optimizer steps: one axis for all of them."""
         self.log_dict(values, **kwargs)
-        self.log_dict({"step": float(self.logged_step), "epoch": float(self.current_epoch + self.epoch_offset)})
+        self.log_dict({"step": float(self.logged_step), "train/epoch": float(self.current_epoch + self.epoch_offset)})
 
     @property
     def logged_step(self) -> int:
