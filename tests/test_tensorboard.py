@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run
+import yaml
+from conftest import merged_config, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -37,13 +38,25 @@ def hparams(acc: EventAccumulator) -> tuple[dict, list[str]]:
     return values, [m.name.tag for m in experiment.metric_infos]
 
 
-@pytest.fixture
-def study(shrink):
-    """A tiny Table I study in one logdir: pretrain (1 epoch of 2 blocks), then sequential
-    fine-tuning 3 -> 4 -> 7 (1 epoch of 2 blocks each) from the pretrained snapshot."""
-    pretrain = run("fit", "--config", shrink("pretrain"), "--trainer.limit_train_batches", 2)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, data_dir):
+    """A tiny Table I study in one logdir, run once for this module's tests: pretrain (1 epoch
+    of at most 2 blocks), then sequential fine-tuning 3 -> 4 -> 7 (1 epoch each) from the
+    pretrained snapshot. The shipped configs, shrunk as ``conftest.shrink`` does."""
+    root = tmp_path_factory.mktemp("study")
+
+    def config(name: str) -> Path:
+        merged = merged_config(name)
+        merged["data"] |= {"data_dir": data_dir, "download": False, "log_eda": False}
+        merged["trainer"]["logger"]["init_args"]["save_dir"] = str(root / "logs")
+        merged["trainer"] |= {"enable_progress_bar": False, "enable_model_summary": False}
+        merged["schedule"]["phases"] = [p | {"epochs": 1} for p in merged["schedule"]["phases"]]
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(merged))
+        return root / f"{name}.yaml"
+
+    pretrain = run("fit", "--config", config("pretrain"), "--trainer.limit_train_batches", 2)
     snapshot = Path(pretrain.trainer.log_dir) / "checkpoints" / "phase-0-pretrain.ckpt"
-    seq = run("fit", "--config", shrink("seq_finetune"), "--trainer.limit_train_batches", 2,
+    seq = run("fit", "--config", config("seq_finetune"), "--trainer.limit_train_batches", 2,
               "--model.init_from", snapshot)
     return pretrain, seq
 
@@ -51,20 +64,21 @@ def study(shrink):
 @pytest.mark.mnist
 def test_event_files_hold_one_curve_per_quantity_on_one_axis(study):
     pretrain, seq = study
-    per_epoch = 2 * pretrain.datamodule.batches_per_block  # optimizer steps per epoch (2 blocks)
+    pretrained = pretrain.trainer.global_step
+    per_phase = seq.trainer.global_step // len(FINE_TUNING)  # equal-sized splits; Lightning counts from 0
+    assert pretrained > 0 and per_phase > 0 and seq.trainer.global_step == per_phase * len(FINE_TUNING)
     first, second = events(pretrain.trainer.log_dir), events(seq.trainer.log_dir)
 
     # one test/acc series, one point per evaluation, at the phase-boundary steps; the
     # fine-tuning run continues the pretrained run's steps and starts from its final point
-    assert steps(first, "test/acc") == [0, per_epoch]
-    boundaries = [per_epoch * (1 + i) for i in range(len(FINE_TUNING) + 1)]
+    assert steps(first, "test/acc") == [0, pretrained]
+    boundaries = [pretrained + per_phase * i for i in range(len(FINE_TUNING) + 1)]
     assert steps(second, "test/acc") == boundaries
     assert second.Scalars("test/acc")[0].value == pytest.approx(first.Scalars("test/acc")[-1].value)
-    assert seq.trainer.global_step == per_epoch * len(FINE_TUNING)  # Lightning's own counter starts at 0
     assert [e.step for e in second.Scalars("train/phase")] == boundaries[:-1]
     assert [e.value for e in second.Scalars("train/epoch")] == [1, 2, 3]  # pretrain trained epoch 0
     assert steps(second, "train/loss") == boundaries[1:]
-    assert min(steps(second, "train/loss_step")) >= per_epoch
+    assert min(steps(second, "train/loss_step")) >= pretrained
 
     # the headline group is small; per-class values are a group of their own, one tag per class
     scalars = set(second.Tags()["scalars"])
@@ -104,10 +118,10 @@ def test_event_files_hold_one_curve_per_quantity_on_one_axis(study):
 @pytest.mark.mnist
 def test_progress_offsets_chain_through_checkpoints(study):
     pretrain, seq = study
-    per_epoch = 2 * pretrain.datamodule.batches_per_block
+    pretrained, total = pretrain.trainer.global_step, seq.trainer.global_step
     snapshots = Path(seq.trainer.log_dir) / "checkpoints"
-    assert training_progress(snapshots / "phase-0-class_3.ckpt") == (2 * per_epoch, 2)  # 1 + 1 epochs
-    assert training_progress(snapshots / "phase-2-class_7.ckpt") == (4 * per_epoch, 4)
+    assert training_progress(snapshots / "phase-0-class_3.ckpt") == (pretrained + total // 3, 2)  # 1 + 1 epochs
+    assert training_progress(snapshots / "phase-2-class_7.ckpt") == (pretrained + total, 4)
     state = torch.load(snapshots / "phase-2-class_7.ckpt", weights_only=True)["state_dict"]
     torch.save(state, snapshots / "plain.pt")
     assert training_progress(snapshots / "plain.pt") == (0, 0)  # no counters in a plain weights file
