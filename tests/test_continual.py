@@ -103,12 +103,12 @@ def test_callback_writes_the_accuracy_matrix_and_metrics_and_resumes_them(shrink
     assert json.loads((Path(resumed.trainer.log_dir) / "continual_metrics.json").read_text()) == metrics
 
 
-def test_initial_evaluation_leaves_training_unchanged(shrink):
+def test_start_evaluation_leaves_training_unchanged(shrink):
     phases = [{"name": "pretrain", "split": "remaining", "epochs": 1}, {"name": "merged", "split": "merged", "epochs": 1}]
     config = shrink("merged", phases=phases)
     with_initial = run("fit", "--config", config, "--trainer.limit_train_batches", 2)
     data = yaml.safe_load(config.read_text())
-    data["trainer"]["callbacks"][0]["init_args"]["evaluate_initial"] = False
+    data["schedule"]["evaluate_initial"] = False
     without_path = config.with_name("no_initial.yaml")
     without_path.write_text(yaml.safe_dump(data))
     without = run("fit", "--config", without_path, "--trainer.limit_train_batches", 2)
