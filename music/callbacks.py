@@ -210,7 +210,7 @@ class SequentialFineTuning(Callback):
         logger = trainer.logger if trainer.is_global_zero else None
         if logger is not None:
             logger.log_metrics(dashboard.metric_scalars("test", metrics), step=step)
-            title = f"{dashboard.run_name(logger)}: {_describe(phase.name)}, step {step} (acc {metrics['acc']:.3f})"
+            title = f"{dashboard.run_name(logger)}\n{_describe(phase.name)}, step {step} (acc {metrics['acc']:.3f})"
             dashboard.log_figure(logger, "test/confusion_matrix", confusion_matrix_figure(confusion.tolist(), title),
                                  step)
         if index is not None:
@@ -267,7 +267,7 @@ class SequentialFineTuning(Callback):
         dashboard.log_text(logger, "test/accuracy_matrix", dashboard.markdown_table(
             ["after", *(f"class {c}" for c in range(num_classes))], [[n, *r] for n, r in zip(names, matrix)]), step)
         if last:
-            title = f"{dashboard.run_name(logger)}: test accuracy per class"
+            title = f"{dashboard.run_name(logger)}\ntest accuracy per class after each evaluation"
             dashboard.log_figure(logger, "test/accuracy_matrix", accuracy_matrix_figure(names, matrix, title), step)
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:

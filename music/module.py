@@ -370,7 +370,7 @@ class Classifier(LightningModule):
         from music.dashboard import log_figure, run_name
         from music.figures import confusion_matrix_figure
 
-        title = f"{run_name(self.logger)}: {tag.split('/')[0]} set, step {self.logged_step}" + (f" ({note})" if note else "")
+        title = f"{run_name(self.logger)}\n{tag.split('/')[0]} set, step {self.logged_step}" + (f" ({note})" if note else "")
         log_figure(self.logger, tag, confusion_matrix_figure(confusion.tolist(), title), self.logged_step)
 
 

@@ -161,9 +161,9 @@ def test_settings_are_flat_with_the_same_keys_whatever_the_values():
 
 def test_figures_are_titled_with_a_colour_bar_and_counts():
     confusion = [[8, 2, 0], [0, 10, 0], [1, 0, 9]]
-    fig = confusion_matrix_figure(confusion, "seq/version_0: after class_3")
+    fig = confusion_matrix_figure(confusion, "seq/version_0\nafter class_3")
     axes, bar = fig.axes
-    assert axes.get_title() == "seq/version_0: after class_3" and bar.get_ylabel() == "share of the true class"
+    assert axes.get_title() == "seq/version_0\nafter class_3" and bar.get_ylabel() == "share of the true class"
     assert sorted(t.get_text() for t in axes.texts) == sorted(["8", "2", "10", "1", "9"])  # empty cells stay blank
     assert axes.images[0].get_array()[0, 0] == pytest.approx(0.8)  # coloured by the true class's share
     fig = accuracy_matrix_figure(["start", "class_3"], [[0.9, 0.8, math.nan], [0.1, 1.0, 0.5]], "seq: accuracy")
