@@ -19,7 +19,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from music import dashboard
 from music.checkpoint import write_atomically
+from music.figures import accuracy_matrix_figure, confusion_matrix_figure
+
+START = "start"  # the row of the evaluation before the first phase
 
 
 @dataclass
@@ -38,18 +42,23 @@ class Phase:
 class SequentialFineTuning(Callback):
     """Runs ``phases`` in order; after each it evaluates the test set and saves a snapshot.
 
-    At every phase end it logs the test metrics under ``test/<phase>/...``, writes them to
-    ``phase_metrics.json`` and saves ``checkpoints/phase-<i>-<name>.ckpt`` in the run's log
-    dir. The number of epochs of the run is the sum of the phases' epochs.
+    At every phase end it logs the test metrics (``test/acc``, ``test/f1_macro``, per class
+    ``test_per_class/f1/class_<c>``, ...; see ``music.dashboard``) at that global step, so each
+    quantity is one curve across the phases, writes them to ``phase_metrics.json`` and saves
+    ``checkpoints/phase-<i>-<name>.ckpt`` in the run's log dir. The number of epochs of the run
+    is the sum of the phases' epochs. When fitting starts it writes the run's settings to
+    TensorBoard's HParams tab and the per-class charts to its Custom Scalars tab.
 
     Args:
         phases: the phases, in order.
         reset_optimizer: give each phase a fresh optimizer (Adam's moments from the previous
             task would otherwise steer the first steps of the next).
         evaluate_test: evaluate the test set at each phase end.
-        evaluate_initial: also evaluate the test set when fitting starts (not on resume): the
-            reference row 0 of the accuracy matrix, e.g. the pretrained model a fine-tuning run
-            starts from. It restores the RNG afterwards, so training is the same with or without.
+        evaluate_initial: also evaluate the test set when fitting starts (not on resume), as the
+            row named ``start``: the model the run starts from (the random initialisation, or
+            the pretrained model a fine-tuning run is given with ``init_from``), the reference
+            row 0 of the accuracy matrix. It restores the RNG afterwards, so training is the
+            same with or without.
 
     With ``evaluate_test``, the rows evaluated so far also go to ``accuracy_matrix.csv`` (test
     accuracy per class and per fine-tuning task, row by row) and ``continual_metrics.json``
@@ -67,10 +76,11 @@ class SequentialFineTuning(Callback):
         self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
         self.evaluate_initial = evaluate_initial
-        if evaluate_initial and "initial" in (p.name for p in self.phases):
-            raise ValueError("Phase name 'initial' is reserved for the evaluation before the first phase "
+        if evaluate_initial and START in (p.name for p in self.phases):
+            raise ValueError(f"Phase name {START!r} is reserved for the evaluation before the first phase "
                              "(evaluate_initial=true): rename the phase.")
         self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
+        self.evaluations: dict[str, dict] = {}  # evaluated row name -> step, epoch, headline metrics
         self._phase_start = time.perf_counter()  # wall time of a phase (since a resume, if resumed)
 
     def phase_index(self, epoch: int) -> int:
@@ -99,11 +109,14 @@ class SequentialFineTuning(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.datamodule.train_split = self.phase.split
+        if trainer.logger is not None and trainer.is_global_zero:
+            dashboard.log_layout(trainer.logger)
+            dashboard.log_hparams(trainer.logger, self.settings(trainer, pl_module))
         if self.epoch == 0:  # a resumed run gets its learning rate back with the optimizer
             self._set_lr(trainer, pl_module)
             if self.evaluate_test and self.evaluate_initial:
                 rng = torch.get_rng_state()  # the test loader draws a seed; training must not notice
-                self._evaluate(trainer, pl_module, None, Phase("initial", "test", 1))
+                self._evaluate(trainer, pl_module, None, Phase(START, "test", 1))
                 torch.set_rng_state(rng)
         self._phase_start = time.perf_counter()
         rank_zero_info(f"Phase {self.phase_index(self.epoch)} '{self.phase.name}' (split {self.phase.split}) "
@@ -111,7 +124,11 @@ class SequentialFineTuning(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({"phase": self.phase_index(self.epoch)}, step=trainer.global_step)
+            trainer.logger.log_metrics({"train/phase": self.phase_index(self.epoch)}, step=logged_step(trainer, pl_module))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.logger is not None and trainer.is_global_zero:
+            dashboard.log_hparams(trainer.logger, {}, start=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if hasattr(pl_module, "check_finite"):
@@ -140,7 +157,8 @@ class SequentialFineTuning(Callback):
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases], "rng": rng, "rows": self.rows}
+        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases], "rng": rng, "rows": self.rows,
+                "evaluations": self.evaluations}
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = [Phase(**p) for p in state_dict["phases"]]
@@ -151,6 +169,7 @@ class SequentialFineTuning(Callback):
             )
         self.epoch = state_dict["epoch"]
         self.rows = dict(state_dict.get("rows", {}))
+        self.evaluations = dict(state_dict.get("evaluations", {}))
         rng = state_dict.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -165,15 +184,35 @@ class SequentialFineTuning(Callback):
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
+    def settings(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, str | float | bool]:
+        """The run's settings for the HParams tab, named as in the config: ``seed``,
+        ``schedule.*`` (phases in order, their splits, epochs and learning rates), ``model.*``
+        (with ``model.backbone``, the network's class) and ``data.*``."""
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's seed_everything)
+        settings: dict[str, str | float | bool] = {"seed": int(seed) if seed is not None else "none"}
+        settings |= {"schedule.phases": " → ".join(p.name for p in self.phases),
+                     "schedule.splits": " → ".join(p.split for p in self.phases),
+                     "schedule.epochs": ", ".join(str(p.epochs) for p in self.phases),
+                     "schedule.lr": ", ".join("model.lr" if p.lr is None else str(p.lr) for p in self.phases),
+                     "schedule.reset_optimizer": self.reset_optimizer}
+        settings |= dashboard.flat_settings("model", pl_module.hparams)
+        if isinstance(getattr(pl_module, "backbone", None), torch.nn.Module):
+            settings["model.backbone"] = type(pl_module.backbone).__name__
+        settings |= dashboard.flat_settings("data", getattr(trainer.datamodule, "hparams", {}))
+        return settings
+
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, index: int | None, phase: Phase) -> None:
         loader = trainer.datamodule.dataloader("test", distributed=trainer.world_size > 1)
         seconds = time.perf_counter() - self._phase_start
         metrics, confusion = pl_module.evaluate(loader)
+        step, epoch = logged_step(trainer, pl_module), logged_epoch(trainer, pl_module, index is None)
         rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({f"test/{phase.name}/{k}": v for k, v in metrics.items()},
-                                       step=trainer.global_step)
-        pl_module.log_confusion_matrix(f"test/{phase.name}/confusion_matrix", confusion)
+        logger = trainer.logger if trainer.is_global_zero else None
+        if logger is not None:
+            logger.log_metrics(dashboard.metric_scalars("test", metrics), step=step)
+            title = f"{dashboard.run_name(logger)}\n{_describe(phase.name)}, step {step} (acc {metrics['acc']:.3f})"
+            dashboard.log_figure(logger, "test/confusion_matrix", confusion_matrix_figure(confusion.tolist(), title),
+                                 step)
         if index is not None:
             _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
             # Wall time goes to its own file: phase_metrics.json stays bit-identical across resumes.
@@ -181,9 +220,12 @@ class SequentialFineTuning(Callback):
             _record(trainer.log_dir, index, phase, {"train_seconds": seconds, "trainable_params": trainable},
                     filename="phase_costs.json")
         self.rows[phase.name] = confusion.tolist()
-        self._continual(trainer)
+        self.evaluations[phase.name] = {"split": phase.split if index is not None else "–", "step": step,
+                                        "epoch": epoch, "acc": metrics["acc"], "f1_macro": metrics["f1"],
+                                        "loss": metrics["loss"]}
+        self._continual(trainer, step, last=index == len(self.phases) - 1)
 
-    def _continual(self, trainer: Trainer) -> None:
+    def _continual(self, trainer: Trainer, step: int, last: bool = False) -> None:
         """Accuracy matrix and continual-learning metrics over the rows evaluated so far."""
         from music.continual import accuracy_on, per_class_accuracy, summarise, to_json
 
@@ -203,22 +245,51 @@ class SequentialFineTuning(Callback):
         confusions = [self.rows[n] for n in names]
         summary = to_json(summarise(confusions, tasks, reference) | {"row_names": names,
                                                                       "reference_row": reference})
-        if trainer.logger is not None and trainer.is_global_zero:
-            scalars = {f"continual/{k}": v for k, v in summary.items() if isinstance(v, float)}
-            scalars |= {f"continual/forgetting/{c}": v for c, v in summary["forgetting_per_class"].items()
-                        if v is not None}
-            trainer.logger.log_metrics(scalars, step=trainer.global_step)
         task_columns = [(f"task_{n}", t) for n, t in zip(names, tasks) if t]
         header = ["row", "phase", *(f"acc_{c}" for c in range(len(confusions[0]))),
                   *(name for name, _ in task_columns), "acc"]
         table = [[i, n, *per_class_accuracy(conf).tolist(), *(accuracy_on(conf, t) for _, t in task_columns),
                   accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
+        if trainer.logger is not None and trainer.is_global_zero:
+            self._log_tables(trainer.logger, step, names, table, summary, last)
         _write_continual(trainer.log_dir, header, table, summary)
+
+    def _log_tables(self, logger, step: int, names: list[str], table: list[list], summary: dict, last: bool) -> None:
+        """Continual metrics at ``step``; the evaluations so far and the accuracy matrix as
+        Markdown tables (Text tab); the accuracy matrix as a heat map after the last phase."""
+        logger.log_metrics(dashboard.continual_scalars(summary), step=step)
+        num_classes = len(self.rows[names[0]])
+        evaluations = [[i, n, e["split"], e["step"], e["epoch"], e["acc"], e["f1_macro"], e["loss"]]
+                       for i, (n, e) in enumerate((n, self.evaluations[n]) for n in names)]
+        dashboard.log_text(logger, "test/evaluations", dashboard.markdown_table(
+            ["row", "after", "split", "step", "epoch", "test acc", "F1 macro", "loss"], evaluations), step)
+        matrix = [row[2 : 2 + num_classes] for row in table]
+        dashboard.log_text(logger, "test/accuracy_matrix", dashboard.markdown_table(
+            ["after", *(f"class {c}" for c in range(num_classes))], [[n, *r] for n, r in zip(names, matrix)]), step)
+        if last:
+            title = f"{dashboard.run_name(logger)}\ntest accuracy per class after each evaluation"
+            dashboard.log_figure(logger, "test/accuracy_matrix", accuracy_matrix_figure(names, matrix, title), step)
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
         # on every rank: save_checkpoint holds a barrier; rank zero writes, atomically (AtomicCheckpointIO)
         trainer.save_checkpoint(os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"),
                                 weights_only=False)
+
+
+def logged_step(trainer: Trainer, pl_module: LightningModule) -> int:
+    """The x-axis value for now: the global step, continued from the model the run started
+    from (``step_offset``: ``Classifier(init_from=...)`` reads it from a Lightning checkpoint)."""
+    return trainer.global_step + getattr(pl_module, "step_offset", 0)
+
+
+def logged_epoch(trainer: Trainer, pl_module: LightningModule, starting: bool = False) -> int:
+    """Epochs trained so far, continued like ``logged_step``: at a phase end, the epoch just
+    finished counts."""
+    return trainer.current_epoch + (0 if starting else 1) + getattr(pl_module, "epoch_offset", 0)
+
+
+def _describe(row: str) -> str:
+    return "at the start" if row == START else f"after {row}"
 
 
 @rank_zero_only

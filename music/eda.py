@@ -23,17 +23,23 @@ def class_counts(datamodule: MusicDataModule) -> dict[str, list[int]]:
 
 
 def class_counts_figure(counts: dict[str, list[int]]):
-    """Grouped bars: one group per class, one bar per split (log scale: 60,000 vs 1,000)."""
+    """Grouped bars on a linear axis from 0: one group per class, one bar per split, so bar
+    heights compare as counts do (the splits' totals are in the legend)."""
     plt = pyplot()
     num_classes = max(len(c) for c in counts.values())
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     width = 0.8 / len(counts)
     for i, (name, values) in enumerate(counts.items()):
         ax.bar([c + (i - len(counts) / 2 + 0.5) * width for c in range(len(values))], values, width,
                label=f"{name} ({sum(values):,})")
-    ax.set(xlabel="class", ylabel="samples (log scale)", yscale="log", xticks=range(num_classes),
-           title="Class counts per split")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("class", fontsize=12)
+    ax.set_ylabel("samples", fontsize=12)
+    ax.set_xticks(range(num_classes))
+    ax.tick_params(labelsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Class counts per split", fontsize=13)
+    ax.legend(fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=4, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -49,11 +55,12 @@ def sample_grid_figure(datamodule: MusicDataModule, split: str, rows: int = 4, c
     images = images.add(1).div(2).clamp(0, 1).mean(1)  # [-1, 1] -> [0, 1], grey
     size = images.shape[-1] + 2
     canvas = torch.ones(rows * size, cols * size)  # one image, one axes: fast to draw
-    fig, ax = plt.subplots(figsize=(cols * 0.9, rows * 0.95))
+    fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.15))
     for i, (image, label) in enumerate(zip(images, labels)):
         r, c = divmod(i, cols)
         canvas[r * size + 1 : r * size + 1 + image.shape[0], c * size + 1 : c * size + 1 + image.shape[1]] = image
-        ax.text(c * size + 2, r * size + 6, str(int(label)), color="red", fontsize=7)
+        ax.text(c * size + 1.5, r * size + 1.5, str(int(label)), color="yellow", fontsize=11, fontweight="bold",
+                va="top", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
     ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
     fig.suptitle(f"Random samples of '{split}' ({len(dataset):,} samples)")

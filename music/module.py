@@ -30,6 +30,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from music.dashboard import metric_scalars
 from music.data import Block
 from music.finetuning import FineTune
 from music.models import SimpleNN
@@ -94,7 +95,10 @@ class Classifier(LightningModule):
         init_from: weights (``.ckpt``, ``.pt`` or ``.safetensors``) that initialise the network
             before any stage (fit, validate, test, predict), so fine-tuning runs start from one
             shared pretrained model and an edited model is evaluated like any other. Read with
-            ``weights_only=True``; a model loaded from a checkpoint never reads it again.
+            ``weights_only=True``; a model loaded from a checkpoint never reads it again. When
+            it is a Lightning checkpoint, the run's logged steps and epochs continue its counts
+            (``step_offset``, ``epoch_offset``), so a fine-tuning run lines up after the run it
+            starts from on TensorBoard's x-axis; Lightning's own counters start at 0.
         finetune: which parameters to train (``full``, ``lora``, ``head-only``; see
             ``music.finetuning.FineTune``). Applied in ``configure_model``, i.e. after
             ``init_from`` has loaded the pretrained weights and before a checkpoint is restored.
@@ -140,6 +144,8 @@ class Classifier(LightningModule):
         self.optimizer = optimizer
         self.init_from = init_from
         self._weights_loaded = False
+        self.step_offset = 0  # steps and epochs trained before init_from was saved: see logged_step
+        self.epoch_offset = 0
         self.finetune = finetune
         self._finetune_applied = False
         self.num_classes = num_classes
@@ -166,9 +172,15 @@ class Classifier(LightningModule):
 
             self.backbone.load_state_dict(load_state_dict(self.init_from))
             self._weights_loaded = True
+            self.step_offset, self.epoch_offset = training_progress(self.init_from)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PROGRESS_OFFSET_KEY] = {"step": self.step_offset, "epoch": self.epoch_offset}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._weights_loaded = True
+        offset = checkpoint.get(PROGRESS_OFFSET_KEY, {})
+        self.step_offset, self.epoch_offset = offset.get("step", 0), offset.get("epoch", 0)
 
     def configure_model(self) -> None:
         if self.finetune is None or self._finetune_applied:
@@ -232,7 +244,7 @@ class Classifier(LightningModule):
         every = self.log_every_n_steps
         if every and self.logger is not None:
             for i in range(-first_step % every, len(losses), every):  # batches at multiples of `every`
-                self.logger.log_metrics({"train/loss_step": losses[i].item()}, step=first_step + i)
+                self.logger.log_metrics({"train/loss_step": losses[i].item()}, step=self.step_offset + first_step + i)
         return loss
 
     def _stepper(self) -> Callable[[Tensor], None]:
@@ -298,11 +310,16 @@ class Classifier(LightningModule):
         self.log_epoch({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
 
     def log_epoch(self, values: dict[str, Tensor], **kwargs: Any) -> None:
-        """``log_dict`` at ``global_step`` on TensorBoard's x-axis. Lightning's default counts
+        """``log_dict`` at ``logged_step`` on TensorBoard's x-axis. Lightning's default counts
         loop steps, which are blocks when ``batches_per_block`` > 1, while ``train/loss_step``
         and the phases' test metrics are logged at optimizer steps: one axis for all of them."""
         self.log_dict(values, **kwargs)
-        self.log_dict({"step": float(self.global_step), "epoch": float(self.current_epoch)})
+        self.log_dict({"step": float(self.logged_step), "train/epoch": float(self.current_epoch + self.epoch_offset)})
+
+    @property
+    def logged_step(self) -> int:
+        """``global_step``, continued from the ``init_from`` checkpoint's (``step_offset``)."""
+        return self.global_step + self.step_offset
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -317,7 +334,7 @@ class Classifier(LightningModule):
         self._update(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_epoch(self._compute("val", self.val_metrics, self.val_loss))
+        self.log_epoch(metric_scalars("val", self._compute(self.val_metrics, self.val_loss)))
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
@@ -327,13 +344,15 @@ class Classifier(LightningModule):
         return self(batch[0]).argmax(1)
 
     def on_test_epoch_end(self) -> None:
-        self.log_epoch(self._compute("test", self.test_metrics, self.test_loss))
-        self.log_confusion_matrix("test/confusion_matrix", self.test_confusion.compute())
+        values = self._compute(self.test_metrics, self.test_loss)
+        self.log_epoch(metric_scalars("test", values))
+        self.log_confusion_matrix("test/confusion_matrix", self.test_confusion.compute(), f"acc {float(values['acc']):.3f}")
         self.test_confusion.reset()
 
     @staticmethod
-    def _compute(prefix: str, metrics: MetricCollection, loss: MeanMetric) -> dict[str, Tensor]:
-        values = {f"{prefix}/{k}": v for k, v in metrics.compute().items()} | {f"{prefix}/loss": loss.compute()}
+    def _compute(metrics: MetricCollection, loss: MeanMetric) -> dict[str, Tensor]:
+        """``evaluate``'s keys: ``acc``, ``loss``, ``f1`` (macro), ``f1/3`` (class 3), ..."""
+        values = metrics.compute() | {"loss": loss.compute()}
         metrics.reset()
         loss.reset()
         return values
@@ -348,27 +367,43 @@ class Classifier(LightningModule):
         for x, y in loader:
             batch = (x.to(self.device), y.to(self.device))
             self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
-        values = {k.removeprefix("test/"): float(v) for k, v in self._compute("test", self.test_metrics, self.test_loss).items()}
+        values = {k: float(v) for k, v in self._compute(self.test_metrics, self.test_loss).items()}
         confusion = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
         self.train(was_training)
         return values, confusion
 
-    def log_confusion_matrix(self, tag: str, confusion: Tensor) -> None:
-        """A confusion-matrix figure in TensorBoard's Images tab (rank zero only)."""
+    def log_confusion_matrix(self, tag: str, confusion: Tensor, note: str = "") -> None:
+        """A confusion-matrix figure (``music.figures``) in TensorBoard's Images tab at
+        ``logged_step``, titled with the run, the step and ``note`` (rank zero only)."""
         if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
             return
-        from music.plots import pyplot  # matplotlib only when a figure is drawn
+        from music.dashboard import log_figure, run_name
+        from music.figures import confusion_matrix_figure
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 6))
-        ax.imshow(confusion, cmap="Blues")
-        half = int(confusion.max()) / 2
-        for i, row in enumerate(confusion.tolist()):
-            for j, count in enumerate(row):
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > half else "black")
-        ax.set(xlabel="predicted", ylabel="true", xticks=range(self.num_classes), yticks=range(self.num_classes))
-        fig.tight_layout()
-        self.logger.experiment.add_figure(tag, fig, global_step=self.global_step)
-        plt.close(fig)
+        title = f"{run_name(self.logger)}\n{tag.split('/')[0]} set, step {self.logged_step}" + (f" ({note})" if note else "")
+        log_figure(self.logger, tag, confusion_matrix_figure(confusion.tolist(), title), self.logged_step)
 
+
+# Where a checkpoint keeps the steps and epochs trained before its run's ``init_from`` was saved.
+PROGRESS_OFFSET_KEY = "music_progress_offset"
+
+
+def training_progress(path: str) -> tuple[int, int]:
+    """Optimizer steps and epochs that produced the weights in ``path``: a Lightning
+    checkpoint's ``global_step`` and finished epochs, plus the offset it had itself continued
+    from; ``(0, 0)`` for files without counters (``.pt``, ``.safetensors``)."""
+    if not str(path).endswith(".ckpt"):
+        return 0, 0
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # counters, not weights
+    except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "global_step" not in checkpoint:
+        return 0, 0
+    # loops.fit_loop.epoch_progress counts an epoch as processed before on_train_epoch_end, where
+    # phase snapshots and last.ckpt are saved; "epoch" is the index of the epoch it was saved in.
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs = progress.get("processed", checkpoint.get("epoch", -1) + 1)
+    offset = checkpoint.get(PROGRESS_OFFSET_KEY, {})
+    return int(checkpoint["global_step"]) + offset.get("step", 0), int(epochs) + offset.get("epoch", 0)

@@ -84,7 +84,7 @@ def test_callback_writes_the_accuracy_matrix_and_metrics_and_resumes_them(shrink
     whole = run("fit", "--config", config, "--trainer.limit_train_batches", 2)
     log_dir = Path(whole.trainer.log_dir)
     rows = read_matrix(log_dir)
-    assert [r["phase"] for r in rows] == ["initial", "pretrain", "class_3", "class_4", "class_7"]
+    assert [r["phase"] for r in rows] == ["start", "pretrain", "class_3", "class_4", "class_7"]
     phases = json.loads((log_dir / "phase_metrics.json").read_text())
     for row in rows[1:]:  # the matrix agrees with the confusion matrices of phase_metrics.json
         expected = continual.per_class_accuracy(phases[row["phase"]]["confusion_matrix"])
@@ -94,7 +94,7 @@ def test_callback_writes_the_accuracy_matrix_and_metrics_and_resumes_them(shrink
     assert metrics["reference_row"] == 1 and metrics["trained_classes"] == [3, 4, 7]  # row before class_3
     assert metrics["collapse_class"] == 7
     tags = set(EventAccumulator(str(log_dir)).Reload().Tags()["scalars"])
-    assert {"continual/average_accuracy", "continual/collapse_share", "continual/forgetting/0"} <= tags
+    assert {"test/continual/average_accuracy", "test/continual/collapse_share", "test_per_class/forgetting/class_0"} <= tags
     # resumed from the class_3 snapshot into a new run directory: the earlier rows come from the state
     resumed = run("fit", "--config", config, "--trainer.limit_train_batches", 2,
                   "--ckpt_path", log_dir / "checkpoints" / "phase-1-class_3.ckpt")
@@ -103,7 +103,7 @@ def test_callback_writes_the_accuracy_matrix_and_metrics_and_resumes_them(shrink
     assert json.loads((Path(resumed.trainer.log_dir) / "continual_metrics.json").read_text()) == metrics
 
 
-def test_initial_evaluation_leaves_training_unchanged(shrink):
+def test_start_evaluation_leaves_training_unchanged(shrink):
     phases = [{"name": "pretrain", "split": "remaining", "epochs": 1}, {"name": "merged", "split": "merged", "epochs": 1}]
     config = shrink("merged", phases=phases)
     with_initial = run("fit", "--config", config, "--trainer.limit_train_batches", 2)

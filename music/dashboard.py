@@ -1,0 +1,209 @@
+"""What a run shows in TensorBoard: one tag per quantity, per-class charts, HParams, tables.
+
+A quantity keeps one tag for the whole run (``test/acc``), with one point per evaluation at
+the global step it was made, so "test accuracy after each phase" is one curve, and runs whose
+steps continue each other (``Classifier(init_from=...)``) share one x-axis. TensorBoard groups
+cards by the tag's first part and sorts the groups by name: ``test`` holds the headline
+numbers (accuracy, loss, macro F1, the continual-learning metrics, the confusion and accuracy
+matrices), ``test_per_class`` the per-class values (``<metric>/class_<c>``), which the Custom
+Scalars tab draws as one multi-line chart per metric, and ``train`` the training curves. Every run writes the same layout and the
+same HParams experiment (so TensorBoard, which merges layouts and reads one experiment
+definition, shows every run's settings), and a Markdown table of its evaluations in the Text tab,
+where a series of one point per phase reads better than on a smoothed chart.
+
+Only a ``TensorBoardLogger`` gets figures, text, layout and HParams; scalars go to any logger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# evaluate()'s macro keys -> the tag's last part; "f1" alone would read as a per-class value
+MACRO_NAMES = {"acc": "acc", "loss": "loss", "f1": "f1_macro", "precision": "precision_macro",
+               "recall": "recall_macro"}
+PER_CLASS = ("f1", "recall", "precision")
+CONTINUAL = ("average_accuracy", "backward_transfer", "mean_forgetting", "held_out_acc", "untouched_acc",
+             "untouched_forgetting", "collapse_share", "reference_acc")
+# The metric columns of the HParams tab: the last value of each tag, i.e. the run's final one.
+HPARAM_METRICS = ("test/acc", "test/f1_macro", "test/loss", "test/continual/average_accuracy",
+                  "test/continual/backward_transfer", "test/continual/mean_forgetting", "test/continual/held_out_acc",
+                  "test/continual/untouched_acc", "test/continual/collapse_share", "train/loss")
+
+
+# The settings a study varies, shown first in the HParams tab (it shows five by default).
+KEY_SETTINGS = ("seed", "schedule.phases", "model.init_from", "model.finetune", "model.lr")
+
+
+def metric_scalars(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """``evaluate()``'s keys as tags: ``acc`` -> ``test/acc``, ``f1`` -> ``test/f1_macro``,
+    ``f1/3`` -> ``test_per_class/f1/class_3``."""
+    out = {}
+    for key, value in metrics.items():
+        metric, _, cls = key.partition("/")
+        if cls:
+            out[f"{prefix}_per_class/{metric}/class_{cls}"] = value
+        else:
+            out[f"{prefix}/{MACRO_NAMES.get(metric, metric)}"] = value
+    return out
+
+
+def continual_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The run-level continual metrics (``test/continual/...``) and forgetting per class
+    (``test_per_class/forgetting/class_<c>``); undefined ones (``None``/NaN) are left out."""
+    def defined(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+    out = {f"test/continual/{k}": float(summary[k]) for k in CONTINUAL if defined(summary.get(k))}
+    out |= {f"test_per_class/forgetting/class_{c}": float(v)
+            for c, v in (summary.get("forgetting_per_class") or {}).items() if defined(v)}
+    return out
+
+
+def layout() -> dict:
+    """The Custom Scalars tab: one multi-line chart per per-class metric, and the run-level
+    curves. Regexes, not class lists, so every run writes the same layout (TensorBoard merges
+    the layouts of all runs and drops duplicate charts)."""
+    return {
+        "Test set, after each evaluation": {
+            "accuracy and macro F1": ["Multiline", [r"^test/(acc|f1_macro)$"]],
+            "loss": ["Multiline", [r"^test/loss$"]],
+        },
+        "Test set, per class (one line per class)": {
+            "F1 per class": ["Multiline", [r"^test_per_class/f1/"]],
+            "recall per class (= accuracy on the class)": ["Multiline", [r"^test_per_class/recall/"]],
+            "precision per class": ["Multiline", [r"^test_per_class/precision/"]],
+        },
+        "Continual learning": {
+            "forgetting per class": ["Multiline", [r"^test_per_class/forgetting/"]],
+            "average accuracy, backward transfer, forgetting": [
+                "Multiline", [r"^test/continual/(average_accuracy|backward_transfer|mean_forgetting)$"]],
+        },
+        "Training": {
+            "loss, per step and per epoch": ["Multiline", [r"^train/loss"]],
+            "phase (index in the run)": ["Multiline", [r"^train/phase$"]],
+        },
+    }
+
+
+def tensorboard(logger) -> Any | None:
+    """The ``SummaryWriter`` of a TensorBoard logger, else ``None``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return logger.experiment if isinstance(logger, TensorBoardLogger) else None
+
+
+def run_name(logger) -> str:
+    """``<name>/version_<n>``, the run as TensorBoard lists it."""
+    if logger is None:
+        return "run"
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return f"{logger.name}/{version}" if logger.name else version
+
+
+def log_figure(logger, tag: str, fig, step: int) -> None:
+    """A figure in the Images tab (TensorBoard loggers only); the figure is closed."""
+    from music.plots import pyplot
+
+    writer = tensorboard(logger)
+    if writer is not None:
+        writer.add_figure(tag, fig, global_step=step, close=False)
+    pyplot().close(fig)
+
+
+def log_text(logger, tag: str, markdown: str, step: int) -> None:
+    writer = tensorboard(logger)
+    if writer is not None:
+        writer.add_text(tag, markdown, global_step=step)
+
+
+def log_layout(logger) -> None:
+    writer = tensorboard(logger)
+    if writer is not None:
+        writer.add_custom_scalars(layout())
+
+
+def log_hparams(logger, hparams: Mapping[str, Any], start: bool = True) -> None:
+    """The HParams tab: the run's settings (``hparams``: str, number or bool values) and the
+    ``HPARAM_METRICS`` columns. Written when the run starts, so a run that stops early is
+    listed too; TensorBoard reads each metric's value from its tag's last point, the run's
+    final one. With ``start=False``, marks the run finished instead.
+
+    TensorBoard takes the columns from the first experiment definition it finds, shows the
+    first five hyperparameters and sorts those flagged as differing between runs first: the
+    ``KEY_SETTINGS`` are flagged, so a study's axes are the columns shown."""
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams.plugin_data_pb2 import SessionEndInfo, SessionStartInfo
+
+    writer = tensorboard(logger)
+    if writer is None:
+        return
+    file_writer = writer._get_file_writer()  # as Lightning's own TensorBoardLogger.log_hyperparams writes
+    if not start:
+        file_writer.add_summary(_hparams_summary("session_end_info", SessionEndInfo(status=api_pb2.STATUS_SUCCESS)))
+        return
+    types = {str: api_pb2.DATA_TYPE_STRING, bool: api_pb2.DATA_TYPE_BOOL}
+    infos = [api_pb2.HParamInfo(name=k, type=types.get(type(v), api_pb2.DATA_TYPE_FLOAT64), differs=k in KEY_SETTINGS)
+             for k, v in hparams.items()]
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=f"{tag} (final)")
+               for tag in HPARAM_METRICS]
+    session = SessionStartInfo(group_name=run_name(logger))
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            session.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            session.hparams[key].number_value = value
+        else:
+            session.hparams[key].string_value = str(value)
+    file_writer.add_summary(_hparams_summary("experiment", api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)))
+    file_writer.add_summary(_hparams_summary("session_start_info", session))
+
+
+def _hparams_summary(kind: str, message):
+    """One HParams plugin summary (``_hparams_/<kind>``), as ``tensorboard.plugins.hparams.summary``
+    builds it without needing TensorFlow."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    content = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **{kind: message})
+    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+    return Summary(value=[Summary.Value(tag=f"_hparams_/{kind}", metadata=SummaryMetadata(plugin_data=plugin))])
+
+
+def flat_settings(prefix: str, values: Mapping[str, Any]) -> dict[str, str | float | bool]:
+    """``{"lr": 0.001, "finetune": {"mode": "lora"}}`` -> ``{"model.lr": 0.001, "model.finetune":
+    "mode=lora"}``: HParams takes strings, numbers and booleans, one value per key, and the same
+    keys for every run (so ``None`` becomes ``"none"`` rather than a missing column)."""
+    out: dict[str, str | float | bool] = {}
+    for key, value in values.items():
+        if not key.startswith("_"):  # Lightning's own entries, e.g. "_instantiator"
+            out[f"{prefix}.{key}"] = setting(value)
+    return out
+
+
+def setting(value: Any) -> str | float | bool:
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return value
+    if value is None:
+        return "none"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={setting(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(setting(v)) for v in value)
+    if isinstance(value, type) or callable(value):
+        return getattr(value, "__qualname__", None) or type(value).__name__
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (the Text tab renders it), floats to 4 decimals."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "–" if math.isnan(value) else f"{value:.4f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
