@@ -155,6 +155,10 @@ class Evaluator:
         self.log: list[tuple[str, bool]] = []
         self._selecting = False
 
+    def release(self) -> None:
+        """Drop the network and the data (the log stays)."""
+        self.model = self.datamodule = None
+
     @contextmanager
     def selecting(self) -> Iterator[None]:
         self._selecting = True
