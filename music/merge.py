@@ -634,12 +634,23 @@ class Merge:
                     lines.append(f"| {c} | " + " | ".join(pct(result["tables"][n][split]["per_class"][c]) for n in names) + " |")
                 lines += ["| overall | " + " | ".join(pct(result["tables"][n][split]["acc"]) for n in names) + " |", ""]
         if result["curve"]:
-            lines += ["λ curve (accuracy %, the test values are computed after the choice):", "",
-                      "| λ | " + " | ".join(r["split"] for r in result["curve"] if r["lambda"] == self.lambdas[0]) + " |",
-                      "|---" * (1 + sum(r["lambda"] == self.lambdas[0] for r in result["curve"])) + "|"]
+            forget = self.evaluation.forget if self.evaluation.objective == "forget" else []
+            splits = list(dict.fromkeys(r["split"] for r in result["curve"]))
+            header = [f"{split} all" for split in splits]
+            if forget:
+                n = len(result["curve"][0]["per_class"])
+                others = [c for c in range(n) if c not in forget]
+                header += [f"{split} class {','.join(map(str, forget))}" for split in splits]
+                header += [f"{split} others" for split in splits]
+            lines += ["λ curve (accuracy %; the test values are computed after the choice):", "",
+                      "| λ | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
             for lam in self.lambdas:
+                points = [r for split in splits for r in result["curve"] if r["lambda"] == lam and r["split"] == split]
+                cells = [pct(r["acc"]) for r in points]
+                if forget:
+                    cells += [pct(_mean_of(r, forget)) for r in points] + [pct(_mean_of(r, others)) for r in points]
                 mark = " (chosen)" if lam == result["lambda"] else ""
-                lines.append(f"| {lam:g}{mark} | " + " | ".join(pct(r["acc"]) for r in result["curve"] if r["lambda"] == lam) + " |")
+                lines.append(f"| {lam:g}{mark} | " + " | ".join(cells) + " |")
             lines.append("")
         return "\n".join(lines)
 

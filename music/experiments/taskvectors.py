@@ -212,13 +212,18 @@ class TaskVectors:
                  f"{self.trained or 'nothing (all stages reused)'}; training {train_seconds:.0f} s, total {seconds:.0f} s. "
                  "Accuracies in %.", "",
                  "## Summary (test set)", "",
-                 "| recipe | method | λ (chosen on val) | held-out classes | other classes | overall |",
-                 "|---|---|---|---|---|---|"]
+                 "Target classes: the held-out classes (transfer, addition) or the negated class (negation); "
+                 "base = the model the recipe edits (λ = 0).", "",
+                 "| recipe | method | λ (chosen on val) | target classes: base → edited | other classes: base → edited "
+                 "| overall: base → edited |", "|---|---|---|---|---|---|"]
         for name, r in results.items():
-            edited = r["tables"]["edited"]["test"]
-            others = [c for c in range(len(edited["per_class"])) if c not in held]
-            lines.append(f"| {name} | {r['method']} | {r['lambda']:g} | {pct(_mean(edited, held))} | "
-                         f"{pct(_mean(edited, others))} | {pct(edited['acc'])} |")
+            tables = list(r["tables"].values())
+            base, edited = tables[0]["test"], r["tables"]["edited"]["test"]
+            target = r["merge"].evaluation.forget or held
+            others = [c for c in range(len(edited["per_class"])) if c not in target]
+            lines.append(f"| {name} | {r['method']} | {r['lambda']:g} | {pct(_mean(base, target))} → "
+                         f"{pct(_mean(edited, target))} | {pct(_mean(base, others))} → {pct(_mean(edited, others))} | "
+                         f"{pct(base['acc'])} → {pct(edited['acc'])} |")
         for name, r in results.items():
             merge = r["merge"]
             stem = f"task_vectors_{name.removeprefix('merge_')}"
