@@ -279,7 +279,8 @@ class TaskVector:
             applied=tuple(self.tensors),
             skipped=tuple(sorted(set(state) - set(self.tensors))),
             cast=tuple(k for k, t in self.tensors.items() if state[k].dtype != t.dtype),
-            base_matches=_check_base(self.base_fingerprint, fingerprint(state)))
+            base_matches=(_check_base(self.base_fingerprint, fingerprint(state))
+                          if self.base_fingerprint is not None else None))  # hashing costs a pass
         return (out, result) if report else out
 
     def save(self, path: PathLike) -> None:
