@@ -34,8 +34,8 @@ from safetensors.torch import save_file
 
 from music.checkpoint import write_atomically
 
-RECIPES = ["merge_transfer_seed", "merge_transfer_further", "merge_addition_sum", "merge_addition_ties",
-           "merge_addition_dare", "merge_negation_3", "merge_negation_4", "merge_negation_7"]
+RECIPES = ["merge_addition_sum", "merge_addition_ties", "merge_addition_dare", "merge_negation_3", "merge_negation_4",
+           "merge_negation_7", "merge_transfer_seed", "merge_transfer_further"]
 
 
 class TaskVectors:
@@ -145,21 +145,22 @@ class TaskVectors:
         stages["sequential"] = ["--config", "seq_finetune", *init, *self.phases("seq_finetune", self.finetune_epochs)]
         return stages
 
-    def needed(self) -> list[str]:
-        """The stages the recipes read (and the pretrained model the others start from), in training order."""
+    def needed(self, recipes: list[str] | None = None) -> list[str]:
+        """The stages ``recipes`` (default: all) read, and the pretrained model the others start
+        from, in training order."""
         from music.cli import resolve_configs
 
         named = set()
-        for recipe in self.recipes:
+        for recipe in self.recipes if recipes is None else recipes:
             text = Path(resolve_configs(["--config", recipe])[1]).read_text()
             named |= {name for name in self.stages() if f"stages/{name}.safetensors" in text}
         if not named <= {"pretrained", "similar_seed"}:
             named.add("pretrained")
         return [name for name in self.stages() if name in named]
 
-    def train(self) -> None:
+    def train(self, recipes: list[str] | None = None) -> None:
         stages = self.stages()
-        for name in self.needed():
+        for name in self.needed(recipes):
             self.stage(name, stages[name])
 
     # -- recipes ------------------------------------------------------------------------------
@@ -184,12 +185,16 @@ class TaskVectors:
         return {"merge": merge, **result}
 
     def run(self) -> dict[str, Any]:
+        """Recipe by recipe: train the stages it reads (if not done), run it, rewrite the tables
+        (so a long run shows its results as they come)."""
         torch.set_num_threads(self.threads)
-        start = time.perf_counter()
-        self.train()
-        train_seconds = time.perf_counter() - start
-        results = {Path(r).name.removesuffix(".yaml"): self.merge(r) for r in self.recipes}
-        self.write(results, train_seconds, time.perf_counter() - start)
+        start, train_seconds, results = time.perf_counter(), 0.0, {}
+        for recipe in self.recipes:
+            started = time.perf_counter()
+            self.train([recipe])
+            train_seconds += time.perf_counter() - started
+            results[Path(recipe).name.removesuffix(".yaml")] = self.merge(recipe)
+            self.write(results, train_seconds, time.perf_counter() - start)
         return results
 
     # -- output -------------------------------------------------------------------------------
