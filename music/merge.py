@@ -357,13 +357,14 @@ class Merge:
                 _architecture(name, pre_path, pre, path, ft)
                 tau = TaskVector.from_state_dicts(pre, ft, dtype=COMPUTE_DTYPE)
                 source = {"entry": name, "path": str(path), "fingerprint": fingerprint(ft),
-                          "base": str(pre_path), "base_fingerprint": tau.base_fingerprint}
+                          "base": str(pre_path), "base_fingerprint": tau.base_fingerprint,
+                          "dtypes": {k: ft[k].dtype for k in tau.tensors}}
             else:
                 tau = TaskVector.load(path)
+                source = {"entry": name, "path": str(path), "base_fingerprint": tau.base_fingerprint,
+                          "sources": dict(tau.sources), "dtypes": {k: t.dtype for k, t in tau.tensors.items()}}
                 tau = TaskVector({k: t.to(COMPUTE_DTYPE) for k, t in tau.tensors.items()}, tau.base_fingerprint,
                                  tau.skipped, tau.sources)
-                source = {"entry": name, "path": str(path), "base_fingerprint": tau.base_fingerprint,
-                          "sources": dict(tau.sources)}
             _fits_base(name, path, {k: tuple(t.shape) for k, t in tau.tensors.items()}, base_shapes, self.base_path)
             kept = {k: t for k, t in tau.tensors.items() if self.selected(k)}
             skipped = dict(tau.skipped) | {k: "excluded by the recipe" for k in tau.tensors if k not in kept}
@@ -406,11 +407,8 @@ class Merge:
         if self.is_grid:
             lam, curve = self.choose(base, combined)
         state, report = self.edit(base, combined, lam)
-        sources_of = [loaded[self.resolve(e.path)] if n.startswith("models") else taus[i].tensors
-                      for i, (n, e) in enumerate(self.entries())]
         cast = _cast_keys(list(report.applied), lambda k: base[k].dtype, self.dtype,
-                          [lambda k, sd=sd: sd[k].dtype for sd in sources_of[:len(self.models)]]
-                          + [lambda k, p=self.resolve(e.path): _vector_dtype(p, k) for e in self.vectors])
+                          [lambda k, d=d: d[k] for d in (s.pop("dtypes") for s in sources)])
         report = ApplyReport(report.applied, report.skipped, tuple(cast), None)
         layout = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
         self._check_output()
@@ -717,11 +715,6 @@ def _cast_keys(keys, base_dtype, out_dtype, source_dtypes) -> list[str]:
     then cast to the output dtype)."""
     return [k for k in keys if (out_dtype is not None and out_dtype != base_dtype(k))
             or any(dtype(k) != base_dtype(k) for dtype in source_dtypes)]
-
-
-def _vector_dtype(path: Path, key: str) -> torch.dtype:
-    with SafetensorsReader(path) as reader:
-        return reader.dtype(key)
 
 
 def _floating_shapes(reader: SafetensorsReader) -> dict[str, tuple]:
