@@ -536,16 +536,19 @@ class Merge:
 
     def tables(self, base: StateDict, loaded: Mapping[Path, StateDict], edited: StateDict) -> dict[str, dict]:
         """Per-class results on the selection split and the test set of every model involved:
-        the base, the entries' own bases, each fine-tuned model, the references and the edit."""
+        the base, each fine-tuned model, the references and the edit; with entries of their own
+        base (transfer), those bases and models first: pretrained | fine-tuned | base | edited."""
         evaluator = self.evaluator
         assert evaluator is not None
-        models: dict[str, StateDict] = {f"base ({Path(self.base_path).name.split('.')[0]})": base}
+        own_bases: dict[str, StateDict] = {}  # transfer: the model each vector was computed from comes first
+        fine_tuned: dict[str, StateDict] = {}
         for (name, entry), label in zip(self.entries(), self.names()):
             if name.startswith("models"):
                 if entry.base is not None:
-                    models.setdefault(f"{label} base ({Path(entry.base).name.split('.')[0]})",
-                                      loaded[self.resolve(entry.base)])
-                models[label] = loaded[self.resolve(entry.path)]
+                    own_bases.setdefault(Path(entry.base).name.split(".")[0], loaded[self.resolve(entry.base)])
+                fine_tuned[label] = loaded[self.resolve(entry.path)]
+        recipe_base = {f"base ({Path(self.base_path).name.split('.')[0]})": base}
+        models = ({**own_bases, **fine_tuned, **recipe_base} if own_bases else {**recipe_base, **fine_tuned})
         for ref in self.evaluation.references:
             models[ref.name] = load_state_dict(self.resolve(ref.path))
         models["edited"] = edited

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from music.checkpoint import write_atomically
 
 RECIPES = ["merge_addition_sum", "merge_addition_ties", "merge_addition_dare", "merge_negation_3", "merge_negation_4",
-           "merge_negation_7", "merge_transfer_seed", "merge_transfer_further"]
+           "merge_negation_7", "merge_transfer_further", "merge_transfer_seed"]
 
 
 class TaskVectors:
@@ -222,8 +222,8 @@ class TaskVectors:
                  "| recipe | method | λ (chosen on val) | target classes: base → edited | other classes: base → edited "
                  "| overall: base → edited |", "|---|---|---|---|---|---|"]
         for name, r in results.items():
-            tables = list(r["tables"].values())
-            base, edited = tables[0]["test"], r["tables"]["edited"]["test"]
+            base = next(v for k, v in r["tables"].items() if k.startswith("base ("))["test"]
+            edited = r["tables"]["edited"]["test"]
             target = r["merge"].evaluation.forget or held
             others = [c for c in range(len(edited["per_class"])) if c not in target]
             lines.append(f"| {name} | {r['method']} | {r['lambda']:g} | {pct(_mean(base, target))} → "
