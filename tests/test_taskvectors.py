@@ -55,7 +55,7 @@ def test_the_merge_output_is_a_model_music_test_evaluates_to_the_reported_accura
     r = results["merge_negation_3"]
     cli = run("test", "--config", "pretrain", "--model.init_from", r["output"], "--data.data_dir", data_dir,
               "--data.download", "false", "--data.val_size", "500", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false")
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp_path)
     assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(r["tables"]["edited"]["test"]["acc"], abs=1e-6)
 
 
