@@ -7,17 +7,20 @@ through ``load_state_dict`` (never runs pickled code) or safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import mmap
 import numbers
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO, Collection, Iterable, Literal, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -159,7 +162,8 @@ class TaskVector:
     def from_state_dicts(cls, pretrained: StateDict, finetuned: StateDict, *,
                          include_buffers: bool = True,
                          parameter_names: Collection[str] | None = None,
-                         sources: Mapping[str, str] | None = None) -> TaskVector:
+                         sources: Mapping[str, str] | None = None,
+                         dtype: torch.dtype | None = None) -> TaskVector:
         """Vector from two state_dicts with identical keys and shapes.
 
         Buffer policy: a state_dict cannot tell parameters from buffers, so the default
@@ -167,7 +171,8 @@ class TaskVector:
         For parameters only, pass ``include_buffers=False`` with ``parameter_names`` (or use
         ``from_modules``); asking for it without names is an error rather than a guess.
         Integer/bool tensors (e.g. ``num_batches_tracked``) are always skipped, listed in
-        ``skipped``.
+        ``skipped``. ``dtype`` widens the differences further (float64 keeps
+        ``pre + (ft - pre) == ft`` exact for float32 weights, which float32 arithmetic does not).
         """
         if not include_buffers and parameter_names is None:
             raise TaskVectorError("include_buffers=False needs parameter_names: a state_dict "
@@ -184,8 +189,8 @@ class TaskVector:
             elif not include_buffers and key not in names:
                 skipped[key] = "buffer (include_buffers=False)"
             else:
-                dtype = _wide(pre.dtype, ft.dtype)
-                tensors[key] = ft.to(dtype) - pre.to(dtype)
+                wide = _wide(pre.dtype, ft.dtype, *([dtype] if dtype is not None else []))
+                tensors[key] = ft.to(wide) - pre.to(wide)
         return cls(tensors, fingerprint(pretrained), skipped, sources or {})
 
     @classmethod
@@ -274,7 +279,8 @@ class TaskVector:
             applied=tuple(self.tensors),
             skipped=tuple(sorted(set(state) - set(self.tensors))),
             cast=tuple(k for k, t in self.tensors.items() if state[k].dtype != t.dtype),
-            base_matches=_check_base(self.base_fingerprint, fingerprint(state)))
+            base_matches=(_check_base(self.base_fingerprint, fingerprint(state))
+                          if self.base_fingerprint is not None else None))  # hashing costs a pass
         return (out, result) if report else out
 
     def save(self, path: PathLike) -> None:
@@ -303,7 +309,7 @@ def _kth_largest_abs(values: Iterable[Tensor], density: float) -> Tensor:
     return flat.kthvalue(flat.numel() - k + 1).values
 
 
-def ties_merge(vectors: Sequence[TaskVector], *, density: float = 0.2,
+def ties_merge(vectors: Sequence[TaskVector], *, density: float | Sequence[float] = 0.2,
                scope: Literal["global", "per_tensor"] = "global") -> TaskVector:
     """TIES-merging (Yadav et al.): trim, elect sign, disjoint mean.
 
@@ -316,21 +322,29 @@ def ties_merge(vectors: Sequence[TaskVector], *, density: float = 0.2,
     tensors with small updates (biases, norms) can be zeroed entirely; libraries that merge
     tensor by tensor trim *per tensor*, keeping density of every tensor. The two give
     different merges at the same density. Default "global", to reproduce the paper.
+    ``density`` may be one value per vector (as merge recipes give it per model).
     """
     if not vectors or not all(isinstance(v, TaskVector) for v in vectors):
         raise TaskVectorError("ties_merge needs a non-empty sequence of TaskVectors")
-    if not 0 < _finite("density", density) <= 1:
-        raise TaskVectorError(f"density must be in (0, 1], got {density!r}")
+    densities = list(density) if isinstance(density, Sequence) else [density] * len(vectors)
+    if len(densities) != len(vectors):
+        raise TaskVectorError(f"density gives {len(densities)} values for {len(vectors)} vectors")
+    for d in densities:
+        if not 0 < _finite("density", d) <= 1:
+            raise TaskVectorError(f"density must be in (0, 1], got {d!r}")
     if scope not in ("global", "per_tensor"):
         raise TaskVectorError(f"scope must be 'global' or 'per_tensor', got {scope!r}")
     for v in vectors[1:]:
         _same_layout(vectors[0], v, "first vector", "other vector")
     dtype = _wide(*(t.dtype for v in vectors for t in v.tensors.values()))
     trimmed = []
-    for v in vectors:
+    for v, d in zip(vectors, densities):
         tensors = {k: t.to(dtype) for k, t in v.tensors.items()}
-        cut = _kth_largest_abs(tensors.values(), density) if scope == "global" else None
-        trimmed.append({k: torch.where(t.abs() >= (_kth_largest_abs([t], density) if cut is None
+        if d == 1:  # nothing trimmed; saves the k-th value search
+            trimmed.append(tensors)
+            continue
+        cut = _kth_largest_abs(tensors.values(), d) if scope == "global" else None
+        trimmed.append({k: torch.where(t.abs() >= (_kth_largest_abs([t], d) if cut is None
                                                    else cut), t, 0) for k, t in tensors.items()})
     merged = {}
     for key in vectors[0].tensors:
@@ -362,74 +376,178 @@ def dare(vector: TaskVector, *, drop_rate: float, seed: int) -> TaskVector:
     return TaskVector(out, vector.base_fingerprint, vector.skipped, vector.sources)
 
 
-def _read_header(f: BinaryIO) -> tuple[dict, int]:
-    """(header, offset of the data section) of a safetensors file open for reading."""
-    size = int.from_bytes(f.read(8), "little")
-    return json.loads(f.read(size)), 8 + size
+class SafetensorsReader:
+    """Tensors of a safetensors file as zero-copy views of a read-only mmap, one at a time.
 
-
-def _read_tensor(f: BinaryIO, data_start: int, entry: dict, key: str) -> Tensor:
-    """One tensor read into fresh memory, not via ``safe_open``.
-
-    ``safe_open`` tensors are zero-copy views of an mmap: every page read stays resident
-    (RssFile) until the file is closed, so streaming a model that way ends with all of it
-    in RSS. Plain reads keep the footprint at about one tensor per file.
+    A mapped page read stays in the process's RSS (as RssFile) until it is unmapped, so a file
+    streamed through ``safe_open`` ends with all of it resident. ``release`` drops a tensor's
+    pages from this process (``MADV_DONTNEED``; the page cache keeps them, so a re-read costs
+    no disk access): streaming then holds about one tensor per file, and reads cost no copy.
+    Assumes a little-endian host, as the format does.
     """
-    dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: readinto overwrites it
-    f.seek(data_start + begin)
-    if buf.numel() != math.prod(shape) * dtype.itemsize or f.readinto(buf.numpy()) != buf.numel():
-        raise TaskVectorError(f"{f.name}: entry {key!r} is truncated or inconsistent")
-    return buf.view(dtype).reshape(shape)
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(size)) if 0 < size < 100_000_000 else None
+            except ValueError:
+                header = None
+            if not isinstance(header, dict):
+                raise TaskVectorError(f"{self.path}: not a safetensors file (bad header)")
+            self._file = open(self.path, "rb")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict] = header
+        self._start = 8 + size
+        length = os.fstat(self._file.fileno()).st_size
+        if unknown := sorted(k for k, e in header.items() if e.get("dtype") not in _DTYPES):
+            raise TaskVectorError(f"{self.path}: unsupported safetensors dtype for {_listing(unknown)}")
+        for key, e in header.items():
+            begin, end = e["data_offsets"]
+            if end - begin != math.prod(e["shape"]) * _DTYPES[e["dtype"]].itemsize or self._start + end > length:
+                raise TaskVectorError(f"{self.path}: entry {key!r} is truncated or inconsistent")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if length else None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(e["shape"]) for k, e in self.entries.items()}
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _DTYPES[self.entries[key]["dtype"]]
+
+    def tensor(self, key: str) -> Tensor:
+        """A read-only view (do not modify it); copied only if the file misaligns it."""
+        entry = self.entries[key]
+        dtype, shape, (begin, end) = self.dtype(key), entry["shape"], entry["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        offset = self._start + begin
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": views are read only
+            if offset % dtype.itemsize:
+                return torch.frombuffer(bytearray(self._map[offset:offset + end - begin]), dtype=dtype).reshape(shape)
+            return torch.frombuffer(self._map, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+    def release(self, key: str) -> None:
+        """Drop ``key``'s pages from this process's memory (they stay in the page cache)."""
+        begin, end = self.entries[key]["data_offsets"]
+        if self._map is None or end == begin or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = (self._start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, first, self._start + end - first)
+
+    def close(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still alive keeps the map until it goes
+                self._map.close()
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def write_safetensors(path: PathLike, layout: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                      tensors: Iterable[tuple[str, Tensor]], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file from tensors produced one at a time, in sorted key order.
+
+    ``save_file`` needs every tensor at once; the format (8-byte little-endian header size,
+    JSON header of dtype/shape/data_offsets, raw bytes) needs only shapes and dtypes up front.
+    ``tensors`` must yield exactly ``sorted(layout)``, in that order, with the announced dtypes
+    and shapes; each is written from its own memory (no second copy). The file appears only
+    once complete: written to ``<path>.partial``, then renamed.
+    """
+    order, offset, header = sorted(layout), 0, {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for key in order:
+        dtype, shape = layout[key]
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned, as safetensors does
+    out_path, tmp = Path(path), Path(f"{path}.partial")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little") + blob)
+            produced = iter(tensors)
+            for key in order:
+                got, t = next(produced, (None, None))
+                if got != key or t is None or t.dtype != layout[key][0] or tuple(t.shape) != tuple(layout[key][1]):
+                    raise TaskVectorError(f"write_safetensors: expected {key!r} {layout[key]}, got {got!r}")
+                if t.numel():
+                    out.write(_raw(t))
+                del t
+            if next(produced, None) is not None:
+                raise TaskVectorError("write_safetensors: more tensors than the layout announced")
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Hasher:
+    """``fingerprint`` computed tensor by tensor on a background thread (sha256 releases the
+    GIL), so hashing overlaps reading, computing and writing. Feed keys in sorted order, and
+    keep each tensor unchanged until its ``update`` future is done."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._last: Future | None = None
+
+    def update(self, key: str, t: Tensor) -> Future:
+        self._last = self._pool.submit(_hash_tensor, self._h, key, t)
+        return self._last
+
+    def hexdigest(self) -> str:
+        if self._last is not None:
+            self._last.result()
+        self._pool.shutdown()
+        return self._h.hexdigest()
 
 
 def apply_safetensors(base_path: PathLike, vector_path: PathLike, out_path: PathLike,
                       scaling_coef: float = 1.0) -> ApplyReport:
     """Write base + scaling_coef * vector tensor by tensor, holding about one tensor at a time.
 
-    ``save_file`` needs every tensor at once, so the output is written here in the (simple,
-    documented) safetensors format: 8-byte little-endian header size, JSON header (dtype,
-    shape, data_offsets), raw bytes. The header needs only shapes and dtypes, known before
-    any data is read. Same kernel as ``apply_to``, so the result is bit-identical; the file
-    appears only once complete (written aside, then renamed). Assumes a little-endian host.
+    Reads are mmap views (``SafetensorsReader``), each output tensor is written from the one
+    buffer the kernel computes it into, and the base's fingerprint is hashed on a second
+    thread. Same kernel as ``apply_to``, so the result is bit-identical; the file appears
+    only once complete (written aside, then renamed).
     """
     coef = _finite("scaling_coef", scaling_coef)
-    out_path, tmp = Path(out_path), Path(f"{out_path}.partial")
-    with open(base_path, "rb") as base, open(vector_path, "rb") as vec:
-        (base_header, base_start), (vec_header, vec_start) = _read_header(base), _read_header(vec)
-        meta, vec_meta = base_header.pop("__metadata__", None), vec_header.pop("__metadata__", {})
-        _check_keys({k: tuple(e["shape"]) for k, e in vec_header.items()},
-                    {k: tuple(e["shape"]) for k, e in base_header.items()}, "task vector", "base",
-                    allow_extra_b=True)
-        if unknown := sorted(k for k, e in {**base_header, **vec_header}.items()
-                             if e["dtype"] not in _DTYPES):
-            raise TaskVectorError(f"unsupported safetensors dtype for {_listing(unknown)}")
-        keys, offset = sorted(base_header), 0
-        header: dict[str, object] = {"__metadata__": meta} if meta else {}
-        for k in keys:
-            size = base_header[k]["data_offsets"][1] - base_header[k]["data_offsets"][0]
-            header[k] = {**base_header[k], "data_offsets": [offset, offset + size]}
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned, as safetensors does
-        h, cast = hashlib.sha256(), []
-        try:
-            with open(tmp, "wb") as out:
-                out.write(len(blob).to_bytes(8, "little") + blob)
-                for k in keys:
-                    t = _read_tensor(base, base_start, base_header[k], k)
-                    _hash_tensor(h, k, t)
-                    if k in vec_header:
-                        tau = _read_tensor(vec, vec_start, vec_header[k], k)
-                        cast += [k] if tau.dtype != t.dtype else []
-                        t = _apply_tensor(t, tau, coef, k)
-                    out.write(_raw(t))
-            os.replace(tmp, out_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return ApplyReport(applied=tuple(sorted(vec_header)),
-                       skipped=tuple(k for k in keys if k not in vec_header),
-                       cast=tuple(sorted(cast)),
-                       base_matches=_check_base(json.loads(vec_meta.get("base_fingerprint", "null")),
-                                                h.hexdigest()))
+    with SafetensorsReader(base_path) as base, SafetensorsReader(vector_path) as vec:
+        _check_keys(vec.shapes(), base.shapes(), "task vector", "base", allow_extra_b=True)
+        layout = {k: (base.dtype(k), base.shapes()[k]) for k in base.entries}
+        hasher, cast = Hasher(), []
+
+        def edited() -> Iterator[tuple[str, Tensor]]:
+            for k in sorted(layout):
+                t = base.tensor(k)
+                hashed = hasher.update(k, t)
+                if k in vec.entries:
+                    tau = vec.tensor(k)
+                    cast.extend([k] if tau.dtype != t.dtype else [])
+                    yield k, _apply_tensor(t, tau, coef, k)
+                    del tau
+                    vec.release(k)
+                else:
+                    yield k, t
+                hashed.result()
+                del t, hashed
+                base.release(k)
+
+        write_safetensors(out_path, layout, edited(), base.metadata)
+        base_fingerprint = hasher.hexdigest()
+        expected = json.loads(vec.metadata.get("base_fingerprint", "null"))
+        applied, keys = tuple(sorted(vec.entries)), sorted(layout)
+    return ApplyReport(applied=applied, skipped=tuple(k for k in keys if k not in applied),
+                       cast=tuple(sorted(cast)), base_matches=_check_base(expected, base_fingerprint))

@@ -1,4 +1,5 @@
-"""Benchmark applying a task vector: in-memory ``apply_to`` vs streaming ``apply_safetensors``.
+"""Benchmark applying a task vector: in-memory ``apply_to``, streaming ``apply_safetensors`` and
+``music merge`` with ``stream: true``, beside a plain file copy (the disk's own speed).
 
 Builds a synthetic float32 safetensors checkpoint (``--size-gb``, default 2; ``--quick`` ~50 MB)
 and a task vector of the same shapes in a temporary directory (removed afterwards), then runs
@@ -15,10 +16,11 @@ each path in a fresh subprocess and reads that child's peak RSS from its own rus
 
 "Over imports" subtracts the child's RSS right after importing torch and music (~0.5 GB on
 this build), i.e. what the method itself costs. Throughput is model bytes (the base file)
-per second, page cache warm for both paths.
+per second, page cache warm for every path. Paths are run ``--rounds`` times, interleaved (a
+busy machine slows them alike); medians are reported, with the machine's load average.
 
     python scripts/bench_task_vector.py --quick
-    python scripts/bench_task_vector.py --size-gb 2
+    python scripts/bench_task_vector.py --size-gb 2 --rounds 3 --out results/task_vectors_bench.md
 """
 
 from __future__ import annotations
@@ -101,8 +103,16 @@ def worker(mode: str, *args: str) -> None:
         rss_after_imports, start = _rss_mib(), time.perf_counter()
         if mode == "in-memory":
             save_file(TaskVector.load(vector).apply_to(load_file(base), COEF), out)
-        else:
+        elif mode == "streaming":
             apply_safetensors(base, vector, out, COEF)
+        elif mode == "merge-stream":
+            from music.merge import Merge, Source
+
+            Merge(base=base, output=out, vectors=[Source(vector)], lambda_=COEF, stream=True, overwrite=True).run()
+        else:  # copy: read the base and write it, the floor any path pays
+            import shutil
+
+            shutil.copyfile(base, out)
         result = {"seconds": time.perf_counter() - start, "rss_after_imports": rss_after_imports}
     print(json.dumps(result))
 
@@ -119,10 +129,17 @@ def run(mode: str, *args: object) -> tuple[dict, float]:
     return json.loads(stdout.strip().splitlines()[-1]), usage.ru_maxrss / 1024  # KiB on Linux
 
 
+MODES = ("copy", "in-memory", "streaming", "merge-stream")
+
+
 def main() -> None:
+    import statistics
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.0, help="model size in GB (1e9 bytes)")
     parser.add_argument("--quick", action="store_true", help="~50 MB, for a smoke run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each path, interleaved")
+    parser.add_argument("--out", help="also write the table to this Markdown file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -130,24 +147,38 @@ def main() -> None:
         sys.stdout.flush()
         os._exit(0)  # skip interpreter teardown: torch's adds ~125 MiB of RSS at exit
     size = 50e6 if args.quick else args.size_gb * 1e9
-    with tempfile.TemporaryDirectory(prefix="bench_tv_") as tmp:
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench_tv_", dir=os.environ.get("BENCH_TMP")) as tmp:
         base, vector = Path(tmp, "base.safetensors"), Path(tmp, "vector.safetensors")
         made, _ = run("generate", base, vector, size)
         gb = base.stat().st_size / 1e9
-        print(f"base: {gb:.3f} GB ({made['description']}); vector: "
-              f"{vector.stat().st_size / 1e9:.3f} GB; scaling_coef {COEF}; one child per path")
-        print(f"{'path':<11}{'time [s]':>9}{'GB/s':>7}{'peak RSS [MiB]':>16}{'over imports':>14}")
-        outs = []
-        for mode in ("in-memory", "streaming"):
-            outs.append(Path(tmp, f"out-{mode}.safetensors"))
-            result, peak = run(mode, base, vector, outs[-1])
-            print(f"{mode:<11}{result['seconds']:>9.2f}{gb / result['seconds']:>7.2f}"
-                  f"{peak:>16.0f}{peak - result['rss_after_imports']:>14.0f}")
-        same = outputs_identical(*outs)
-        print(f"outputs identical (keys, dtypes, shapes, bytes): {'yes' if same else 'NO'}")
+        runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in MODES}
+        for _ in range(args.rounds):
+            for mode in MODES:
+                out = Path(tmp, f"out-{mode}.safetensors")
+                out.unlink(missing_ok=True)
+                result, peak = run(mode, base, vector, out)
+                runs[mode].append((result["seconds"], peak, peak - result["rss_after_imports"]))
+        same = outputs_identical(Path(tmp, "out-in-memory.safetensors"), Path(tmp, "out-streaming.safetensors")) and \
+            outputs_identical(Path(tmp, "out-in-memory.safetensors"), Path(tmp, "out-merge-stream.safetensors"))
         assert "torch" not in sys.modules, "the parent must stay lean (see module docstring)"
-        if not same:
-            raise SystemExit(1)
+    lines = [f"base: {gb:.3f} GB ({made['description']}); vector of the same size; scaling_coef {COEF}; "
+             f"one child process per run, {args.rounds} interleaved rounds, medians. Machine: {os.cpu_count()} CPU "
+             f"cores, load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} after (other jobs share it); "
+             "torch's default threads.", "",
+             "| path | time [s] | GB/s | peak RSS [MiB] | over imports [MiB] |", "|---|---|---|---|---|"]
+    for mode, values in runs.items():
+        seconds, peak, over = (statistics.median(v[i] for v in values) for i in range(3))
+        lines.append(f"| {mode} | {seconds:.2f} | {gb / seconds:.2f} | {peak:.0f} | {over:.0f} |")
+    lines += ["", f"outputs identical (keys, dtypes, shapes, bytes) across in-memory, streaming, merge-stream: "
+                  f"{'yes' if same else 'NO'}"]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("# Task-vector apply: streaming vs in memory (as measured)\n\n"
+                                  "`python scripts/bench_task_vector.py " + " ".join(sys.argv[1:]) + "`\n\n"
+                                  + "\n".join(lines) + "\n")
+    if not same:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ EXPERIMENTS: dict[str, Experiment] = {
                             "ViT: pretrain, fine-tune full and LoRA, draw last-block CLS attention maps",
                             "attention"),
     "eda": Experiment("music.experiments.eda:EDA", "class counts and sample grids of every split, as PNGs", "eda"),
+    "merge": Experiment("music.merge:Merge",
+                        "edit a model with task vectors from a recipe (task arithmetic, TIES, DARE; λ chosen on val)"),
+    "taskvectors": Experiment("music.experiments.taskvectors:TaskVectors",
+                              "train the task-vector studies' models, then run their merge recipes", "taskvector"),
 }
 
 

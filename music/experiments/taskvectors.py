@@ -1,0 +1,274 @@
+"""The task-vector studies: transfer to a similar model, addition of per-class vectors, negation.
+
+Every model is a ``music fit`` of a shipped config (``pretrain``, ``merged_finetune``,
+``seq_finetune``) and every edit is a shipped merge recipe (``merge_*.yaml``) run by the same
+code as ``music merge``: this experiment only trains the stages the recipes name and collects
+their tables into ``<out_dir>/task_vectors.md``.
+
+Stages (``<work_dir>/stages/<name>.safetensors``, with the fit arguments that made them in
+their metadata; a stage whose file holds the same arguments is reused, one with other arguments
+is refused, so a stale model never feeds a new study):
+
+- ``pretrained`` (A): ``pretrain``; ``similar_seed`` (B): ``pretrain`` from ``similar_seed``;
+- ``similar_further`` (B'): A trained ``further_epochs`` more on ``remaining`` from ``similar_seed``;
+- ``finetuned_merged``: ``merged_finetune`` from A; ``finetuned_class_<c>``: the same on
+  ``class_<c>`` alone; ``sequential``: ``seq_finetune`` from A (the last phase's weights).
+
+All of them and every recipe use the same ``val_size``, so ``val`` (where λ is chosen) is
+never trained on, and the test set is used only after λ is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from music.checkpoint import write_atomically
+
+RECIPES = ["merge_addition_sum", "merge_addition_ties", "merge_addition_dare", "merge_negation_3", "merge_negation_4",
+           "merge_negation_7", "merge_transfer_further", "merge_transfer_seed"]
+
+
+class TaskVectors:
+    """Trains the models of the task-vector studies, then runs their merge recipes.
+
+    Args:
+        data_dir: the MNIST root (torchvision layout).
+        val_size: samples carved from the training data for ``val``, where λ is chosen; the
+            same for every stage and recipe.
+        held_out_classes: the classes with a per-class fine-tuning (``finetuned_class_<c>``).
+        similar_seed: the seed of the similar models (B pretrained independently, and B' trained further).
+        further_epochs: the epochs B' trains A further on ``remaining``.
+        pretrain_epochs: epochs of the pretraining phases (``null``: as the shipped config says).
+        finetune_epochs: epochs of every fine-tuning phase (``null``: as the shipped configs say).
+        recipes: the merge recipes run after training (shipped names or paths), paths in them
+            relative to ``work_dir``.
+        fit_args: more arguments for every stage's ``music fit`` (e.g. ``--trainer.limit_train_batches 3``).
+        work_dir: stages, their training logs and the merge outputs.
+        out_dir: where ``task_vectors.md`` and its CSVs and PNGs go.
+        threads: torch threads (results are bitwise reproducible for one thread count and CPU).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        val_size: int = 5000,
+        held_out_classes: list[int] = [3, 4, 7],
+        similar_seed: int = 1,
+        further_epochs: int = 10,
+        pretrain_epochs: int | None = None,
+        finetune_epochs: int | None = None,
+        recipes: list[str] = RECIPES,
+        fit_args: list[str] = [],
+        work_dir: str = "lightning_logs/taskvectors",
+        out_dir: str = "results",
+        threads: int = 1,
+    ) -> None:
+        if val_size < 1:
+            raise ValueError(f"val_size={val_size} is not allowed: λ is chosen on `val`, so it needs val_size >= 1.")
+        for name, value in (("further_epochs", further_epochs), ("pretrain_epochs", pretrain_epochs),
+                            ("finetune_epochs", finetune_epochs), ("threads", threads)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} is not allowed: it must be an integer >= 1.")
+        if not recipes:
+            raise ValueError("recipes is empty: name at least one merge recipe.")
+        self.data_dir, self.val_size, self.held_out = data_dir, val_size, list(held_out_classes)
+        self.similar_seed, self.further_epochs = similar_seed, further_epochs
+        self.pretrain_epochs, self.finetune_epochs = pretrain_epochs, finetune_epochs
+        self.recipes, self.fit_args = list(recipes), [str(a) for a in fit_args]
+        self.work_dir, self.out_dir, self.threads = Path(work_dir), Path(out_dir), threads
+        self.trained: list[str] = []
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def data_args(self) -> list[str]:
+        return ["--data.data_dir", self.data_dir, "--data.download", "false", "--data.val_size", str(self.val_size),
+                "--data.held_out_classes", json.dumps(self.held_out)]
+
+    def phases(self, config: str, epochs: int | None, split: str | None = None, name: str | None = None) -> list[str]:
+        """``--schedule.phases`` of a shipped config with its epochs (and split) replaced, if asked."""
+        if epochs is None and split is None:
+            return []
+        phases = [p | ({"epochs": epochs} if epochs is not None else {})
+                  | ({"split": split, "name": name or split} if split is not None else {}) for p in _shipped_phases(config)]
+        return ["--schedule.phases", json.dumps(phases)]
+
+    def stage(self, name: str, args: list[str]) -> Path:
+        """Fit one stage (or reuse it) and keep its network weights as a safetensors file."""
+        from music.cli import lightning
+
+        path = self.work_dir / "stages" / f"{name}.safetensors"
+        spec = [*args, *self.data_args(), *self.fit_args]
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                saved = json.loads((f.metadata() or {}).get("fit_args", "null"))
+            if saved != spec:
+                raise ValueError(f"{path} was trained with {saved}, not {spec}: delete it or choose another "
+                                 "work_dir (a stale model would silently feed the study).")
+            return path
+        start = time.perf_counter()
+        logs = ["--trainer.logger.init_args.save_dir", str(self.work_dir / "logs"),
+                "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--data.log_eda", "false"]
+        cli = lightning(["fit", *spec, *logs])
+        state = {k: v.detach().cpu().contiguous() for k, v in cli.model.backbone.state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, f"{path}.tmp", metadata={"format": "pt", "fit_args": json.dumps(spec)})
+        os.replace(f"{path}.tmp", path)  # a killed run leaves no half-written stage behind
+        print(f"[taskvectors] trained {name} in {time.perf_counter() - start:.0f} s")
+        self.trained.append(name)
+        return path
+
+    def stages(self) -> dict[str, list[str]]:
+        """Every stage's ``music fit`` arguments (``--model.init_from`` names the stage it starts from)."""
+        pretrained = str(self.work_dir / "stages" / "pretrained.safetensors")
+        pre, init = ["--config", "pretrain"], ["--model.init_from", pretrained]
+        ft = ["--config", "merged_finetune", *init]
+        stages = {
+            "pretrained": [*pre, *self.phases("pretrain", self.pretrain_epochs)],
+            "similar_seed": [*pre, *self.phases("pretrain", self.pretrain_epochs), "--seed_everything", str(self.similar_seed)],
+            "similar_further": [*pre, *init, *self.phases("pretrain", self.further_epochs, "remaining", "further"),
+                                "--seed_everything", str(self.similar_seed)],
+            "finetuned_merged": [*ft, *self.phases("merged_finetune", self.finetune_epochs)],
+        }
+        for c in self.held_out:
+            stages[f"finetuned_class_{c}"] = [*ft, *self.phases("merged_finetune", self.finetune_epochs, f"class_{c}")]
+        stages["sequential"] = ["--config", "seq_finetune", *init, *self.phases("seq_finetune", self.finetune_epochs)]
+        return stages
+
+    def needed(self, recipes: list[str] | None = None) -> list[str]:
+        """The stages ``recipes`` (default: all) read, and the pretrained model the others start
+        from, in training order."""
+        from music.cli import resolve_configs
+
+        named = set()
+        for recipe in self.recipes if recipes is None else recipes:
+            text = Path(resolve_configs(["--config", recipe])[1]).read_text()
+            named |= {name for name in self.stages() if f"stages/{name}.safetensors" in text}
+        if not named <= {"pretrained", "similar_seed"}:
+            named.add("pretrained")
+        return [name for name in self.stages() if name in named]
+
+    def train(self, recipes: list[str] | None = None) -> None:
+        stages = self.stages()
+        for name in self.needed(recipes):
+            self.stage(name, stages[name])
+
+    # -- recipes ------------------------------------------------------------------------------
+
+    def merge(self, recipe: str) -> dict[str, Any]:
+        from music.cli import resolve_configs
+        from music.experiments import parser_for
+
+        parser, cls = parser_for("merge")
+        config = parser.parse_args(resolve_configs(["--config", recipe, "--root", str(self.work_dir),
+                                                    "--overwrite", "true"]))
+        init = parser.instantiate_classes(config).as_dict()
+        for key in ("config", "print_config", "__path__", "__default_config__"):
+            init.pop(key, None)
+        evaluate = init["evaluate"]
+        evaluate = evaluate if isinstance(evaluate, dict) else vars(evaluate)
+        evaluate["args"] = [*evaluate.get("args", []), *self.data_args()]
+        init["evaluate"] = evaluate
+        merge = cls(**init)
+        result = merge.run()
+        merge.evaluator.release()  # the next recipe builds its own; keep only the log
+        return {"merge": merge, **result}
+
+    def run(self) -> dict[str, Any]:
+        """Recipe by recipe: train the stages it reads (if not done), run it, rewrite the tables
+        (so a long run shows its results as they come)."""
+        torch.set_num_threads(self.threads)
+        start, train_seconds, results = time.perf_counter(), 0.0, {}
+        for recipe in self.recipes:
+            started = time.perf_counter()
+            self.train([recipe])
+            train_seconds += time.perf_counter() - started
+            results[Path(recipe).name.removesuffix(".yaml")] = self.merge(recipe)
+            self.write(results, train_seconds, time.perf_counter() - start)
+        return results
+
+    # -- output -------------------------------------------------------------------------------
+
+    def write(self, results: dict[str, dict], train_seconds: float, seconds: float) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        pct = lambda v: "" if v is None or v != v else f"{100 * v:.1f}"  # noqa: E731
+        held = self.held_out
+        lines = ["# Task vectors: transfer, addition, negation (as measured)", "",
+                 f"MNIST with classes {', '.join(map(str, held))} partly held out (the shipped `pretrain` data), "
+                 f"`val` = {self.val_size} training samples never trained on; λ is chosen on `val`, the test set "
+                 "(10,000 images) is evaluated only after the choice. Stages are `music fit` runs of the shipped "
+                 f"configs (`pretrain`, `merged_finetune`, `seq_finetune`; pretraining epochs "
+                 f"{self.pretrain_epochs or _shipped_epochs('pretrain')}, fine-tuning epochs "
+                 f"{self.finetune_epochs or _shipped_epochs('merged_finetune')}), B = pretrained from seed "
+                 f"{self.similar_seed}, B' = A trained {self.further_epochs} more epochs on `remaining` (seed "
+                 f"{self.similar_seed}); extra fit arguments: {self.fit_args or 'none'}. Every edit is a shipped "
+                 "recipe (`music merge --config <recipe>`). Machine: "
+                 f"{os.cpu_count()} CPU cores, {self.threads} torch thread(s); trained this run: "
+                 f"{self.trained or 'nothing (all stages reused)'}; training {train_seconds:.0f} s, total {seconds:.0f} s. "
+                 "Accuracies in %.", "",
+                 "## Summary (test set)", "",
+                 "Target classes: the held-out classes (transfer, addition) or the negated class (negation); "
+                 "base = the model the recipe edits (λ = 0).", "",
+                 "| recipe | method | λ (chosen on val) | target classes: base → edited | other classes: base → edited "
+                 "| overall: base → edited |", "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            base = next(v for k, v in r["tables"].items() if k.startswith("base ("))["test"]
+            edited = r["tables"]["edited"]["test"]
+            target = r["merge"].evaluation.forget or held
+            others = [c for c in range(len(edited["per_class"])) if c not in target]
+            lines.append(f"| {name} | {r['method']} | {r['lambda']:g} | {pct(_mean(base, target))} → "
+                         f"{pct(_mean(edited, target))} | {pct(_mean(base, others))} → {pct(_mean(edited, others))} | "
+                         f"{pct(base['acc'])} → {pct(edited['acc'])} |")
+        for name, r in results.items():
+            merge = r["merge"]
+            stem = f"task_vectors_{name.removeprefix('merge_')}"
+            shutil.copyfile(merge.side_path(".classes.csv"), self.out_dir / f"{stem}.csv")
+            if r["curve"]:
+                shutil.copyfile(merge.side_path(".lambda.csv"), self.out_dir / f"{stem}_lambda.csv")
+                shutil.copyfile(merge.side_path(".lambda.png"), self.out_dir / f"{stem}_lambda.png")
+            lines += ["", f"## {name}", "", _description(name), ""]
+            lines += merge.markdown(r).split("\n")[2:]
+            lines += [f"CSVs: `{stem}.csv` (every model, `val` and test), `{stem}_lambda.csv`; "
+                      f"curve: `{stem}_lambda.png`."]
+        write_atomically(self.out_dir / "task_vectors.md", "\n".join(lines) + "\n")
+
+
+def _shipped_phases(config: str) -> list[dict[str, Any]]:
+    """The phases ``config`` runs: its own ``schedule``, or ``base.yaml``'s it leaves in place."""
+    from music.cli import BASE_CONFIG, shipped_config
+
+    for path in (shipped_config(config), BASE_CONFIG):
+        schedule = (yaml.safe_load(path.read_text()) or {}).get("schedule")
+        if schedule and "phases" in schedule:
+            return schedule["phases"]
+    raise ValueError(f"config {config!r} has no schedule.phases")
+
+
+def _shipped_epochs(config: str) -> int:
+    return _shipped_phases(config)[0]["epochs"]
+
+
+def _mean(values: dict[str, Any], classes: list[int]) -> float:
+    accs = [values["per_class"][c] for c in classes]
+    return sum(accs) / len(accs)
+
+
+def _description(name: str) -> str:
+    from music.cli import shipped_config
+
+    try:
+        text = shipped_config(name).read_text()
+    except FileNotFoundError:
+        return ""
+    comment = [line.removeprefix("#").strip() for line in text.splitlines() if line.startswith("#")]
+    return " ".join(line for line in comment if not line.startswith(("Paths are", "music merge", "`music")))

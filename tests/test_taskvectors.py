@@ -1,0 +1,83 @@
+"""``music taskvectors`` on tiny training budgets: it trains only the stages its recipes read,
+chooses λ on ``val`` only, reuses (or refuses) stages, and its merge output is a model that
+``music test --model.init_from`` evaluates to the accuracy the merge reported."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from conftest import run
+
+from music.experiments import parser_for
+from music.experiments.taskvectors import RECIPES, TaskVectors
+
+pytestmark = pytest.mark.mnist
+TINY = dict(val_size=500, pretrain_epochs=1, finetune_epochs=1, further_epochs=1, threads=1,
+            fit_args=["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"])
+
+
+def study(data_dir, work, **overrides) -> TaskVectors:
+    return TaskVectors(**TINY | {"data_dir": data_dir, "work_dir": str(work / "work"), "out_dir": str(work / "out"),
+                                 "recipes": ["merge_negation_3"]} | overrides)
+
+
+@pytest.fixture(scope="module")
+def negation(tmp_path_factory, data_dir):
+    work = tmp_path_factory.mktemp("taskvectors")
+    s = study(data_dir, work)
+    return s, s.run(), work
+
+
+def test_trains_only_the_stages_its_recipes_read_and_writes_the_tables(negation):
+    s, results, work = negation
+    assert s.trained == ["pretrained", "finetuned_class_3"]
+    text = (work / "out" / "task_vectors.md").read_text()
+    assert text.startswith("# Task vectors") and "## merge_negation_3" in text
+    with open(work / "out" / "task_vectors_negation_3.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"base (pretrained)", "τ_3 model", "edited"}
+    assert {r["split"] for r in rows} == {"val", "test"}
+    r = results["merge_negation_3"]
+    assert r["lambda"] in r["grid"] and (work / "out" / "task_vectors_negation_3_lambda.png").exists()
+
+
+def test_lambda_is_chosen_on_val_and_the_test_set_is_never_evaluated_while_choosing(negation):
+    _, results, _ = negation
+    log = results["merge_negation_3"]["merge"].evaluator.log
+    assert ("test", True) not in log and {split for split, selecting in log if selecting} == {"val"}
+    curve = results["merge_negation_3"]["curve"]
+    assert [r["split"] for r in curve] == ["val"] * 7 + ["test"] * 7  # test only after the choice
+
+
+def test_the_merge_output_is_a_model_music_test_evaluates_to_the_reported_accuracy(negation, data_dir, tmp_path):
+    _, results, _ = negation
+    r = results["merge_negation_3"]
+    cli = run("test", "--config", "pretrain", "--model.init_from", r["output"], "--data.data_dir", data_dir,
+              "--data.download", "false", "--data.val_size", "500", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp_path)
+    assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(r["tables"]["edited"]["test"]["acc"], abs=1e-6)
+
+
+def test_stages_are_reused_and_stale_ones_refused(negation, data_dir, monkeypatch):
+    _, _, work = negation
+    import music.cli
+
+    monkeypatch.setattr(music.cli, "lightning", lambda *a, **k: pytest.fail("a stage was retrained instead of reused"))
+    again = study(data_dir, work)
+    again.train()
+    assert again.trained == []
+    with pytest.raises(ValueError, match="finetuned_class_3.safetensors was trained with"):
+        study(data_dir, work, finetune_epochs=2).train()
+
+
+def test_shipped_configs_parse():
+    parser, _ = parser_for("taskvectors")
+    config = parser.parse_args([])
+    assert config.recipes == RECIPES and config.val_size > 0
+    merge_parser, _ = parser_for("merge")
+    for recipe in RECIPES:
+        from music.cli import shipped_config
+
+        recipe_config = merge_parser.parse_args(["--config", str(shipped_config(recipe))])
+        assert recipe_config.evaluate.select_on == "val" and len(recipe_config.lambda_) > 1
