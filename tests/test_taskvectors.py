@@ -10,15 +10,17 @@ import pytest
 from conftest import run
 
 from music.experiments import parser_for
+from music.experiments.common import Data, Output
 from music.experiments.taskvectors import RECIPES, TaskVectors
 
 pytestmark = pytest.mark.mnist
-TINY = dict(val_size=500, pretrain_epochs=1, finetune_epochs=1, further_epochs=1, threads=1,
-            fit_args=["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"])
+TINY = dict(val_size=500, pretrain_epochs=1, finetune_epochs=1, further_epochs=1)
+FIT_ARGS = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
 
 
 def study(data_dir, work, **overrides) -> TaskVectors:
-    return TaskVectors(**TINY | {"data_dir": data_dir, "work_dir": str(work / "work"), "out_dir": str(work / "out"),
+    output = Output(log_dir=str(work / "work"), results=str(work / "out"), trainer_args=FIT_ARGS)
+    return TaskVectors(**TINY | {"data": Data(data_dir=data_dir, download=False), "output": output,
                                  "recipes": ["merge_negation_3"]} | overrides)
 
 

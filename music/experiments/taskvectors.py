@@ -3,9 +3,9 @@
 Every model is a ``music fit`` of a shipped config (``pretrain``, ``merged_finetune``,
 ``seq_finetune``) and every edit is a shipped merge recipe (``merge_*.yaml``) run by the same
 code as ``music merge``: this experiment only trains the stages the recipes name and collects
-their tables into ``<out_dir>/task_vectors.md``.
+their tables into ``<output.results>/task_vectors.md``.
 
-Stages (``<work_dir>/stages/<name>.safetensors``, with the fit arguments that made them in
+Stages (``<output.log_dir>/taskvectors/stages/<name>.safetensors``, with the fit arguments that made them in
 their metadata; a stage whose file holds the same arguments is reused, one with other arguments
 is refused, so a stale model never feeds a new study):
 
@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from music.checkpoint import write_atomically
+from music.experiments.common import Data, Output
 
 RECIPES = ["merge_addition_sum", "merge_addition_ties", "merge_addition_dare", "merge_negation_3", "merge_negation_4",
            "merge_negation_7", "merge_transfer_further", "merge_transfer_seed"]
@@ -42,7 +43,7 @@ class TaskVectors:
     """Trains the models of the task-vector studies, then runs their merge recipes.
 
     Args:
-        data_dir: the MNIST root (torchvision layout).
+        data: where the dataset is.
         val_size: samples carved from the training data for ``val``, where λ is chosen; the
             same for every stage and recipe.
         held_out_classes: the classes with a per-class fine-tuning (``finetuned_class_<c>``).
@@ -51,16 +52,15 @@ class TaskVectors:
         pretrain_epochs: epochs of the pretraining phases (``null``: as the shipped config says).
         finetune_epochs: epochs of every fine-tuning phase (``null``: as the shipped configs say).
         recipes: the merge recipes run after training (shipped names or paths), paths in them
-            relative to ``work_dir``.
-        fit_args: more arguments for every stage's ``music fit`` (e.g. ``--trainer.limit_train_batches 3``).
-        work_dir: stages, their training logs and the merge outputs.
-        out_dir: where ``task_vectors.md`` and its CSVs and PNGs go.
-        threads: torch threads (results are bitwise reproducible for one thread count and CPU).
+            relative to ``<output.log_dir>/taskvectors``.
+        output: runs (stages, their training logs and the merge outputs go to
+            ``<log_dir>/taskvectors``), results (``task_vectors.md``, its CSVs and PNGs), torch
+            threads, smoke mode, extra ``music fit`` arguments for every stage.
     """
 
     def __init__(
         self,
-        data_dir: str = "data",
+        data: Data = Data(),
         val_size: int = 5000,
         held_out_classes: list[int] = [3, 4, 7],
         similar_seed: int = 1,
@@ -68,30 +68,28 @@ class TaskVectors:
         pretrain_epochs: int | None = None,
         finetune_epochs: int | None = None,
         recipes: list[str] = RECIPES,
-        fit_args: list[str] = [],
-        work_dir: str = "lightning_logs/taskvectors",
-        out_dir: str = "results",
-        threads: int = 1,
+        output: Output = Output(),
     ) -> None:
         if val_size < 1:
             raise ValueError(f"val_size={val_size} is not allowed: λ is chosen on `val`, so it needs val_size >= 1.")
         for name, value in (("further_epochs", further_epochs), ("pretrain_epochs", pretrain_epochs),
-                            ("finetune_epochs", finetune_epochs), ("threads", threads)):
+                            ("finetune_epochs", finetune_epochs)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} is not allowed: it must be an integer >= 1.")
         if not recipes:
             raise ValueError("recipes is empty: name at least one merge recipe.")
-        self.data_dir, self.val_size, self.held_out = data_dir, val_size, list(held_out_classes)
+        self.data, self.val_size, self.held_out = data, val_size, list(held_out_classes)
         self.similar_seed, self.further_epochs = similar_seed, further_epochs
         self.pretrain_epochs, self.finetune_epochs = pretrain_epochs, finetune_epochs
-        self.recipes, self.fit_args = list(recipes), [str(a) for a in fit_args]
-        self.work_dir, self.out_dir, self.threads = Path(work_dir), Path(out_dir), threads
+        quick = ["--trainer.limit_train_batches", "5"] if output.quick else []
+        self.recipes, self.fit_args = list(recipes), [*quick, *(str(a) for a in output.trainer_args)]
+        self.work_dir, self.out_dir, self.threads = Path(output.log_dir) / "taskvectors", Path(output.results), output.threads
         self.trained: list[str] = []
 
     # -- stages -------------------------------------------------------------------------------
 
     def data_args(self) -> list[str]:
-        return ["--data.data_dir", self.data_dir, "--data.download", "false", "--data.val_size", str(self.val_size),
+        return ["--data.data_dir", self.data.data_dir, "--data.download", str(self.data.download).lower(), "--data.val_size", str(self.val_size),
                 "--data.held_out_classes", json.dumps(self.held_out)]
 
     def phases(self, config: str, epochs: int | None, split: str | None = None, name: str | None = None) -> list[str]:
@@ -113,7 +111,7 @@ class TaskVectors:
                 saved = json.loads((f.metadata() or {}).get("fit_args", "null"))
             if saved != spec:
                 raise ValueError(f"{path} was trained with {saved}, not {spec}: delete it or choose another "
-                                 "work_dir (a stale model would silently feed the study).")
+                                 "output.log_dir (a stale model would silently feed the study).")
             return path
         start = time.perf_counter()
         logs = ["--trainer.logger.init_args.save_dir", str(self.work_dir / "logs"),
