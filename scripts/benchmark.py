@@ -20,6 +20,7 @@ both sides with ``torch.optim.Adam(fused=True)`` (the framework through ``--conf
     python scripts/benchmark.py --data-dir /path/to/data                  # 3 epochs, 5 rounds
     python scripts/benchmark.py --data-dir D --rounds 9 --threads 1 --fused
     python scripts/benchmark.py --data-dir D --quick                      # smoke run: 2 loader steps
+    python scripts/benchmark.py --data-dir D --tricks --threads 1         # what each shortcut pays
     python scripts/benchmark.py --data-dir D -- --trainer.profiler simple # more `music fit` arguments
 """
 
@@ -158,6 +159,99 @@ def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict[str
     return result
 
 
+# -- the training path's shortcuts, one at a time ------------------------------------------------
+
+TRICKS = ("direct_steps", "runtime_cuda_check", "setattr_override", "null_profiler")
+
+
+class TrickSwitch(Callback):
+    """Turns ``trick`` on before every other block (loop step) and off before the rest, and
+    times each block: both variants run in the same process and minutes, so outside load hits
+    them alike. ``setattr_override`` and ``null_profiler`` are shortcuts MUSIC does not ship
+    (an ``nn.Module.__setattr__`` bypass for ``_current_fx_name``; a profiler returning one
+    shared ``nullcontext``), measured here to show they do not pay; swapping the profiler per
+    block sets the Trainer's private ``_profiler`` (this script only)."""
+
+    def __init__(self, trick: str) -> None:
+        import contextlib
+
+        from lightning.pytorch.profilers import PassThroughProfiler
+
+        class NullProfiler(PassThroughProfiler):
+            null = contextlib.nullcontext()
+
+            def profile(self, action_name: str) -> contextlib.nullcontext:
+                return self.null
+
+        self.trick, self.profilers = trick, {True: NullProfiler(), False: PassThroughProfiler()}
+        self.times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        self.on, self.start = False, (0.0, 0.0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from music.module import Classifier
+
+        self.on = not self.on
+        if self.trick == "direct_steps":
+            pl_module.direct_steps = self.on
+        elif self.trick == "runtime_cuda_check":
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0" if self.on else "1"
+        elif self.trick == "setattr_override":
+            if self.on:
+                Classifier.__setattr__ = _set_fx_name_directly
+            elif "__setattr__" in Classifier.__dict__:
+                del Classifier.__setattr__
+        elif self.trick == "null_profiler":
+            trainer._profiler = self.profilers[self.on]
+        self.start = time.perf_counter(), time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times[self.on].append((time.perf_counter() - self.start[0], time.process_time() - self.start[1]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from music.module import Classifier
+
+        if "__setattr__" in Classifier.__dict__:
+            del Classifier.__setattr__
+
+
+def _set_fx_name_directly(self, name, value) -> None:
+    if name == "_current_fx_name":
+        object.__setattr__(self, name, value)
+    else:
+        super(type(self), self).__setattr__(name, value)
+
+
+def tricks(args: argparse.Namespace) -> dict[str, float]:
+    """Per trick, the median block time without it over with it (wall and CPU), in this process."""
+    import torch
+
+    from music.cli import lightning
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    phases = f"[{{name: pretrain, split: remaining, epochs: {args.epochs}}}]"
+    print(f"\nShortcuts, each toggled block by block inside one {args.epochs}-epoch pretraining fit "
+          "(median block time; > 1 means the shortcut pays):")
+    result = {}
+    for trick in TRICKS:
+        switch = TrickSwitch(trick)
+        with tempfile.TemporaryDirectory() as tmp:
+            cli = lightning(["--config", "base", "--config", "pretrain", "--data.data_dir", args.data_dir,
+                             "--data.download", "false", "--data.log_eda", "false", "--schedule.phases", phases,
+                             "--schedule.evaluate_test", "false", "--trainer.logger.init_args.save_dir", tmp,
+                             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                             *(["--trainer.limit_train_batches", str(args.loader_steps)] if args.loader_steps else [])],
+                            run=False)
+            cli.trainer.callbacks.append(switch)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        for i, kind in enumerate(("wall", "cpu")):
+            on, off = (statistics.median(t[i] for t in switch.times[v]) for v in (True, False))
+            result[f"{trick}_{kind}"] = off / on
+            print(f"  {trick:20} {kind:4}: block {on * 1e3:6.2f} ms with it, {off * 1e3:6.2f} ms without: "
+                  f"{off / on:.3f}x (n={len(switch.times[True])}+{len(switch.times[False])})")
+    return result
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="MNIST root (torchvision layout), already downloaded")
@@ -166,6 +260,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run (default: torch's)")
     parser.add_argument("--fused", action="store_true", help="add both sides with Adam(fused=True)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 epoch of 2 loader steps")
+    parser.add_argument("--tricks", action="store_true",
+                        help="instead: measure each training-path shortcut, toggled block by block in one process")
     parser.add_argument("extra", nargs="*", help="arguments after -- go to `music fit`")
     args = parser.parse_args(argv)
     for name in ("epochs", "rounds", "threads"):
@@ -185,6 +281,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
     args = parse(argv)
+    if args.tricks:
+        print(machine(dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))))
+        return tricks(args)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

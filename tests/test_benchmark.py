@@ -18,3 +18,13 @@ def test_bad_arguments_fail_naming_the_value(argv, capsys):
     with pytest.raises(SystemExit):
         load_script("benchmark").parse(argv)
     assert argv[0] in capsys.readouterr().err
+
+
+def test_tricks_mode_measures_every_shortcut_and_leaves_the_module_as_shipped(data_dir):
+    from music.module import Classifier
+
+    benchmark = load_script("benchmark")
+    result = benchmark.run(["--tricks", "--quick", "--data-dir", data_dir])
+    assert {f"{trick}_{kind}" for trick in benchmark.TRICKS for kind in ("wall", "cpu")} == set(result)
+    assert all(value > 0 for value in result.values())
+    assert "__setattr__" not in Classifier.__dict__
