@@ -167,6 +167,7 @@ class MusicDataModule(LightningDataModule):
         self.splits: dict[str, Tensor] = {}
         self._datasets: dict[tuple[str, bool, str], Dataset] = {}
         self._device = torch.device("cpu")
+        self._manifest_written: str | None = None
 
     # -- names -------------------------------------------------------------------------------
 
@@ -219,10 +220,14 @@ class MusicDataModule(LightningDataModule):
             self.splits = self._make_splits()
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
             self._device = self.trainer.strategy.root_device  # batches are then gathered on the GPU
-        if self.trainer is not None and self.trainer.log_dir:
-            self.write_manifest(os.path.join(self.trainer.log_dir, "split_manifest.json"))
+        log_dir = self.trainer.log_dir if self.trainer is not None else None
+        if log_dir:
+            manifest = os.path.join(log_dir, "split_manifest.json")
+            if manifest != self._manifest_written:  # setup runs once per stage, and the EDA figures call it
+                self.write_manifest(manifest)
+                self._manifest_written = manifest
             if self.log_eda and stage == "fit" and self.trainer.is_global_zero:
-                from music.eda import log_to_tensorboard  # matplotlib only when asked for
+                from music.eda import log_to_tensorboard  # figures only when asked for
 
                 log_to_tensorboard(self, self.trainer.logger)
 

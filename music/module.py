@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.profilers import PassThroughProfiler
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, MetricCollection
@@ -34,40 +29,7 @@ from music.dashboard import metric_scalars
 from music.data import Block
 from music.finetuning import FineTune
 from music.models import SimpleNN
-
-
-@contextlib.contextmanager
-def _cheap_cuda_check(enabled: bool) -> Iterator[None]:
-    """On a machine without CUDA, ask the CUDA runtime (not NVML) whether CUDA is available.
-
-    Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (so that asking does not start
-    CUDA before a fork); then every ``Adam.step`` -- which asks, for CUDA-graph checks -- loads
-    NVML anew: ~0.2 ms a step on a machine without a GPU, over 10% of a SimpleNN step. The
-    runtime's answer costs microseconds, and with no GPU there is nothing to protect."""
-    if not enabled or os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
-        yield
-        return
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
-    try:
-        yield
-    finally:
-        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-
-
-# The hooks Lightning calls between a training loss and the optimizer step it leads to.
-STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
-
-
-def steps_are_plain(trainer: Trainer, module: LightningModule) -> bool:
-    """Whether ``manual_backward`` and ``LightningOptimizer.step`` would do nothing but
-    ``loss.backward()`` and ``optimizer.step()`` plus calls of hooks nobody overrides: one device
-    (no gradient sync), 32-bit precision (no loss scaling or casting), no profiler timing the
-    step, and neither the module nor any callback overriding ``STEP_HOOKS`` (or ``backward``)."""
-    return (type(trainer.strategy) is SingleDeviceStrategy
-            and type(trainer.precision_plugin) is Precision
-            and isinstance(trainer.profiler, PassThroughProfiler)
-            and not is_overridden("backward", module)
-            and not any(is_overridden(hook, listener) for hook in STEP_HOOKS for listener in [module, *trainer.callbacks]))
+from music.speed import direct_step, runtime_cuda_check, steps_are_plain
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -108,7 +70,8 @@ class Classifier(LightningModule):
             ``optimizer.step`` per batch, so ``global_step`` still counts batches -- which
             rules out the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches`` and
             learning-rate schedulers. Backward and step are the plain PyTorch calls when
-            ``steps_are_plain`` (``direct_steps``), else Lightning's, with every hook.
+            nothing listens to them (``direct_steps``; see ``music.speed``), else Lightning's,
+            with every hook.
         log_every_n_steps: optimizer steps between points of ``train/loss_step``. The model logs
             it itself, at optimizer steps, because a Lightning loop step is a whole block; the
             shipped configs set the Trainer's own interval to 1 loop step.
@@ -151,14 +114,14 @@ class Classifier(LightningModule):
         self.num_classes = num_classes
         self.log_every_n_steps = log_every_n_steps
         self.automatic_optimization = batches_per_block == 1
-        self._no_cuda = False  # set when fitting starts
+        self._cuda_check = contextlib.ExitStack()  # music.speed.runtime_cuda_check while training
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self._losses: list[Tensor] = []
         self._first_step: int | None = None
-        self.direct_steps = False  # set when training starts: see ``steps_are_plain``
+        self.direct_steps = False  # set when training starts: see ``music.speed.steps_are_plain``
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -196,16 +159,14 @@ class Classifier(LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets ``_current_fx_name`` around every hook call, ~40 times a training
-        # step; nn.Module.__setattr__ (which looks for parameters, buffers and submodules)
-        # made that ~0.1 ms a step. It is a plain attribute, so set it directly.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     # -- training: per-step results stay on the device, summed once per epoch -----------------
+
+    def on_train_start(self) -> None:
+        self.direct_steps = steps_are_plain(self.trainer, self)
+        self._cuda_check.enter_context(runtime_cuda_check(self.device))
+
+    def on_train_end(self) -> None:
+        self._cuda_check.close()  # (a crashed fit leaves it on: without CUDA both checks say no)
 
     def on_train_epoch_start(self) -> None:
         self._losses: list[Tensor] = []  # one tensor of per-batch losses per loop step
@@ -221,9 +182,17 @@ class Classifier(LightningModule):
             return self._train_on([batch])
         # A block (DDP serves single batches): one optimizer step per batch, as automatic
         # optimization would take them (forward, zero_grad, backward, step).
-        with _cheap_cuda_check(self._no_cuda):
-            self._train_on(batch.batches() if isinstance(batch, Block) else [batch], self._stepper())
+        optimizer = self.optimizers()
+        step = direct_step(optimizer) if self.direct_steps else self._lightning_step(optimizer)
+        self._train_on(batch.batches() if isinstance(batch, Block) else [batch], step)
         return None
+
+    def _lightning_step(self, optimizer) -> Callable[[Tensor], None]:
+        def step(loss: Tensor) -> None:
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return step
 
     def _train_on(self, batches: Iterable[tuple[Tensor, Tensor]], step: Callable[[Tensor], None] | None = None) -> Tensor:
         """Forward and loss of each batch, each followed by ``step(loss)`` if given. No host sync
@@ -246,38 +215,6 @@ class Classifier(LightningModule):
             for i in range(-first_step % every, len(losses), every):  # batches at multiples of `every`
                 self.logger.log_metrics({"train/loss_step": losses[i].item()}, step=self.step_offset + first_step + i)
         return loss
-
-    def _stepper(self) -> Callable[[Tensor], None]:
-        """zero_grad, backward and step for one batch of a block. Lightning's ``manual_backward``
-        and ``LightningOptimizer.step`` wrap the plain calls in hook calls, ~10% of a SimpleNN
-        step on a CPU; when ``direct_steps`` says nobody listens, take the plain calls and only
-        count the step as Lightning's own ``step`` does (so ``global_step`` is the same)."""
-        optimizer = self.optimizers()
-        if not self.direct_steps:
-            def step(loss: Tensor) -> None:
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                optimizer.step()
-            return step
-        plain = optimizer.optimizer
-
-        def direct_step(loss: Tensor) -> None:
-            plain.zero_grad()
-            loss.backward()
-            optimizer._on_before_step()  # Lightning's step counting, as LightningOptimizer.step calls it
-            plain.step()
-            optimizer._on_after_step()
-        return direct_step
-
-    def on_train_start(self) -> None:
-        self.direct_steps = steps_are_plain(self.trainer, self)
-
-    def on_fit_start(self) -> None:
-        self._no_cuda = self.device.type != "cuda" and not torch.cuda.is_available()
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        with _cheap_cuda_check(self._no_cuda):
-            super().optimizer_step(*args, **kwargs)
 
     def _epoch_sums(self) -> Tensor:
         """Loss sum, correct count and sample count of this epoch on this rank."""

@@ -10,7 +10,8 @@ from lightning.pytorch import Callback
 from torch import nn
 
 from music.cli import lightning
-from music.module import STEP_HOOKS, Classifier
+from music.module import Classifier
+from music.speed import STEP_HOOKS
 
 
 class Fixed(nn.Module):

@@ -1,9 +1,89 @@
-"""The fast paths keep behaviour: the default progress bar and profiler, cached splits."""
+"""The speed path (``music.speed``) keeps behaviour, and its private-API part is pinned."""
 
+import os
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.loops.optimization.manual import _ManualOptimization
 from lightning.pytorch.profilers import SimpleProfiler
 
 from music.cli import PROGRESS_BAR_REFRESH_RATE, lightning
+from music.module import Classifier
+from music.speed import CHECKED_LIGHTNING, runtime_cuda_check, steps_are_plain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_direct_steps_rely_on_the_pinned_lightning():
+    """``direct_step`` counts steps through ``LightningOptimizer._on_before_step/_on_after_step``,
+    which Lightning's manual-optimization loop sets: private API, checked on one minor version.
+    On another, re-check ``music.speed.direct_step`` (and re-measure it, docs/speed.md), then
+    move ``CHECKED_LIGHTNING`` and the pin in pyproject.toml."""
+    installed = ".".join(version("lightning").split(".")[:2])
+    assert installed == CHECKED_LIGHTNING, (
+        f"lightning {version('lightning')} is installed, but music.speed.direct_step was checked on "
+        f"{CHECKED_LIGHTNING} only: it uses LightningOptimizer's private _on_before_step/_on_after_step.")
+    major, minor = map(int, CHECKED_LIGHTNING.split("."))
+    assert f'"lightning>={major}.{minor},<{major}.{minor + 1}"' in (REPO / "pyproject.toml").read_text()
+    optimizer = LightningOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    assert callable(optimizer._on_before_step) and callable(optimizer._on_after_step)
+    assert callable(_ManualOptimization._on_before_step) and callable(_ManualOptimization._on_after_step)
+
+
+class ListensToBackward(Callback):
+    def on_after_backward(self, trainer, pl_module) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("kwargs", "plain"), [
+    ({}, True),
+    ({"profiler": "simple"}, False),
+    ({"precision": "bf16-mixed"}, False),
+    ({"callbacks": [ListensToBackward()]}, False),
+], ids=["plain", "profiler", "mixed precision", "a callback on a step hook"])
+def test_steps_are_plain_only_when_nobody_listens(tmp_path, kwargs, plain):
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path, **kwargs)
+    assert steps_are_plain(trainer, Classifier()) is plain
+
+
+def test_steps_are_not_plain_when_the_module_overrides_a_step_hook(tmp_path):
+    class Clipping(Classifier):
+        def on_before_optimizer_step(self, optimizer) -> None:
+            pass
+
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    assert not steps_are_plain(trainer, Clipping())
+
+
+def test_runtime_cuda_check_is_scoped_and_only_without_cuda(monkeypatch):
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    with runtime_cuda_check(torch.device("cpu")):
+        inside = os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        assert torch.cuda.is_available() is (torch.cuda.device_count() > 0)
+    assert inside == ("1" if torch.cuda.is_available() else "0")
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    with runtime_cuda_check(torch.device("cuda", 0)):
+        assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+
+
+def test_fused_adam_config_gives_a_fused_adam(shrink):
+    cli = lightning(["--config", str(shrink("pretrain", "fused_adam"))], run=False)
+    optimizer = cli.model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is True
+    assert optimizer.defaults["lr"] == cli.model.lr
+    default = lightning(["--config", str(shrink("pretrain"))], run=False).model.configure_optimizers()
+    assert not default.defaults["fused"]
+
+
+def test_plain_benchmark_side_trains_on_the_remaining_split(mnist):
+    from conftest import load_script
+
+    assert torch.equal(load_script("plain_pretrain").remaining_split(mnist.train_labels), mnist.splits["remaining"])
 
 
 def progress_bars(trainer):
