@@ -118,6 +118,9 @@ class Classifier(LightningModule):
             training, replay and evaluation alike, as if the task were known at test time).
         tasks: the class sets of the tasks, for ``scenario: task``; ``None``: one per phase of
             the schedule (a label belongs to the last task that trains it).
+        pretrained_on: the training split ``init_from``'s weights were trained on: the methods
+            take it as a finished task 0 (EWC's Fisher, replay's memory, LwF's teacher), so a
+            fine-tuning run protects what pretraining learned. SI has no path integral of it.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class Classifier(LightningModule):
         methods: list[Method] | None = None,
         scenario: Literal["class", "task"] = "class",
         tasks: list[list[int]] | None = None,
+        pretrained_on: str | None = None,
     ) -> None:
         super().__init__()
         if scenario not in SCENARIOS:
@@ -167,6 +171,7 @@ class Classifier(LightningModule):
         self.methods = list(methods or [])
         self.scenario = scenario
         self.tasks = tasks
+        self.pretrained_on = pretrained_on
         self._allowed: Tensor | None = None  # task scenario: label -> the classes its logits keep
         self._task: Any = None  # the task the methods are on (``music.methods.Task``)
         self._resumed_task: list | None = None  # [index, split] of ``_task`` in a restored checkpoint
@@ -239,6 +244,13 @@ class Classifier(LightningModule):
         if self._task is not None and self._task.split == split:
             return
         if self._task is not None:
+            for method in self.methods:
+                method.end_task(self, self._task)
+        if self._task is None and self.pretrained_on is not None:
+            self._task = Task(0, self.pretrained_on, datamodule.task_classes(self.pretrained_on),
+                              datamodule.dataset(self.pretrained_on))
+            for method in self.methods:
+                method.start_task(self, self._task)
             for method in self.methods:
                 method.end_task(self, self._task)
         index = 0 if self._task is None else self._task.index + 1

@@ -35,6 +35,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "attention": Experiment("music.experiments.attention:AttentionMaps",
                             "ViT: pretrain, fine-tune full and LoRA, draw last-block CLS attention maps",
                             "attention"),
+    "continual": Experiment("music.experiments.continual:ContinualStudy",
+                            "continual-learning methods x scenarios x seeds on a protocol (Split-MNIST, MUSIC)",
+                            "split_mnist_study"),
     "eda": Experiment("music.experiments.eda:EDA", "class counts and sample grids of every split, as PNGs", "eda"),
 }
 
