@@ -40,6 +40,12 @@ def truncated_mnist(ctx):
     MusicDataModule(data_dir=str(root), download=False).setup()
 
 
+def empty_merged(ctx):
+    datamodule = MusicDataModule(data_dir=ctx["data_dir"], download=False, held_out_classes=[])
+    datamodule.setup()
+    datamodule.dataloader("merged", shuffle=True)
+
+
 def missing_init_from(ctx):
     Classifier(init_from=str(ctx["tmp_path"] / "nope.ckpt")).setup("fit")
 
@@ -47,7 +53,9 @@ def missing_init_from(ctx):
 CASES = [
     ("held-out class not in dataset", data(held_out_classes=[3, 11]), ValueError, r"\[11\].*allowed are 0\.\.9"),
     ("duplicate held-out class", data(held_out_classes=[3, 4, 3]), ValueError, r"repeats \[3\]"),
-    ("no held-out class", data(held_out_classes=[]), ValueError, "held_out_classes is empty"),
+    ("training on merged with no held-out class",
+     lambda ctx: empty_merged(ctx),
+     ValueError, "Split 'merged' is empty"),
     ("samples_per_class <= 0", data(samples_per_class=0), ValueError, r"samples_per_class=0.*>= 1"),
     ("samples_per_class > class size", data_setup(samples_per_class=6000), ValueError,
      "samples_per_class=6000 is too large: class 4 has only 5842"),

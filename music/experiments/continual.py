@@ -25,7 +25,7 @@ from music.continual import accuracy_on, average_incremental_accuracy, backward_
 
 SPLIT_MNIST_METHODS = {"None": [], "Joint": ["split_mnist_joint"], "EWC": ["ewc"], "Online EWC": ["online_ewc"],
                        "SI": ["si"], "LwF": ["lwf"], "Replay (100/class)": ["replay"]}
-METRICS = ("average_accuracy", "backward_transfer", "forgetting", "forward_transfer", "average_incremental_accuracy")
+METRICS = ("final_accuracy", "average_accuracy", "backward_transfer", "forgetting", "forward_transfer", "average_incremental_accuracy")
 
 
 @dataclass
@@ -39,21 +39,23 @@ class Run:
         return f"{self.method.lower().replace(' ', '_').replace('(', '').replace(')', '').replace('/', '_')}-{self.scenario}-seed{self.seed}"
 
 
-def score(rows: list[list[list[int]]], tasks: list[list[int]], sequential: bool) -> dict[str, float | list[float]]:
-    """The metrics of one run. ``rows``: test confusion matrices, row 0 the initial evaluation
-    and, if ``sequential``, row ``t`` the one after task ``t``; else only the last row counts
-    (joint training)."""
+def score(rows: list[list[list[int]]], tasks: list[list[int]]) -> dict[str, float | list[float]]:
+    """The metrics of one run. ``rows``: test confusion matrices in order, the last
+    ``len(tasks) + 1`` being the model before the first task (untrained, or pretrained) and
+    after each task. A run with fewer rows trained the tasks at once (joint, merged): only its
+    final accuracy counts."""
+    sequential = len(rows) >= len(tasks) + 1
+    rows = rows[-(len(tasks) + 1):]
     matrix = np.array([[accuracy_on(confusion, classes) for classes in tasks] for confusion in rows])
     final = float(matrix[-1].mean())
+    overall = accuracy_on(rows[-1], range(len(rows[-1])))
     if not sequential:
-        return {"average_accuracy": final, "backward_transfer": math.nan, "forgetting": math.nan,
+        return {"final_accuracy": overall, "average_accuracy": final, "backward_transfer": math.nan, "forgetting": math.nan,
                 "forward_transfer": math.nan, "average_incremental_accuracy": math.nan,
                 "accuracy_after_task": [math.nan] * (len(tasks) - 1) + [final]}
-    if len(rows) != len(tasks) + 1:
-        raise ValueError(f"{len(rows)} evaluations for {len(tasks)} tasks: expected the initial one and one per task.")
     learned = {j: j + 1 for j in range(len(tasks))}
     forgetting = [float(matrix[j + 1:-1, j].max(initial=matrix[j + 1, j]) - matrix[-1, j]) for j in range(len(tasks) - 1)]
-    return {"average_accuracy": final, "backward_transfer": backward_transfer(matrix, learned),
+    return {"final_accuracy": overall, "average_accuracy": final, "backward_transfer": backward_transfer(matrix, learned),
             "forgetting": float(np.mean(forgetting)), "forward_transfer": forward_transfer(matrix, learned, 0),
             "average_incremental_accuracy": average_incremental_accuracy(matrix, learned),
             "accuracy_after_task": [float(matrix[t + 1, : t + 1].mean()) for t in range(len(tasks))]}
@@ -77,13 +79,19 @@ class ContinualStudy:
         title: the table's heading.
         threads: torch threads.
         keep_checkpoints: keep each run's checkpoints (they are deleted once scored otherwise).
+        pretrain: configs of a pretraining run made once per seed; every run then starts from its
+            final weights (``--model.init_from``) and its methods take the pretraining split as
+            task 0 (``--model.pretrained_on``). ``[]``: the runs start from scratch.
+        pretrained_on: the split ``pretrain`` trains on.
+        pretrain_overrides: more ``music fit`` arguments for the pretraining runs only.
     """
 
     def __init__(self, protocol: list[str] = ["split_mnist"], methods: dict[str, list[str]] = SPLIT_MNIST_METHODS,
                  scenarios: list[str] = ["class", "task"], seeds: list[int] = [0, 1, 2, 3, 4],
                  tasks: list[list[int]] = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], overrides: list[str] = [],
                  data_dir: str = "data", runs_dir: str = "runs/continual", output: str = "results/split_mnist",
-                 title: str = "Split-MNIST", threads: int = 1, keep_checkpoints: bool = False) -> None:
+                 title: str = "Split-MNIST", threads: int = 1, keep_checkpoints: bool = False,
+                 pretrain: list[str] = [], pretrained_on: str = "remaining", pretrain_overrides: list[str] = []) -> None:
         from music.module import SCENARIOS
 
         bad = [s for s in scenarios if s not in SCENARIOS]
@@ -93,7 +101,7 @@ class ContinualStudy:
             raise ValueError("seeds, methods and tasks must each name at least one entry.")
         from music.cli import _config_path
 
-        for deltas in [protocol, *methods.values()]:
+        for deltas in [protocol, pretrain, *methods.values()]:
             for name in deltas:
                 _config_path(name)  # an unknown method or protocol config fails here, before any run
         if not os.path.isdir(data_dir):
@@ -101,6 +109,7 @@ class ContinualStudy:
         self.protocol, self.methods, self.scenarios, self.seeds = list(protocol), dict(methods), list(scenarios), list(seeds)
         self.tasks, self.overrides, self.data_dir, self.runs_dir = tasks, list(overrides), data_dir, runs_dir
         self.output, self.title, self.threads, self.keep_checkpoints = output, title, threads, keep_checkpoints
+        self.pretrain, self.pretrained_on, self.pretrain_overrides = list(pretrain), pretrained_on, list(pretrain_overrides)
 
     def runs(self) -> list[Run]:
         return [Run(m, s, seed) for seed in self.seeds for s in self.scenarios for m in self.methods]
@@ -111,30 +120,46 @@ class ContinualStudy:
         results = [self.run_one(run) for run in self.runs()]
         return self.write(results, time.perf_counter() - started)
 
+    def fit(self, configs: list[str], name: str, seed: int, *extra: str):
+        from music.cli import lightning
+
+        args = ["fit", *(a for c in configs for a in ("--config", c)), "--seed_everything", str(seed),
+                "--data.data_dir", self.data_dir, "--data.download", "false",
+                "--trainer.logger.init_args.save_dir", self.runs_dir, "--trainer.logger.init_args.name", name,
+                "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", *self.overrides, *extra]
+        print(f"[continual] {name}", flush=True)
+        return lightning(args)
+
+    def pretrained(self, seed: int) -> list[str]:
+        """``--model.init_from`` and ``--model.pretrained_on`` of the seed's pretrained model
+        (trained on first use), or nothing when there is no pretraining."""
+        if not self.pretrain:
+            return []
+        path = os.path.join(self.runs_dir, f"pretrain-seed{seed}", "weights.pt")
+        if not os.path.exists(path):
+            cli = self.fit(self.pretrain, f"pretrain-seed{seed}", seed, *self.pretrain_overrides)
+            torch.save(cli.model.backbone.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+            shutil.rmtree(os.path.join(cli.trainer.log_dir, "checkpoints"), ignore_errors=True)
+        return ["--model.init_from", path, "--model.pretrained_on", self.pretrained_on]
+
     def run_one(self, run: Run) -> dict:
         path = os.path.join(self.runs_dir, run.name, "result.json")
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
         from music.callbacks import SequentialFineTuning
-        from music.cli import lightning
 
-        args = ["fit", *(a for c in self.protocol for a in ("--config", c)),
-                *(a for c in self.methods[run.method] for a in ("--config", c)),
-                "--seed_everything", str(run.seed), "--model.scenario", run.scenario,
-                "--data.data_dir", self.data_dir, "--data.download", "false",
-                "--trainer.logger.init_args.save_dir", self.runs_dir, "--trainer.logger.init_args.name", run.name,
-                "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false", *self.overrides]
-        print(f"[continual] {run.name}", flush=True)
+        init = self.pretrained(run.seed)
         start = time.perf_counter()
-        cli = lightning(args)
+        cli = self.fit([*self.protocol, *self.methods[run.method]], run.name, run.seed, "--model.scenario", run.scenario,
+                       *init)
         seconds = time.perf_counter() - start
         schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
         rows = list(schedule.rows.values())
-        sequential = len(schedule.phases) > 1
         result = {"method": run.method, "scenario": run.scenario, "seed": run.seed, "seconds": seconds,
-                  "rows": rows, "row_names": list(schedule.rows)} | score(rows, self.tasks, sequential)
+                  "rows": rows, "row_names": list(schedule.rows)} | score(rows, self.tasks)
         if not self.keep_checkpoints:
             shutil.rmtree(os.path.join(cli.trainer.log_dir, "checkpoints"), ignore_errors=True)
         from music.checkpoint import write_atomically
@@ -178,23 +203,27 @@ class ContinualStudy:
         lines = [f"# {self.title}", "",
                  f"Protocol: `music fit` with `{' '.join('--config ' + c for c in self.protocol)}`"
                  + (f" and overrides `{' '.join(self.overrides)}`" if self.overrides else "")
+                 + (f", starting from a model pretrained once per seed with `{' '.join('--config ' + c for c in self.pretrain)}"
+                    f"{' ' + ' '.join(self.pretrain_overrides) if self.pretrain_overrides else ''}` (the methods take "
+                    f"its split `{self.pretrained_on}` as task 0)" if self.pretrain else "")
                  + f"; tasks {self.tasks}. Each method adds its config delta "
                  + ", ".join(f"{m}: `{' '.join(d) or '(none)'}`" for m, d in self.methods.items()) + ".",
                  "",
                  f"Seeds {self.seeds}; mean ± std over seeds, in % (accuracy points for BWT, forgetting and "
-                 "FWT). Average accuracy: final test accuracy averaged over the tasks; BWT and forgetting "
+                 "FWT). Test accuracy: the final model on the whole test set (every class, in the task scenario "
+                 "with each sample's task known). Average accuracy: final test accuracy averaged over the tasks; BWT and forgetting "
                  "over the tasks before the last (negative BWT is forgetting); FWT: accuracy on a task just "
-                 "before it is trained minus the untrained network's; average incremental accuracy: the mean over "
-                 "tasks of the average accuracy on the tasks so far. Joint trains on all tasks at once, so only "
-                 "its final accuracy is defined.", ""]
+                 "before it is trained minus that of the model before the first task (untrained, or pretrained); average incremental accuracy: the mean over "
+                 "tasks of the average accuracy on the tasks so far. Joint (and merged) train on all tasks at "
+                 "once, so only their final accuracies are defined.", ""]
         for scenario in self.scenarios:
             lines += [f"## {names[scenario]}", "",
-                      "| method | average accuracy | BWT | forgetting | FWT | average incremental accuracy | s / run |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| method | seeds | test accuracy (all classes) | average accuracy | BWT | forgetting | FWT | "
+                      "average incremental accuracy | s / run |", "|---|---|---|---|---|---|---|---|---|"]
             for method in self.methods:
                 entry = summary[(scenario, method)]
                 median = np.median([r["seconds"] for r in entry["runs"]])
-                lines.append(f"| {method} | " + " | ".join(cell(entry, m) for m in METRICS) + f" | {median:.0f} |")
+                lines.append(f"| {method} | {len(entry['runs'])} | " + " | ".join(cell(entry, m) for m in METRICS) + f" | {median:.0f} |")
             lines.append("")
         lines += [f"![average accuracy on the tasks so far]({os.path.basename(self.output)}.png)", "",
                   f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch "
