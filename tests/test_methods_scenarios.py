@@ -73,7 +73,7 @@ def test_tasks_of_classes_and_truly_new_classes(data_dir):
 
 def fit_split_mnist(shrink, tmp_path, name, *args, blocks=32):
     phases = [{"name": "t1", "classes": [0, 1], "epochs": 1}, {"name": "t2", "classes": [2, 3], "epochs": 1}]
-    config = shrink("split_mnist", phases=phases, iterations_per_epoch=40, batches_per_block=blocks)
+    config = shrink("split_mnist", phases=phases, iterations_per_epoch=10, batches_per_block=blocks)
     cli = run("fit", "--config", config, "--trainer.logger.init_args.version", name, *args)
     schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
     return schedule.rows, cli

@@ -157,6 +157,8 @@ class ContinualStudy:
                        *init)
         seconds = time.perf_counter() - start
         schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
+        if schedule.epoch != schedule.ends[-1]:  # e.g. stopped by a signal: never record a cut-short run
+            raise RuntimeError(f"{run.name} stopped at epoch {schedule.epoch} of {schedule.ends[-1]}; not recorded.")
         rows = list(schedule.rows.values())
         result = {"method": run.method, "scenario": run.scenario, "seed": run.seed, "seconds": seconds,
                   "rows": rows, "row_names": list(schedule.rows)} | score(rows, self.tasks)
