@@ -123,3 +123,19 @@ def test_method_configs_are_pure_deltas():
         config = merged_config("seq_finetune", name)
         assert set(yaml.safe_load(open(f"music/configs/{name}.yaml"))) == {"model"}
         assert config["model"]["methods"][0]["class_path"] == f"music.methods.{cls}"
+
+
+@pytest.mark.mnist
+def test_music_continual_writes_the_table_and_reads_finished_runs_back(data_dir, tmp_path):
+    from music.experiments import run_experiment
+
+    args = ["--data_dir", data_dir, "--seeds", "[0]", "--scenarios", "[task]", "--methods", "{None: [], EWC: [ewc]}",
+            "--overrides", '[--data.iterations_per_epoch, "2"]', "--runs_dir", str(tmp_path / "runs"),
+            "--output", str(tmp_path / "out")]
+    run_experiment("continual", args)
+    table = (tmp_path / "out.md").read_text()
+    assert "| EWC | 1 |" in table and "--data.iterations_per_epoch 2" in table and (tmp_path / "out.png").exists()
+    assert not list((tmp_path / "runs").glob("*/*/checkpoints"))  # deleted once scored
+    csv_before = (tmp_path / "out.csv").read_text()
+    run_experiment("continual", [*args, "--report_only", "true"])
+    assert (tmp_path / "out.csv").read_text().splitlines()[1:] == csv_before.splitlines()[1:]

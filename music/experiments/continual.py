@@ -84,6 +84,8 @@ class ContinualStudy:
             task 0 (``--model.pretrained_on``). ``[]``: the runs start from scratch.
         pretrained_on: the split ``pretrain`` trains on.
         pretrain_overrides: more ``music fit`` arguments for the pretraining runs only.
+        report_only: run nothing; write the table from the runs already done (each row states
+            its number of seeds).
     """
 
     def __init__(self, protocol: list[str] = ["split_mnist"], methods: dict[str, list[str]] = SPLIT_MNIST_METHODS,
@@ -91,7 +93,8 @@ class ContinualStudy:
                  tasks: list[list[int]] = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], overrides: list[str] = [],
                  data_dir: str = "data", runs_dir: str = "runs/continual", output: str = "results/split_mnist",
                  title: str = "Split-MNIST", threads: int = 1, keep_checkpoints: bool = False,
-                 pretrain: list[str] = [], pretrained_on: str = "remaining", pretrain_overrides: list[str] = []) -> None:
+                 pretrain: list[str] = [], pretrained_on: str = "remaining", pretrain_overrides: list[str] = [],
+                 report_only: bool = False) -> None:
         from music.module import SCENARIOS
 
         bad = [s for s in scenarios if s not in SCENARIOS]
@@ -110,6 +113,7 @@ class ContinualStudy:
         self.tasks, self.overrides, self.data_dir, self.runs_dir = tasks, list(overrides), data_dir, runs_dir
         self.output, self.title, self.threads, self.keep_checkpoints = output, title, threads, keep_checkpoints
         self.pretrain, self.pretrained_on, self.pretrain_overrides = list(pretrain), pretrained_on, list(pretrain_overrides)
+        self.report_only = report_only
 
     def runs(self) -> list[Run]:
         return [Run(m, s, seed) for seed in self.seeds for s in self.scenarios for m in self.methods]
@@ -117,7 +121,8 @@ class ContinualStudy:
     def run(self) -> dict:
         torch.set_num_threads(self.threads)
         started = time.perf_counter()
-        results = [self.run_one(run) for run in self.runs()]
+        results = [self.run_one(run) for run in self.runs()
+                   if not self.report_only or os.path.exists(os.path.join(self.runs_dir, run.name, "result.json"))]
         return self.write(results, time.perf_counter() - started)
 
     def fit(self, configs: list[str], name: str, seed: int, *extra: str):
@@ -148,7 +153,8 @@ class ContinualStudy:
         path = os.path.join(self.runs_dir, run.name, "result.json")
         if os.path.exists(path):
             with open(path) as f:
-                return json.load(f)
+                result = json.load(f)
+            return result | score(result["rows"], self.tasks)  # scored anew from the stored evaluations
         from music.callbacks import SequentialFineTuning
 
         init = self.pretrained(run.seed)
@@ -181,6 +187,8 @@ class ContinualStudy:
         for scenario in self.scenarios:
             for method in self.methods:
                 runs = [r for r in results if r["method"] == method and r["scenario"] == scenario]
+                if not runs:
+                    continue
                 values = {m: np.array([r[m] for r in runs], dtype=float) for m in METRICS}
                 mean = {m: float(np.mean(v)) if not np.isnan(v).all() else math.nan for m, v in values.items()}
                 std = {m: float(np.std(v)) if not np.isnan(v).all() else math.nan for m, v in values.items()}
@@ -223,6 +231,8 @@ class ContinualStudy:
                       "| method | seeds | test accuracy (all classes) | average accuracy | BWT | forgetting | FWT | "
                       "average incremental accuracy | s / run |", "|---|---|---|---|---|---|---|---|---|"]
             for method in self.methods:
+                if (scenario, method) not in summary:
+                    continue
                 entry = summary[(scenario, method)]
                 median = np.median([r["seconds"] for r in entry["runs"]])
                 lines.append(f"| {method} | {len(entry['runs'])} | " + " | ".join(cell(entry, m) for m in METRICS) + f" | {median:.0f} |")
@@ -244,6 +254,8 @@ class ContinualStudy:
         x = np.arange(1, len(self.tasks) + 1)
         for ax, scenario in zip(axes[0], self.scenarios):
             for method in self.methods:
+                if (scenario, method) not in summary:
+                    continue
                 curves = np.array([r["accuracy_after_task"] for r in summary[(scenario, method)]["runs"]], dtype=float)
                 mean, std = curves.mean(0), curves.std(0)
                 if np.isnan(mean[:-1]).all():  # joint: one final value, drawn as a line
