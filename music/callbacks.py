@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from music import dashboard
 from music.checkpoint import write_atomically
+from music.data import task_split_classes
 from music.figures import accuracy_matrix_figure, confusion_matrix_figure
 
 START = "start"  # the row of the evaluation before the first phase
@@ -30,13 +31,28 @@ START = "start"  # the row of the evaluation before the first phase
 class Phase:
     """One stage of the study: train ``epochs`` epochs on the training split ``split``.
 
-    ``lr`` overrides the model's learning rate for this phase.
+    ``lr`` overrides the model's learning rate for this phase. ``classes`` (e.g. ``[2, 3]``)
+    makes the phase a task of several classes, the split ``classes_2_3`` of the data module,
+    instead of naming a split.
     """
 
     name: str
-    split: str
-    epochs: int
+    split: str | None = None
+    epochs: int | None = None
     lr: float | None = None
+    classes: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            if not self.classes:
+                raise ValueError(f"Phase {self.name!r} has classes=[]: a task needs at least one class.")
+            named = "classes_" + "_".join(str(c) for c in self.classes)
+            if self.split not in (None, named):
+                raise ValueError(f"Phase {self.name!r} names both split={self.split!r} and classes={self.classes}: "
+                                 "give one of them.")
+            self.split = named
+        if self.split is None:
+            raise ValueError(f"Phase {self.name!r} names neither a split nor classes: give one of them.")
 
 
 class SequentialFineTuning(Callback):
@@ -236,6 +252,8 @@ class SequentialFineTuning(Callback):
             split = by_name[name].split if name in by_name else None
             if split == "merged":
                 return list(held_out)
+            if split and task_split_classes(split) is not None:
+                return task_split_classes(split)
             return [int(split.removeprefix("class_"))] if split and split.startswith("class_") else None
 
         names = list(self.rows)
@@ -331,3 +349,11 @@ def _check_phases(phases: list[Phase]) -> None:
             raise ValueError(f"Phase {p.name!r} has epochs={p.epochs}: it must be an integer >= 1.")
         if p.lr is not None and not p.lr > 0:
             raise ValueError(f"Phase {p.name!r} has lr={p.lr}: a learning rate must be > 0.")
+    tasks = [(p, task_split_classes(p.split)) for p in phases]
+    tasks = [(p, classes) for p, classes in tasks if classes is not None]
+    for i, (p, classes) in enumerate(tasks):
+        for q, other in tasks[i + 1:]:
+            shared = sorted(set(classes) & set(other))
+            if shared and sorted(classes) != sorted(other):
+                raise ValueError(f"Phases {p.name!r} (classes {classes}) and {q.name!r} (classes {other}) overlap in "
+                                 f"classes {shared}: the tasks of a sequence must not share classes.")

@@ -14,6 +14,11 @@ Definitions (``T`` = the last row):
 - backward transfer (GEM): ``mean_{tasks j learned before the last} (A[T, j] - A[r_j, j])``
   with ``r_j`` the row right after task ``j`` was learned; negative means forgetting;
 - forgetting against the reference on untouched columns: ``A[ref, j] - A[T, j]``;
+- forward transfer (GEM): ``mean_{tasks j after the first} (A[r_j - 1, j] - A[b, j])``: accuracy
+  on task ``j`` just before it is trained, against the baseline row ``b`` (the untrained or
+  pretrained reference); positive means earlier tasks helped ``j`` before it was seen;
+- average incremental accuracy (Rebuffi et al., iCaRL 2017): the mean, over the tasks ``t``, of
+  the average accuracy on tasks ``1..t`` right after task ``t``;
 - collapse share: the share of test predictions equal to one class (the last phase's) — 1/10
   on a balanced 10-class test set for a healthy model, near 1 for a collapsed one.
 """
@@ -87,6 +92,26 @@ def backward_transfer(matrix: np.ndarray, learned_rows: Mapping[int, int]) -> fl
     return float(np.mean([matrix[last, column] - matrix[row, column] for column, row in earlier]))
 
 
+def forward_transfer(matrix: np.ndarray, learned_rows: Mapping[int, int], baseline_row: int) -> float:
+    """GEM's FWT over the tasks after the first: the accuracy on task ``j`` in the row before it
+    was trained, minus the baseline row's. NaN with fewer than two tasks."""
+    matrix = _check(matrix)
+    later = sorted(learned_rows.items(), key=lambda item: item[1])[1:]
+    if not later:
+        return math.nan
+    return float(np.mean([matrix[row - 1, column] - matrix[baseline_row, column] for column, row in later]))
+
+
+def average_incremental_accuracy(matrix: np.ndarray, learned_rows: Mapping[int, int]) -> float:
+    """Mean over tasks ``t`` (in training order) of the mean accuracy on the tasks learned so
+    far, in the row right after ``t``."""
+    matrix = _check(matrix)
+    order = sorted(learned_rows.items(), key=lambda item: item[1])
+    if not order:
+        return math.nan
+    return float(np.mean([np.mean([matrix[row, c] for c, _ in order[: t + 1]]) for t, (_, row) in enumerate(order)]))
+
+
 def forgetting_vs_reference(matrix: np.ndarray, reference_row: int, columns: Sequence[int]) -> dict[int, float]:
     """``A[reference, j] - A[T, j]`` for each column: what fine-tuning cost the reference model
     on classes no phase trained."""
@@ -128,6 +153,9 @@ def summarise(confusions: Sequence[Sequence[Sequence[int]]], task_classes: Seque
         "collapse_class": last_classes[0] if len(last_classes) == 1 else None,
         "collapse_share": prediction_share(final, last_classes[0]) if len(last_classes) == 1 else math.nan,
     }
+    result["average_incremental_accuracy"] = average_incremental_accuracy(task_matrix, learned) if tasks else math.nan
+    result["forward_transfer"] = (forward_transfer(task_matrix, learned, reference_row)
+                                  if tasks and reference_row is not None else math.nan)
     if reference_row is not None:
         result["reference_acc"] = accuracy_on(confusions[reference_row], range(num_classes))
         vs_reference = forgetting_vs_reference(matrix, reference_row, untouched)

@@ -14,16 +14,17 @@ import hashlib
 import importlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from music.imagefolder import ImageFolderSource
 
@@ -93,12 +94,19 @@ class MusicDataModule(LightningDataModule):
         dataset: import path of a torchvision MNIST-style dataset class; FashionMNIST or KMNIST
             need no code, only this argument.
         download: fetch the dataset if it is missing (needs internet).
-        held_out_classes: classes whose samples are held out for fine-tuning.
-        samples_per_class: how many training samples of each held-out class are held out.
+        held_out_classes: classes whose samples are held out for fine-tuning (may be empty:
+            a protocol of ``classes_*`` tasks, such as Split-MNIST, holds nothing out).
+        samples_per_class: how many training samples of each held-out class are held out;
+            ``all`` holds out every one, so ``remaining`` has none of those classes and a
+            fine-tuning task on one of them is a class the model has never seen.
         split_seed: chooses which samples are held out; same seed, same splits.
         val_size: samples carved from the non-held-out data for a ``val`` split (0: none).
             The test set is never used to choose anything.
-        train_split: the split ``train_dataloader`` serves; phases switch it.
+        train_split: the split ``train_dataloader`` serves; phases switch it. Besides the fixed
+            names, ``classes_<a>_<b>...`` is a task of several classes: every ``remaining``
+            sample of those classes (so it never overlaps a held-out split).
+        iterations_per_epoch: batches per training epoch, cycling through reshuffled passes of
+            the split (a protocol counted in iterations, not epochs); ``None``: one pass.
         batch_size: training batch size.
         batches_per_block: training batches the loader hands over at once, as one ``Block``; the
             model still takes one optimizer step per batch, in the same order, so training is
@@ -123,10 +131,11 @@ class MusicDataModule(LightningDataModule):
         dataset: str = "torchvision.datasets.MNIST",
         download: bool = True,
         held_out_classes: list[int] = [3, 4, 7],
-        samples_per_class: int = 1000,
+        samples_per_class: int | Literal["all"] = 1000,
         split_seed: int = 0,
         val_size: int = 0,
         train_split: str = "remaining",
+        iterations_per_epoch: int | None = None,
         batch_size: int = 32,
         batches_per_block: int = 1,
         eval_batch_size: int = 1000,
@@ -144,7 +153,10 @@ class MusicDataModule(LightningDataModule):
         self._declared_num_classes = len(classes) if classes and image_folder is None else None
         self.image_folder = image_folder
         _check_held_out(held_out_classes, self._declared_num_classes, dataset)
-        for name, value, low in (("samples_per_class", samples_per_class, 1), ("batch_size", batch_size, 1),
+        if isinstance(samples_per_class, str) and samples_per_class != "all":
+            raise ValueError(f"samples_per_class={samples_per_class!r} is not allowed: an integer >= 1 or 'all'.")
+        for name, value, low in (("samples_per_class", 1 if samples_per_class == "all" else samples_per_class, 1),
+                                 ("batch_size", batch_size, 1), ("iterations_per_epoch", 1 if iterations_per_epoch is None else iterations_per_epoch, 1),
                                  ("batches_per_block", batches_per_block, 1),
                                  ("eval_batch_size", eval_batch_size, 1), ("val_size", val_size, 0),
                                  ("num_workers", num_workers, 0), ("replay_size", replay_size, 0)):
@@ -154,6 +166,7 @@ class MusicDataModule(LightningDataModule):
         self.download = download
         self.held_out_classes = list(held_out_classes)
         self.samples_per_class = samples_per_class
+        self.iterations_per_epoch = iterations_per_epoch
         self.split_seed = split_seed
         self.val_size = val_size
         self.batch_size = batch_size
@@ -178,9 +191,36 @@ class MusicDataModule(LightningDataModule):
         return names + (["val"] if self.val_size else []) + ["train"]
 
     def check_split(self, name: str) -> str:
-        if name not in self.split_names:
-            raise ValueError(f"Unknown split {name!r}: the data module serves {self.split_names}.")
+        if name in self.split_names:
+            return name
+        classes = task_split_classes(name)
+        if classes is None:
+            raise ValueError(f"Unknown split {name!r}: the data module serves {self.split_names} "
+                             "and tasks of several classes, classes_<a>_<b>...")
+        num_classes = self._declared_num_classes or (int(self.train_labels.max()) + 1 if self.splits else None)
+        outside = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
+        if outside:
+            raise ValueError(f"Split {name!r} names classes {outside}, not classes of {self.hparams.dataset}: "
+                             f"allowed are 0..{num_classes - 1}.")
+        if self.samples_per_class == "all":
+            unseen = [c for c in classes if c in self.held_out_classes]
+            if unseen:
+                raise ValueError(f"Split {name!r} asks `remaining` for classes {unseen}, but samples_per_class=all holds "
+                                 f"out every sample of them: train on class_{unseen[0]} instead, or hold out fewer.")
         return name
+
+    def task_classes(self, split: str) -> list[int]:
+        """The classes a training split holds: a phase's task, e.g. for task-incremental masking."""
+        classes = task_split_classes(self.check_split(split))
+        if classes is not None:
+            return classes
+        if split.startswith("class_"):
+            return [int(split.removeprefix("class_"))]
+        if split == "merged":
+            return list(self.held_out_classes)
+        self.setup()
+        labels = self.train_labels if split == "train" else self.train_labels[self.splits[split]]
+        return labels.unique().tolist()
 
     @property
     def train_split(self) -> str:
@@ -265,12 +305,15 @@ class MusicDataModule(LightningDataModule):
         splits: dict[str, Tensor] = {}
         for c in self.held_out_classes:
             candidates = (labels == c).nonzero().flatten()
-            if self.samples_per_class > len(candidates):
+            if self.samples_per_class == "all":
+                chosen = candidates
+            elif self.samples_per_class > len(candidates):
                 raise ValueError(
                     f"samples_per_class={self.samples_per_class} is too large: class {c} has only "
                     f"{len(candidates)} training samples, so at most {len(candidates)} can be held out."
                 )
-            chosen = candidates[torch.randperm(len(candidates), generator=generator)[: self.samples_per_class]]
+            else:
+                chosen = candidates[torch.randperm(len(candidates), generator=generator)[: self.samples_per_class]]
             splits[f"class_{c}"] = chosen.sort().values
             is_held_out[chosen] = True
         remaining = (~is_held_out).nonzero().flatten()
@@ -305,7 +348,7 @@ class MusicDataModule(LightningDataModule):
     def _gather(self, split: str, replay: bool) -> Dataset:
         index = None  # None: the whole train or test set
         if split != "test" and self.check_split(split) != "train":
-            index = self.splits[split]
+            index = self.splits[split] if split in self.splits else self._task_index(split)
             if replay and self.replay_index is not None and split in self.held_out_split_names:
                 index = torch.cat([index, self.replay_index])
         if self.image_folder is not None:
@@ -315,19 +358,35 @@ class MusicDataModule(LightningDataModule):
             images, labels = images[index], labels[index]
         return InMemoryDataset(images.to(self._device), labels.to(self._device))
 
+    def _task_index(self, split: str) -> Tensor:
+        classes = task_split_classes(split)
+        remaining = self.splits["remaining"]
+        index = remaining[torch.isin(self.train_labels[remaining], torch.tensor(classes))]
+        missing = [c for c in classes if not (self.train_labels[index] == c).any()]
+        if missing:
+            raise ValueError(f"Split {split!r}: `remaining` holds no sample of classes {missing}.")
+        return index
+
     @property
     def held_out_split_names(self) -> list[str]:
         return [f"class_{c}" for c in self.held_out_classes] + ["merged"]
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
-                   distributed: bool = False, replay: bool = False, batches_per_block: int = 1) -> DataLoader:
+                   distributed: bool = False, replay: bool = False, batches_per_block: int = 1,
+                   iterations: int | None = None) -> DataLoader:
         """Any split as a loader; ``distributed`` shards it over the ranks (for evaluation run
         outside Lightning's loops, where no sampler is injected). With ``batches_per_block``
         > 1 it yields ``Block``s of that many batches, in the order a batch loader would (the
-        shuffled order does not depend on the batch size)."""
+        shuffled order does not depend on the batch size). ``iterations``: a shuffled loader
+        serves that many batches, through as many reshuffled passes as it takes."""
         dataset = self.dataset(split, replay=replay)
+        if shuffle and len(dataset) == 0:
+            raise ValueError(f"Split {split!r} is empty: there is nothing to train on.")
         sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
         batch_size = batch_size or (self.batch_size if shuffle else self.eval_batch_size)
+        if shuffle and sampler is None and iterations:
+            # passes of fresh permutations, cut at `iterations` batches (RandomSampler's num_samples)
+            sampler = RandomSampler(dataset, num_samples=iterations * batch_size)
         return DataLoader(
             dataset,
             batch_size=batch_size * batches_per_block,
@@ -341,7 +400,8 @@ class MusicDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Under DDP every batch must pass the DDP wrapper's forward: one batch per loop step.
         blocks = self.batches_per_block if self.trainer is None or self.trainer.world_size == 1 else 1
-        return self.dataloader(self.train_split, shuffle=True, replay=True, batches_per_block=blocks)
+        return self.dataloader(self.train_split, shuffle=True, replay=True, batches_per_block=blocks,
+                               iterations=self.iterations_per_epoch)
 
     def val_dataloader(self) -> DataLoader | list:
         return self.dataloader("val") if self.val_size else []
@@ -379,9 +439,17 @@ class MusicDataModule(LightningDataModule):
             json.dump(self.manifest(), f, indent=2)
 
 
+def task_split_classes(name: str) -> list[int] | None:
+    """``classes_2_3`` -> ``[2, 3]``; ``None`` for a name of another form."""
+    if not re.fullmatch(r"classes(_\d+)+", name):
+        return None
+    classes = [int(c) for c in name.split("_")[1:]]
+    if len(set(classes)) < len(classes):
+        raise ValueError(f"Split {name!r} repeats a class: each class of a task is named once.")
+    return classes
+
+
 def _check_held_out(classes: Sequence[int], num_classes: int | None, dataset: str) -> None:
-    if not classes:
-        raise ValueError("held_out_classes is empty: name at least one class to hold out.")
     duplicates = sorted({c for c in classes if list(classes).count(c) > 1})
     if duplicates:
         raise ValueError(f"held_out_classes={list(classes)} repeats {duplicates}: each class may be held out once.")

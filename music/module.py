@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,11 @@ from music.data import Block
 from music.finetuning import FineTune
 from music.models import SimpleNN
 from music.speed import direct_step, runtime_cuda_check, steps_are_plain
+
+if TYPE_CHECKING:
+    from music.methods import Method
+
+SCENARIOS = ("class", "task")
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -75,6 +80,17 @@ class Classifier(LightningModule):
         log_every_n_steps: optimizer steps between points of ``train/loss_step``. The model logs
             it itself, at optimizer steps, because a Lightning loop step is a whole block; the
             shipped configs set the Trainer's own interval to 1 loop step.
+        methods: continual-learning methods (``music.methods``: EWC, online EWC, SI, LwF,
+            replay), each adding its term to every batch's loss and keeping its state across
+            the tasks; a task is a run of phases on one training split. Empty: naive fine-tuning.
+        scenario: ``class`` (class-incremental: one head over all classes) or ``task``
+            (task-incremental: each sample's logits are masked to the classes of its task, in
+            training, replay and evaluation alike, as if the task were known at test time).
+        tasks: the class sets of the tasks, for ``scenario: task``; ``None``: one per phase of
+            the schedule (a label belongs to the last task that trains it).
+        pretrained_on: the training split ``init_from``'s weights were trained on: the methods
+            take it as a finished task 0 (EWC's Fisher, replay's memory, LwF's teacher), so a
+            fine-tuning run protects what pretraining learned. SI has no path integral of it.
     """
 
     def __init__(
@@ -87,8 +103,14 @@ class Classifier(LightningModule):
         finetune: FineTune | None = None,
         batches_per_block: int = 1,
         log_every_n_steps: int = 50,
+        methods: list[Method] | None = None,
+        scenario: Literal["class", "task"] = "class",
+        tasks: list[list[int]] | None = None,
+        pretrained_on: str | None = None,
     ) -> None:
         super().__init__()
+        if scenario not in SCENARIOS:
+            raise ValueError(f"scenario={scenario!r} is not allowed: choose one of {list(SCENARIOS)}.")
         if not lr > 0:
             raise ValueError(f"lr={lr} is not allowed: the learning rate must be > 0.")
         if num_classes < 2:
@@ -99,7 +121,7 @@ class Classifier(LightningModule):
             raise ValueError(f"batches_per_block={batches_per_block} is not allowed: it must be an integer >= 1.")
         if isinstance(finetune, dict):  # as stored in a checkpoint's hyperparameters
             finetune = FineTune(**finetune)
-        self.save_hyperparameters(ignore=["backbone", "finetune"])
+        self.save_hyperparameters(ignore=["backbone", "finetune", "methods"])
         # a plain dict, so checkpoints stay loadable with weights_only=True
         self.hparams["finetune"] = asdict(finetune) if finetune is not None else None
         self.backbone = backbone if backbone is not None else SimpleNN(num_classes=num_classes)
@@ -122,6 +144,13 @@ class Classifier(LightningModule):
         self._losses: list[Tensor] = []
         self._first_step: int | None = None
         self.direct_steps = False  # set when training starts: see ``music.speed.steps_are_plain``
+        self.methods = list(methods or [])
+        self.scenario = scenario
+        self.tasks = tasks
+        self.pretrained_on = pretrained_on
+        self._allowed: Tensor | None = None  # task scenario: label -> the classes its logits keep
+        self._task: Any = None  # the task the methods are on (``music.methods.Task``)
+        self._resumed_task: list | None = None  # [index, split] of ``_task`` in a restored checkpoint
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -136,14 +165,89 @@ class Classifier(LightningModule):
             self.backbone.load_state_dict(load_state_dict(self.init_from))
             self._weights_loaded = True
             self.step_offset, self.epoch_offset = training_progress(self.init_from)
+        if self.scenario == "task" and self._allowed is None:
+            self._allowed = self._task_masks()
+
+    def _task_masks(self) -> Tensor:
+        """Row ``c``: the classes a sample labelled ``c`` may be predicted as (its task's)."""
+        tasks = self.tasks
+        if tasks is None:
+            from music.callbacks import SequentialFineTuning
+
+            schedule = next((c for c in self.trainer.callbacks if isinstance(c, SequentialFineTuning)), None)
+            if schedule is None:
+                raise ValueError("scenario=task needs the tasks: give model.tasks or a schedule of phases.")
+            tasks = [self.trainer.datamodule.task_classes(p.split) for p in schedule.phases]
+        allowed = torch.ones(self.num_classes, self.num_classes, dtype=torch.bool)
+        for classes in tasks:
+            bad = [c for c in classes if not 0 <= c < self.num_classes]
+            if bad:
+                raise ValueError(f"Task classes {bad} are outside the model's classes 0..{self.num_classes - 1}.")
+            for c in classes:
+                allowed[c] = False
+                allowed[c, classes] = True
+        return allowed.to(self.device)
+
+    def scenario_logits(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The logits as the scenario scores them: unchanged (class-incremental) or masked to
+        each sample's task (task-incremental)."""
+        if self.scenario == "class":
+            return logits
+        if self._allowed is None:
+            self._allowed = self._task_masks()
+        allowed = self._allowed.to(logits.device)[y]
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def objective(self, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        """The training loss of one batch: cross-entropy plus every method's term (penalty,
+        distillation, a replayed batch's loss)."""
+        loss = F.cross_entropy(self.scenario_logits(logits, y), y)
+        for method in self.methods:
+            term = method.loss(self, x, y, logits)
+            if term is not None:
+                loss = loss + term
+        return loss
+
+    def _next_task(self) -> None:
+        """At a change of training split: the methods close the task that ended (Fisher,
+        importance, memory) and open the next (a teacher copy, anchors)."""
+        if not self.methods:
+            return
+        from music.methods import Task
+
+        datamodule = self.trainer.datamodule
+        split = datamodule.train_split
+        if self._task is not None and self._task.split == split:
+            return
+        if self._task is not None:
+            for method in self.methods:
+                method.end_task(self, self._task)
+        if self._task is None and self.pretrained_on is not None:
+            self._task = Task(0, self.pretrained_on, datamodule.task_classes(self.pretrained_on),
+                              datamodule.dataset(self.pretrained_on))
+            for method in self.methods:
+                method.start_task(self, self._task)
+            for method in self.methods:
+                method.end_task(self, self._task)
+        index = 0 if self._task is None else self._task.index + 1
+        self._task = Task(index, split, datamodule.task_classes(split), datamodule.dataset(split))
+        for method in self.methods:
+            method.start_task(self, self._task)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PROGRESS_OFFSET_KEY] = {"step": self.step_offset, "epoch": self.epoch_offset}
+        if self.methods:
+            checkpoint["methods"] = [method.state_dict() for method in self.methods]
+            checkpoint["method_task"] = None if self._task is None else [self._task.index, self._task.split]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._weights_loaded = True
         offset = checkpoint.get(PROGRESS_OFFSET_KEY, {})
         self.step_offset, self.epoch_offset = offset.get("step", 0), offset.get("epoch", 0)
+        if self.methods and "methods" in checkpoint:
+            for method, state in zip(self.methods, checkpoint["methods"]):
+                method.load_state_dict(state)
+            self._resumed_task = checkpoint.get("method_task")
 
     def configure_model(self) -> None:
         if self.finetune is None or self._finetune_applied:
@@ -169,6 +273,15 @@ class Classifier(LightningModule):
         self._cuda_check.close()  # (a crashed fit leaves it on: without CUDA both checks say no)
 
     def on_train_epoch_start(self) -> None:
+        if self._resumed_task is not None:  # a resumed run: the task the checkpoint was on, with its data
+            from music.methods import Task
+
+            index, split = self._resumed_task
+            self._resumed_task = None
+
+            datamodule = self.trainer.datamodule
+            self._task = Task(index, split, datamodule.task_classes(split), datamodule.dataset(split))
+        self._next_task()
         self._losses: list[Tensor] = []  # one tensor of per-batch losses per loop step
         self._correct: list[Tensor] = []
         self._sizes: list[int] = []
@@ -201,7 +314,7 @@ class Classifier(LightningModule):
         losses, logits, labels = [], [], []
         for x, y in batches:
             out = self(x)
-            loss = F.cross_entropy(out, y)
+            loss = self.objective(out, y, x)
             if step is not None:
                 step(loss)
             losses.append(loss.detach())
@@ -262,7 +375,7 @@ class Classifier(LightningModule):
 
     def _update(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, loss: MeanMetric) -> Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self.scenario_logits(self(x), y)
         loss.update(F.cross_entropy(logits, y), weight=len(y))
         metrics.update(logits, y)
         return logits

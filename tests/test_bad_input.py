@@ -23,7 +23,8 @@ PHASE = "[{name: a, split: remaining, epochs: %s%s}]"
 CASES = [
     ("held-out class not in dataset", ["--data.held_out_classes", "[3,11]"], r"\[11\].*allowed are 0\.\.9"),
     ("duplicate held-out class", ["--data.held_out_classes", "[3,4,3]"], r"repeats \[3\]"),
-    ("no held-out class", ["--data.held_out_classes", "[]"], "held_out_classes is empty"),
+    ("training on merged with no held-out class",
+     ["--data.held_out_classes", "[]", "--schedule.phases", "[{name: a, split: merged, epochs: 1}]"], "Split 'merged' is empty"),
     ("samples_per_class <= 0", ["--data.samples_per_class", "0"], r"samples_per_class=0.*>= 1"),
     ("samples_per_class > class size", ["--data.samples_per_class", "400"],
      "samples_per_class=400 is too large: class 3 has only 340"),

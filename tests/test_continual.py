@@ -115,3 +115,25 @@ def test_start_evaluation_leaves_training_unchanged(shrink):
     assert [r["phase"] for r in read_matrix(Path(without.trainer.log_dir))] == ["pretrain", "merged"]
     for name, value in with_initial.model.state_dict().items():
         assert torch.equal(without.model.state_dict()[name], value), name
+
+
+def test_forward_transfer_and_average_incremental_accuracy_on_a_hand_made_matrix():
+    # columns: tasks 1..3 (A's classes 1..3); rows: reference, after task 1, 2, 3
+    tasks = A[:, 1:]
+    learned = {0: 1, 1: 2, 2: 3}
+    # FWT: accuracy on task j in the row before it was trained, minus the reference row's
+    assert continual.forward_transfer(tasks, learned, 0) == pytest.approx(((0.0 - 0.0) + (0.0 - 0.0)) / 2)
+    shifted = tasks.copy()
+    shifted[1, 1], shifted[2, 2] = 0.4, 0.2
+    assert continual.forward_transfer(shifted, learned, 0) == pytest.approx((0.4 + 0.2) / 2)
+    # AIA: mean over t of the mean accuracy on tasks 1..t right after t
+    expected = np.mean([1.0, (0.5 + 0.9) / 2, (0.2 + 0.6 + 1.0) / 3])
+    assert continual.average_incremental_accuracy(tasks, learned) == pytest.approx(expected)
+    assert math.isnan(continual.forward_transfer(tasks, {0: 1}, 0))  # one task: nothing to transfer to
+
+
+def test_summarise_reports_forward_transfer_against_the_reference_row():
+    rows = [confusion(row, sink=0) for row in A]
+    summary = continual.summarise(rows, [None, [1], [2], [3]], reference_row=0)
+    assert summary["forward_transfer"] == pytest.approx(0.0)
+    assert summary["average_incremental_accuracy"] == pytest.approx(np.mean([1.0, 0.7, 0.6]))

@@ -1,0 +1,141 @@
+"""Tasks of several classes, truly new classes, the task-incremental scenario and the methods
+inside Lightning's training loop (blocks of batches included)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import merged_config, run
+
+from music.callbacks import Phase, SequentialFineTuning
+from music.data import MusicDataModule, task_split_classes
+from music.experiments.continual import score
+
+
+def test_a_phase_of_classes_is_the_split_of_those_classes():
+    assert Phase("t", classes=[2, 3], epochs=1).split == "classes_2_3"
+    assert task_split_classes("classes_2_3") == [2, 3] and task_split_classes("class_3") is None
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: SequentialFineTuning([Phase("a", classes=[0, 1], epochs=1), Phase("b", classes=[1, 2], epochs=1)]),
+     r"'a' \(classes \[0, 1\]\) and 'b' \(classes \[1, 2\]\) overlap in classes \[1\]"),
+    (lambda: Phase("a", split="remaining", classes=[0, 1], epochs=1), "names both split='remaining' and classes"),
+    (lambda: Phase("a", epochs=1), "names neither a split nor classes"),
+    (lambda: Phase("a", classes=[], epochs=1), "classes=\\[\\]"),
+    (lambda: task_split_classes("classes_2_2"), "repeats a class"),
+    (lambda: MusicDataModule(samples_per_class="most"), "samples_per_class='most'.*'all'"),
+    (lambda: MusicDataModule(iterations_per_epoch=0), "iterations_per_epoch=0.*>= 1"),
+], ids=["overlapping tasks", "split and classes", "neither", "empty classes", "repeated class", "samples_per_class",
+        "iterations"])
+def test_bad_task_settings_fail_with_one_line(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_score_of_a_sequence_and_of_joint_training():
+    def conf(per_class_correct):  # 10 test samples per class of 4; errors go to class 0
+        return [[10 if i == j == 0 else (c if i == j else (10 - c if j == 0 else 0)) for j in range(4)]
+                for i, c in enumerate(per_class_correct)]
+
+    tasks = [[0, 1], [2, 3]]
+    rows = [conf([10, 0, 0, 0]), conf([10, 10, 0, 0]), conf([10, 5, 10, 10])]
+    s = score(rows, tasks)
+    assert s["average_accuracy"] == pytest.approx((0.75 + 1.0) / 2)
+    assert s["backward_transfer"] == pytest.approx(0.75 - 1.0) and s["forgetting"] == pytest.approx(0.25)
+    assert s["forward_transfer"] == pytest.approx(0.0)  # task 2 before training: 0, as in row 0
+    assert s["accuracy_after_task"] == [pytest.approx(1.0), pytest.approx(0.875)]
+    joint = score(rows[:1] + rows[-1:], tasks)
+    assert joint["average_accuracy"] == s["average_accuracy"] and joint["backward_transfer"] != joint["backward_transfer"]
+
+
+@pytest.mark.mnist
+def test_tasks_of_classes_and_truly_new_classes(data_dir):
+    split_mnist = MusicDataModule(data_dir=data_dir, download=False, held_out_classes=[])
+    split_mnist.setup()
+    labels = split_mnist.dataset("classes_2_3").labels
+    assert set(labels.tolist()) == {2, 3} and len(labels) == int(((split_mnist.train_labels == 2)
+                                                                  | (split_mnist.train_labels == 3)).sum())
+    assert split_mnist.task_classes("classes_2_3") == [2, 3]
+    new = MusicDataModule(data_dir=data_dir, download=False, samples_per_class="all")
+    new.setup()
+    remaining = new.train_labels[new.splits["remaining"]]
+    assert not torch.isin(remaining, torch.tensor([3, 4, 7])).any()
+    assert len(new.splits["class_3"]) == int((new.train_labels == 3).sum())
+    with pytest.raises(ValueError, match=r"classes_3_5.*samples_per_class=all holds out every sample of them"):
+        new.check_split("classes_3_5")
+    with pytest.raises(ValueError, match=r"names classes \[10\].*allowed are 0..9"):
+        new.check_split("classes_9_10")
+    with pytest.raises(ValueError, match="Split 'merged' is empty"):
+        split_mnist.dataloader("merged", shuffle=True)
+
+
+def fit_split_mnist(shrink, tmp_path, name, *args, blocks=32):
+    phases = [{"name": "t1", "classes": [0, 1], "epochs": 1}, {"name": "t2", "classes": [2, 3], "epochs": 1}]
+    config = shrink("split_mnist", phases=phases, iterations_per_epoch=10, batches_per_block=blocks)
+    cli = run("fit", "--config", config, "--trainer.logger.init_args.version", name, *args)
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
+    return schedule.rows, cli
+
+
+@pytest.mark.mnist
+def test_replay_in_lightning_is_naive_at_budget_zero_and_the_same_with_or_without_blocks(shrink, tmp_path):
+    replay = "[{class_path: music.methods.Replay, init_args: {budget_per_class: %d}}]"
+    naive, _ = fit_split_mnist(shrink, tmp_path, "naive")
+    empty, _ = fit_split_mnist(shrink, tmp_path, "empty", "--model.methods", replay % 0)
+    assert empty == naive
+    blocks, cli = fit_split_mnist(shrink, tmp_path, "blocks", "--model.methods", replay % 20)
+    batches, _ = fit_split_mnist(shrink, tmp_path, "batches", "--model.methods", replay % 20, blocks=1)
+    assert blocks == batches and blocks != naive
+    assert torch.bincount(cli.model.methods[0].labels).tolist() == [20, 20]  # task 1's classes, before task 2
+
+
+@pytest.mark.mnist
+def test_task_incremental_evaluation_masks_each_sample_to_its_task(shrink, tmp_path):
+    rows, cli = fit_split_mnist(shrink, tmp_path, "task", "--model.scenario", "task", "--model.tasks", "null")
+    final = torch.tensor(rows["t2"])
+    # a sample of 0 or 1 is predicted as 0 or 1 only, one of 2 or 3 as 2 or 3
+    assert final[:2, 2:].sum() == 0 and final[2:4, :2].sum() == 0 and final[2:4, 4:].sum() == 0
+    assert final[:2].sum() > 0 and final[:4].trace() > 0.9 * final[:4].sum()
+    with open(f"{cli.trainer.log_dir}/continual_metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["forward_transfer"] is not None and metrics["average_incremental_accuracy"] is not None
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize("args, match", [
+    (["--model.scenario", "domain"], "scenario"),
+    (["--model.methods", "[{class_path: music.methods.Distill}]"], "methods"),
+], ids=["unknown scenario", "unknown method"])
+def test_unknown_scenario_or_method_is_refused_before_training(shrink, tmp_path, args, match):
+    from music.cli import main
+
+    config = shrink("split_mnist", iterations_per_epoch=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *args])
+    assert exit_info.value.code == 2
+    assert not list(tmp_path.glob("logs/*/*/checkpoints/*.ckpt"))
+
+
+def test_method_configs_are_pure_deltas():
+    for name, cls in (("ewc", "EWC"), ("online_ewc", "OnlineEWC"), ("si", "SI"), ("lwf", "LwF"), ("replay", "Replay")):
+        config = merged_config("seq_finetune", name)
+        assert set(yaml.safe_load(open(f"music/configs/{name}.yaml"))) == {"model"}
+        assert config["model"]["methods"][0]["class_path"] == f"music.methods.{cls}"
+
+
+@pytest.mark.mnist
+def test_music_continual_writes_the_table_and_reads_finished_runs_back(data_dir, tmp_path):
+    from music.experiments import run_experiment
+
+    args = ["--data_dir", data_dir, "--seeds", "[0]", "--scenarios", "[task]", "--methods", "{None: [], EWC: [ewc]}",
+            "--overrides", '[--data.iterations_per_epoch, "2"]', "--runs_dir", str(tmp_path / "runs"),
+            "--output", str(tmp_path / "out")]
+    run_experiment("continual", args)
+    table = (tmp_path / "out.md").read_text()
+    assert "| EWC | 1 |" in table and "--data.iterations_per_epoch 2" in table and (tmp_path / "out.png").exists()
+    assert not list((tmp_path / "runs").glob("*/*/checkpoints"))  # deleted once scored
+    csv_before = (tmp_path / "out.csv").read_text()
+    run_experiment("continual", [*args, "--report_only", "true"])
+    assert (tmp_path / "out.csv").read_text().splitlines()[1:] == csv_before.splitlines()[1:]
