@@ -17,9 +17,44 @@ from itertools import accumulate
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from music.checkpoint import write_atomically
+
+
+class RunDirectory(Callback):
+    """Fixes the run directory: where MUSIC writes a run's own files (phase snapshots,
+    ``phase_metrics.json``, accuracy matrix, split manifest) and, unless it has a ``dirpath``,
+    where ``ModelCheckpoint`` saves.
+
+    Without it the run directory follows the logger (``run_dir``). With it the logger only
+    logs: any Lightning logger (TensorBoard, CSV, MLflow, W&B) can be used, and runs that log
+    to one tracking server still write their files into folders of their own.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.join(self.path, "checkpoints")
+
+
+def run_dir(trainer: Trainer) -> str:
+    """The directory of the run's files: a ``RunDirectory`` callback's path if there is one,
+    else where Lightning's ``ModelCheckpoint`` puts ``checkpoints/`` for this logger
+    (``<save_dir>/<name>/<version>``, e.g. TensorBoard's ``version_N`` folder), else
+    ``default_root_dir``. Unlike ``trainer.log_dir`` it is one folder per run for every logger."""
+    fixed = next((c.path for c in trainer.callbacks if isinstance(c, RunDirectory)), None)
+    if fixed is not None:
+        return fixed
+    logger = trainer.logger
+    if logger is None:
+        return trainer.default_root_dir
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
 @dataclass
@@ -175,10 +210,10 @@ class SequentialFineTuning(Callback):
                                        step=trainer.global_step)
         pl_module.log_confusion_matrix(f"test/{phase.name}/confusion_matrix", confusion)
         if index is not None:
-            _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+            _record(run_dir(trainer), index, phase, metrics | {"confusion_matrix": confusion.tolist()})
             # Wall time goes to its own file: phase_metrics.json stays bit-identical across resumes.
             trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-            _record(trainer.log_dir, index, phase, {"train_seconds": seconds, "trainable_params": trainable},
+            _record(run_dir(trainer), index, phase, {"train_seconds": seconds, "trainable_params": trainable},
                     filename="phase_costs.json")
         self.rows[phase.name] = confusion.tolist()
         self._continual(trainer)
@@ -213,11 +248,11 @@ class SequentialFineTuning(Callback):
                   *(name for name, _ in task_columns), "acc"]
         table = [[i, n, *per_class_accuracy(conf).tolist(), *(accuracy_on(conf, t) for _, t in task_columns),
                   accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
-        _write_continual(trainer.log_dir, header, table, summary)
+        _write_continual(run_dir(trainer), header, table, summary)
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
         # on every rank: save_checkpoint holds a barrier; rank zero writes, atomically (AtomicCheckpointIO)
-        trainer.save_checkpoint(os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"),
+        trainer.save_checkpoint(os.path.join(run_dir(trainer), "checkpoints", f"phase-{index}-{phase.name}.ckpt"),
                                 weights_only=False)
 
 

@@ -18,15 +18,15 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from music.callbacks import SequentialFineTuning
+from music.callbacks import RunDirectory, SequentialFineTuning, run_dir
 from music.checkpoint import AtomicCheckpointIO
 from music.data import MusicDataModule
 from music.module import Classifier
@@ -81,6 +81,16 @@ def _config_path(value: str) -> str:
     return str(shipped_config(value))
 
 
+class SaveConfigToRunDir(SaveConfigCallback):
+    """``config.yaml`` in the run directory (``music.callbacks.run_dir``) rather than in
+    ``trainer.log_dir``, which every run of an MLflow or W&B logger shares."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        path = os.path.join(run_dir(trainer), self.config_filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+
+
 class MusicCLI(LightningCLI):
     """LightningCLI with the phase schedule and checkpointing as config sections of their own
     (``schedule``, ``checkpoint``), so a config delta can change the phases without repeating
@@ -89,6 +99,10 @@ class MusicCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SequentialFineTuning, "schedule")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument("--run_dir", type=Optional[str], default=None,
+                            help="The run's folder for MUSIC's files (phase snapshots, phase_metrics.json, accuracy "
+                                 "matrix, split manifest) and checkpoints/ (music.callbacks.RunDirectory). Default: "
+                                 "the folder Lightning's ModelCheckpoint picks for the logger, e.g. TensorBoard's version_N.")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.batches_per_block", "model.batches_per_block")
 
@@ -100,6 +114,9 @@ class MusicCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)])
+        run_dir = self._get(self.config_init, "run_dir")
+        if run_dir is not None:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), RunDirectory(run_dir)]
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -117,7 +134,10 @@ class MusicCLI(LightningCLI):
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
         _check_blocks(config)
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+        if config.get("run_dir") is not None:
+            if config.get("checkpoint") is not None and config.checkpoint.get("dirpath") is None:
+                config.checkpoint.dirpath = os.path.join(config.run_dir, "checkpoints")  # --ckpt_path last looks there
+        elif self.subcommand == "fit" and config.get("ckpt_path") == "last":
             _resume_in_latest_version(config.trainer.logger)
 
 
@@ -156,7 +176,8 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     return MusicCLI(
         Classifier,
         MusicDataModule,
-        save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+        save_config_callback=SaveConfigToRunDir,
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # a resumed run writes its config again
         parser_kwargs={sub: dict(base) for sub in LIGHTNING_SUBCOMMANDS},
         args=resolve_configs(args),
         run=run,

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from music.callbacks import run_dir
 from music.imagefolder import ImageFolderSource
 
 
@@ -210,8 +211,8 @@ class MusicDataModule(LightningDataModule):
             self.splits = self._make_splits()
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
             self._device = self.trainer.strategy.root_device  # batches are then gathered on the GPU
-        if self.trainer is not None and self.trainer.log_dir:
-            self.write_manifest(os.path.join(self.trainer.log_dir, "split_manifest.json"))
+        if self.trainer is not None:
+            self.write_manifest(os.path.join(run_dir(self.trainer), "split_manifest.json"))
             if self.log_eda and stage == "fit" and self.trainer.is_global_zero:
                 from music.eda import log_to_tensorboard  # matplotlib only when asked for
 

@@ -35,6 +35,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "attention": Experiment("music.experiments.attention:AttentionMaps",
                             "ViT: pretrain, fine-tune full and LoRA, draw last-block CLS attention maps",
                             "attention"),
+    "study": Experiment("music.experiments.study:Study",
+                        "the multi-seed grid (seeds x orderings x lrs, merged, replay, joint) on Dask, results in SQL",
+                        "study"),
     "eda": Experiment("music.experiments.eda:EDA", "class counts and sample grids of every split, as PNGs", "eda"),
 }
 
