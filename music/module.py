@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -344,10 +343,11 @@ class Classifier(LightningModule):
         return values, confusion
 
     def log_confusion_matrix(self, tag: str, confusion: Tensor) -> None:
-        """A confusion-matrix figure in TensorBoard's Images tab (rank zero only)."""
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+        """A confusion-matrix figure for every logger that takes images (rank zero only)."""
+        from music.plots import image_loggers, log_figure, pyplot  # matplotlib only when a figure is drawn
+
+        if not image_loggers(self.loggers) or not self.trainer.is_global_zero:
             return
-        from music.plots import pyplot  # matplotlib only when a figure is drawn
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 6))
@@ -358,6 +358,6 @@ class Classifier(LightningModule):
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > half else "black")
         ax.set(xlabel="predicted", ylabel="true", xticks=range(self.num_classes), yticks=range(self.num_classes))
         fig.tight_layout()
-        self.logger.experiment.add_figure(tag, fig, global_step=self.global_step)
+        log_figure(self.loggers, tag, fig, self.global_step)
         plt.close(fig)
 

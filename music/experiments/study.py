@@ -354,7 +354,7 @@ def dask_client(grid: Grid):
 
     if grid.scheduler is not None:
         try:
-            client = Client(grid.scheduler, timeout="10s")
+            client = Client(grid.scheduler, timeout="5s")
         except (OSError, TimeoutError) as err:
             raise ValueError(f"study.scheduler={grid.scheduler!r}: no Dask scheduler answers there "
                              f"({type(err).__name__}). Start one with `dask scheduler` or leave scheduler null "
