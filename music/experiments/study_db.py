@@ -175,7 +175,7 @@ def query(engine: Engine, sql: str) -> tuple[list[str], list[tuple]]:
     with engine.connect() as conn:
         try:
             result = conn.execute(text(sql))
-            columns, rows = list(result.keys()), [tuple(r) for r in result] if result.returns_rows else []
+            columns, rows = (list(result.keys()), [tuple(r) for r in result]) if result.returns_rows else ([], [])
         except SQLAlchemyError as err:
             raise ValueError(f"query failed: {str(err).strip().splitlines()[0]}") from None
         finally:
