@@ -157,11 +157,11 @@ class Grid:
 
     def quick(self) -> Grid:
         """A smoke version of the same grid: one seed, two orderings, one learning rate, one
-        epoch per phase of 5 batches, in ``<runs_dir>/quick`` with its report there too."""
+        epoch per phase of 5 batches, in ``<runs_dir>/quick`` with its database and report."""
         return replace(self, seeds=self.seeds[:1], orderings=self.orderings[:2], lrs=self.lrs[:1], pretrain_epochs=1,
                        finetune_epochs=1, joint_epochs=1, limit_train_batches=5,
                        runs_dir=str(Path(self.runs_dir) / "quick"), out=str(Path(self.runs_dir) / "quick" / "report"),
-                       db=None if self.db is None else self.db)
+                       db=None)
 
 
 def lr_tag(lr: float) -> str:
@@ -370,8 +370,9 @@ def dask_client(grid: Grid):
 
 
 def priority(cell: Cell) -> int:
-    """Fine-tuning cells of lower seeds first (a grid stopped early keeps complete seeds),
-    then pretraining, the costly joint runs last; Dask runs higher priorities first."""
+    """Fine-tuning cells of lower seeds first (a grid stopped early tends to keep complete
+    seeds), then pretraining, the costly joint runs last. Dask prefers higher priorities among
+    the tasks it can start, and weighs data locality too."""
     return 1000 * (2 - {"pretrain": 1, "joint": 2}.get(cell.kind, 0)) - cell.seed
 
 
