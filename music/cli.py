@@ -158,8 +158,9 @@ def _check_blocks(config) -> None:
 
 
 def _resume_in_latest_version(logger) -> None:
-    """Point a TensorBoard logger without a fixed version at the newest ``version_N`` that holds
-    ``checkpoints/last.ckpt``, so "last" finds it and the run keeps writing where it was."""
+    """Point a logger with numbered versions (TensorBoard, CSV) and no fixed version at the
+    newest ``version_N`` that holds ``checkpoints/last.ckpt``, so "last" finds it and the run
+    keeps writing where it was. Runs with ``--run_dir`` resume from ``<run_dir>/checkpoints``."""
     init_args = getattr(logger, "init_args", None)
     if init_args is None or init_args.get("version") is not None:
         return
