@@ -97,7 +97,7 @@ class Grid:
             in this process.
         db: an SQLAlchemy URL of the results database; null: ``sqlite:///<runs_dir>/study.db``.
         logger: the Lightning logger of every cell (``{class_path: ..., init_args: {...}}``);
-            null: ``base.yaml``'s TensorBoard logger. ``save_dir`` defaults to the cell's run
+            null: the shipped configs' TensorBoard logger. ``save_dir`` defaults to the cell's run
             directory, ``run_name`` (MLflow) to ``seed_<s>/<cell>``, ``tags`` to the cell's.
         accelerator: the cells' Lightning accelerator. With ``gpu`` every cell asks its Dask
             worker for the resource ``GPU=1``: only workers started with ``--resources GPU=1``
