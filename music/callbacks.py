@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from music import dashboard
 from music.checkpoint import write_atomically
+from music.rundir import run_dir
 from music.data import task_split_classes
 from music.figures import accuracy_matrix_figure, confusion_matrix_figure
 
@@ -230,10 +231,10 @@ class SequentialFineTuning(Callback):
             dashboard.log_figure(logger, "test/confusion_matrix", confusion_matrix_figure(confusion.tolist(), title),
                                  step)
         if index is not None:
-            _record(trainer.log_dir, index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+            _record(run_dir(trainer), index, phase, metrics | {"confusion_matrix": confusion.tolist()})
             # Wall time goes to its own file: phase_metrics.json stays bit-identical across resumes.
             trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-            _record(trainer.log_dir, index, phase, {"train_seconds": seconds, "trainable_params": trainable},
+            _record(run_dir(trainer), index, phase, {"train_seconds": seconds, "trainable_params": trainable},
                     filename="phase_costs.json")
         self.rows[phase.name] = confusion.tolist()
         self.evaluations[phase.name] = {"split": phase.split if index is not None else "–", "step": step,
@@ -270,7 +271,7 @@ class SequentialFineTuning(Callback):
                   accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
         if trainer.logger is not None and trainer.is_global_zero:
             self._log_tables(trainer.logger, step, names, table, summary, last)
-        _write_continual(trainer.log_dir, header, table, summary)
+        _write_continual(run_dir(trainer), header, table, summary)
 
     def _log_tables(self, logger, step: int, names: list[str], table: list[list], summary: dict, last: bool) -> None:
         """Continual metrics at ``step``; the evaluations so far and the accuracy matrix as
@@ -290,7 +291,7 @@ class SequentialFineTuning(Callback):
 
     def _snapshot(self, trainer: Trainer, index: int, phase: Phase) -> None:
         # on every rank: save_checkpoint holds a barrier; rank zero writes, atomically (AtomicCheckpointIO)
-        trainer.save_checkpoint(os.path.join(trainer.log_dir, "checkpoints", f"phase-{index}-{phase.name}.ckpt"),
+        trainer.save_checkpoint(os.path.join(run_dir(trainer), "checkpoints", f"phase-{index}-{phase.name}.ckpt"),
                                 weights_only=False)
 
 

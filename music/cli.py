@@ -18,15 +18,16 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from music.callbacks import SequentialFineTuning
+from music.rundir import RunDirectory, run_dir
 from music.checkpoint import AtomicCheckpointIO
 from music.data import MusicDataModule
 from music.module import Classifier
@@ -89,6 +90,16 @@ def _config_path(value: str) -> str:
     return str(shipped_config(value))
 
 
+class SaveConfigToRunDir(SaveConfigCallback):
+    """``config.yaml`` in the run directory (``music.rundir.run_dir``) rather than in
+    ``trainer.log_dir``, which every run of an MLflow or W&B logger shares."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        path = os.path.join(run_dir(trainer), self.config_filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+
+
 class MusicCLI(LightningCLI):
     """LightningCLI with the phase schedule and checkpointing as config sections of their own
     (``schedule``, ``checkpoint``), so a config delta can change the phases without repeating
@@ -97,6 +108,10 @@ class MusicCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SequentialFineTuning, "schedule")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument("--run_dir", type=Optional[str], default=None,
+                            help="The run's folder for MUSIC's files (phase snapshots, phase_metrics.json, accuracy "
+                                 "matrix, split manifest) and checkpoints/ (music.rundir.RunDirectory). Default: "
+                                 "the folder Lightning's ModelCheckpoint picks for the logger, e.g. TensorBoard's version_N.")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.batches_per_block", "model.batches_per_block")
 
@@ -108,6 +123,9 @@ class MusicCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)])
+        run_dir = self._get(self.config_init, "run_dir")
+        if run_dir is not None:
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), RunDirectory(run_dir)]
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -126,7 +144,10 @@ class MusicCLI(LightningCLI):
             config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
         _check_blocks(config)
         _size_trainer(config, self.subcommand)
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+        if config.get("run_dir") is not None:
+            if config.get("checkpoint") is not None and config.checkpoint.get("dirpath") is None:
+                config.checkpoint.dirpath = os.path.join(config.run_dir, "checkpoints")  # --ckpt_path last looks there
+        elif self.subcommand == "fit" and config.get("ckpt_path") == "last":
             _resume_in_latest_version(config.trainer.logger)
 
 
@@ -162,8 +183,9 @@ def _size_trainer(config, subcommand: str | None) -> None:
 
 
 def _resume_in_latest_version(logger) -> None:
-    """Point a TensorBoard logger without a fixed version at the newest ``version_N`` that holds
-    ``checkpoints/last.ckpt``, so "last" finds it and the run keeps writing where it was."""
+    """Point a logger with numbered versions (TensorBoard, CSV) and no fixed version at the
+    newest ``version_N`` that holds ``checkpoints/last.ckpt``, so "last" finds it and the run
+    keeps writing where it was. Runs with ``--run_dir`` resume from ``<run_dir>/checkpoints``."""
     init_args = getattr(logger, "init_args", None)
     if init_args is None or init_args.get("version") is not None:
         return
@@ -187,7 +209,8 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
         return MusicCLI(
             Classifier,
             MusicDataModule,
-            save_config_kwargs={"overwrite": True},  # a resumed run writes into its own directory again
+            save_config_callback=SaveConfigToRunDir,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # a resumed run writes its config again
             parser_kwargs={"exit_on_error": False, **{sub: dict(base) for sub in LIGHTNING_SUBCOMMANDS}} if run else base,
             args=resolve_configs(args),
             run=run,

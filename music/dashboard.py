@@ -102,13 +102,13 @@ def run_name(logger) -> str:
     return f"{logger.name}/{version}" if logger.name else version
 
 
-def log_figure(logger, tag: str, fig, step: int) -> None:
-    """A figure in the Images tab (TensorBoard loggers only); the figure is closed."""
-    from music.plots import pyplot
+def log_figure(loggers, tag: str, fig, step: int) -> None:
+    """A figure for every logger (one or a list) that takes images: TensorBoard's Images tab,
+    MLflow, W&B (``music.plots.log_figure``); the figure is closed."""
+    from music.plots import image_loggers, pyplot
+    from music.plots import log_figure as to_image_loggers
 
-    writer = tensorboard(logger)
-    if writer is not None:
-        writer.add_figure(tag, fig, global_step=step, close=False)
+    to_image_loggers(image_loggers(loggers if isinstance(loggers, list) else [loggers]), tag, fig, step)
     pyplot().close(fig)
 
 

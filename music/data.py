@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
+from music.rundir import run_dir
 from music.imagefolder import ImageFolderSource
 
 
@@ -260,9 +261,8 @@ class MusicDataModule(LightningDataModule):
             self.splits = self._make_splits()
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
             self._device = self.trainer.strategy.root_device  # batches are then gathered on the GPU
-        log_dir = self.trainer.log_dir if self.trainer is not None else None
-        if log_dir:
-            manifest = os.path.join(log_dir, "split_manifest.json")
+        if self.trainer is not None:
+            manifest = os.path.join(run_dir(self.trainer), "split_manifest.json")
             if manifest != self._manifest_written:  # setup runs once per stage, and the EDA figures call it
                 self.write_manifest(manifest)
                 self._manifest_written = manifest

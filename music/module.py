@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -424,15 +423,18 @@ class Classifier(LightningModule):
         return values, confusion
 
     def log_confusion_matrix(self, tag: str, confusion: Tensor, note: str = "") -> None:
-        """A confusion-matrix figure (``music.figures``) in TensorBoard's Images tab at
+        """A confusion-matrix figure (``music.figures``) for every logger that takes images, at
         ``logged_step``, titled with the run, the step and ``note`` (rank zero only)."""
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+        from music.plots import image_loggers
+
+        loggers = image_loggers(self.loggers)
+        if not loggers or not self.trainer.is_global_zero:
             return
         from music.dashboard import log_figure, run_name
         from music.figures import confusion_matrix_figure
 
         title = f"{run_name(self.logger)}\n{tag.split('/')[0]} set, step {self.logged_step}" + (f" ({note})" if note else "")
-        log_figure(self.logger, tag, confusion_matrix_figure(confusion.tolist(), title), self.logged_step)
+        log_figure(loggers, tag, confusion_matrix_figure(confusion.tolist(), title), self.logged_step)
 
 
 # Where a checkpoint keeps the steps and epochs trained before its run's ``init_from`` was saved.

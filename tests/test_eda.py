@@ -1,6 +1,5 @@
 """EDA: class counts per split and sample grids, as PNG and in TensorBoard."""
 
-from pathlib import Path
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -1,85 +1,220 @@
-"""The study grid: cells run through the CLI, finished cells are skipped on restart, the report
-is generated from what ran."""
+"""``music study``: the grid runs on Dask (a local cluster, or a real scheduler with workers that
+die), every finished cell is one set of rows in the database, restarts skip what is stored, and
+bad input stops before any cell runs."""
 
-import json
+import hashlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
+from sqlalchemy import func, select
 
-from music.study import Settings, cell_dir, main, plan, run_study
+from music.cli import main
+from music.experiments import study_db
+from music.experiments.study import Grid, cell_dir, plan
+from music.experiments.study_report import load_cells
+
+TINY = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 1,
+        "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2}
 
 
-@pytest.fixture
-def tiny(tmp_path, data_dir) -> Settings:
-    """The quick grid, smaller still: 2 orderings, one lr, one epoch of 2 batches per phase."""
-    return Settings(seeds=[0], orderings=[[3, 4, 7], [7, 4, 3]], lrs=[1e-3], pretrain_epochs=1, finetune_epochs=1,
-                    joint_epochs=1, replay_size=50, limit_train_batches=2, data_dir=data_dir,
-                    runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "results"), workers=1)
+def study_args(**settings) -> list[str]:
+    args = ["study"]
+    for key, value in settings.items():
+        if value is None:  # the default
+            continue
+        args += [f"--study.{key}", value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()]
+    return args
+
+
+def tiny_grid(tmp: Path, data_dir: str, **more) -> dict:
+    return TINY | {"data_dir": data_dir, "runs_dir": str(tmp / "runs"), "out": str(tmp / "report")} | more
+
+
+def stored(grid: Grid) -> dict[tuple[int, str], list[float]]:
+    """(seed, cell) -> final accuracy and every per-class accuracy of every row, from the database."""
+    cells, _, classes, _ = study_db.load(study_db.connect(grid.db_url))
+    return {(c["seed"], c["name"]): [c["final_acc"], *(r["acc"] for r in classes[c["id"]])] for c in cells}
+
+
+def cell_count(grid: Grid) -> int:
+    with study_db.connect(grid.db_url).connect() as conn:
+        return conn.execute(select(func.count()).select_from(study_db.cells)).scalar()
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def local_grid(tmp_path_factory, data_dir) -> Grid:
+    """The tiny grid (pretrain, joint, one sequential ordering, merged) run once by
+    ``music study`` on its default local Dask cluster of 2 worker processes."""
+    settings = tiny_grid(tmp_path_factory.mktemp("local"), data_dir, workers=2)
+    main(study_args(**settings))
+    return Grid(**settings)
 
 
 def test_plan_covers_the_grid_with_one_pretraining_per_seed():
-    settings = Settings(seeds=[0, 1, 2, 3, 4], lrs=[1e-3, 1e-4, 1e-5], data_dir="unused")
-    cells = plan(settings)
-    assert len(settings.orderings) == 6
+    cells = plan(Grid(seeds=[0, 1, 2, 3, 4], lrs=[1e-3, 1e-4, 1e-5]))
     kinds = [c.kind for c in cells]
     assert kinds.count("pretrain") == 5 and kinds.count("joint") == 5
     assert kinds.count("seq") == 5 * 3 * 6 and kinds.count("merged") == 5 * 3 and kinds.count("replay") == 5 * 3
-    assert len({(c.seed, c.name) for c in cells}) == len(cells)
+    assert len({(c.seed, c.name) for c in cells}) == len(cells) == 130
 
 
 def test_shipped_study_config_is_valid():
-    settings = Settings(**yaml.safe_load((REPO / "configs" / "study.yaml").read_text()))
-    assert len(settings.seeds) >= 5 and len(settings.orderings) == 6
+    from music.experiments import parser_for
+
+    parser, _ = parser_for("study")
+    grid = parser.instantiate_classes(parser.parse_args([])).study
+    assert len(grid.seeds) == 5 and len(grid.orderings) == 6 and grid.scheduler is None and grid.threads == 1
 
 
 @pytest.mark.parametrize("bad, message", [
     ({"seeds": []}, "seeds is empty"), ({"lrs": [0.0]}, "lrs=\\[0.0\\]"),
     ({"orderings": [[3, 4]]}, "ordering \\[3, 4\\] is not a permutation"), ({"workers": 0}, "workers=0"),
-    ({"finetune_epochs": 0}, "finetune_epochs=0")])
+    ({"finetune_epochs": 0}, "finetune_epochs=0"), ({"scheduler": "localhost"}, "not a Dask scheduler address"),
+    ({"logger": {"init_args": {}}}, "has no class_path")])
 def test_bad_settings_fail_early(bad, message):
     with pytest.raises(ValueError, match=message):
-        Settings(**bad)
+        Grid(**bad)
 
 
-def test_quick_grid_runs_reports_and_skips_finished_cells_on_restart(tiny):
-    args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in vars(tiny).items()]
-    first = main(args)  # scripts/study.py: the grid, then the report
-    assert not first["failed"] and len(first["ran"]) == len(plan(tiny)) == 6
-    for cell in plan(tiny):
-        run = cell_dir(tiny, cell)
-        assert (run / "done").exists() and (run / "continual_metrics.json").exists(), cell.name
+@pytest.mark.mnist
+def test_grid_stores_every_cell_once_and_reports_from_the_database(local_grid):
+    cells = plan(local_grid)
+    assert len(cells) == 4 and set(stored(local_grid)) == {(c.seed, c.name) for c in cells}
+    for cell in cells:
+        run = cell_dir(local_grid, cell)
+        for name in ("phase_metrics.json", "accuracy_matrix.csv", "config.yaml", "cell.log", "checkpoints/last.ckpt"):
+            assert (run / name).exists(), (cell.name, name)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["run_dir"] == str(run) and config["seed_everything"] == 0
         if cell.needs_pretrained:  # every fine-tuning cell starts from its seed's one pretrained model
-            config = yaml.safe_load((run / "config.yaml").read_text())
             assert config["model"]["init_from"].endswith("seed_0/pretrain/checkpoints/phase-0-pretrain.ckpt")
-    out = Path(tiny.out)
-    report = (out / "REPORT.md").read_text()
-    assert "When does sequential beat merged?" in report and "lr 0.001" in report
+    records, runs = load_cells(local_grid)
+    seq = next(r for r in records if r["cell"].kind == "seq")
+    assert [row["phase"] for row in seq["rows"]] == ["initial", "class_3", "class_4", "class_7"]
+    assert seq["confusion"].shape == (10, 10) and runs[0]["ran"] == 4 and runs[0]["workers"] == 2
+    out = Path(local_grid.out)
+    assert "When does sequential beat merged?" in (out / "REPORT.md").read_text()
     for figure in ("accuracy_after_each_phase", "forgetting_per_class", "accuracy_vs_lr", "confusion_matrices"):
         assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
     rows = (out / "study_cells.csv").read_text().splitlines()
-    assert len(rows) == 1 + 6 and rows[0].startswith("seed,kind,cell,lr")
-    markers = {c.name: os.stat(cell_dir(tiny, c) / "done").st_mtime_ns for c in plan(tiny)}
-
-    again = run_study(tiny)  # a restart: nothing runs, no marker is rewritten
-    assert again["ran"] == [] and len(again["skipped"]) == 6
-    assert markers == {c.name: os.stat(cell_dir(tiny, c) / "done").st_mtime_ns for c in plan(tiny)}
-
-    lost = next(c for c in plan(tiny) if c.kind == "merged")
-    (cell_dir(tiny, lost) / "done").unlink()  # an unfinished cell: only it runs again
-    assert run_study(tiny)["ran"] == [f"seed_0/{lost.name}"]
-
-    # the same directory with other settings is refused instead of mixing results
-    with pytest.raises(ValueError, match="finished with other settings"):
-        run_study(Settings(**vars(tiny) | {"finetune_epochs": 2}))
+    assert len(rows) == 1 + 4 and rows[0].startswith("seed,kind,cell,lr")
 
 
-@pytest.mark.slow
-def test_cells_run_in_worker_processes(tiny):
-    parallel = Settings(**vars(tiny) | {"workers": 2})
-    result = run_study(parallel)
-    assert not result["failed"] and len(result["ran"]) == 6
-    logs = list((Path(parallel.runs_dir) / "worker_logs").glob("worker-*.log"))
-    assert 1 <= len(logs) <= 2
+@pytest.mark.mnist
+def test_restart_runs_only_what_is_not_stored(local_grid, tmp_path, capsys):
+    before = stored(local_grid)
+    main(study_args(**vars(local_grid)))  # nothing to run
+    assert cell_count(local_grid) == 4 and stored(local_grid) == before
+    # a cell whose rows are gone (never stored) runs again, resuming its finished run from last.ckpt
+    engine = study_db.connect(local_grid.db_url)
+    with engine.begin() as conn:
+        cell_id = conn.execute(select(study_db.cells.c.id).where(study_db.cells.c.name == "merged_lr1e-3")).scalar()
+        for table in (study_db.class_results, study_db.phases):
+            conn.execute(table.delete().where(table.c.cell_id == cell_id))
+        conn.execute(study_db.cells.delete().where(study_db.cells.c.id == cell_id))
+    main(study_args(**vars(local_grid)))
+    assert stored(local_grid) == before
+    runs = study_db.load(engine)[3]
+    assert [(r["ran"], r["skipped"]) for r in runs[-2:]] == [(0, 4), (1, 3)]
+
+
+@pytest.mark.mnist
+def test_query_prints_the_answer(local_grid, capsys):
+    main(["study", "--study.runs_dir", local_grid.runs_dir, "--query",
+          "SELECT ordering, AVG(final_acc) AS acc FROM cells WHERE kind = 'seq' GROUP BY ordering"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "ordering\tacc" and lines[1].startswith("3-4-7\t0.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize("bad", ["scheduler", "db", "fingerprint"])
+def test_bad_input_is_one_line_before_any_cell_runs(bad, local_grid, tmp_path, capsys):
+    db = Path(local_grid.runs_dir) / "study.db"
+    before = digest(db)
+    settings = vars(local_grid) | {"scheduler": {"scheduler": f"tcp://127.0.0.1:{free_port()}"},
+                 "db": {"db": f"sqlite:///{tmp_path}/missing/folder/study.db"},
+                 "fingerprint": {"finetune_epochs": 2}}[bad]
+    with pytest.raises(SystemExit) as exit_:
+        main(study_args(**settings))
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert {"scheduler": "no Dask scheduler answers", "db": "cannot be opened",
+            "fingerprint": "finished with other settings"}[bad] in err
+    assert digest(db) == before
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, cwd=log.parent)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@pytest.mark.mnist
+def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tmp_path, data_dir):
+    """A scheduler and two workers on localhost; the worker running a half-done cell is
+    killed. The grid still completes, every cell once, with the local cluster's accuracies."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes = {"scheduler": start(["-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                     "--no-dashboard"], tmp_path / "scheduler.log")}
+    settings = tiny_grid(tmp_path, data_dir, scheduler=address)
+    grid = Grid(**settings)
+    try:
+        for name in ("w1", "w2"):
+            processes[name] = start(["-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
+                                     "--name", name, "--no-dashboard", "--local-directory", str(tmp_path / name)],
+                                    tmp_path / f"{name}.log")
+        deadline = time.monotonic() + 120
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+            processes["study"] = start(["-m", "music", *study_args(**settings)], tmp_path / "study.log")
+            killed = None
+            while killed is None and processes["study"].poll() is None and time.monotonic() < deadline:
+                names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+                for address_, keys in client.processing().items():
+                    for key in keys:  # a cell with a last.ckpt but not stored yet: half done
+                        cell = next((c for c in plan(grid) if str(key).startswith(c.label + "-")), None)
+                        if cell and (cell_dir(grid, cell) / "checkpoints" / "last.ckpt").exists() and \
+                                (cell.seed, cell.name) not in stored(grid):
+                            killed = names[address_], cell.label
+                            stop(processes[killed[0]])
+                            break
+                    if killed:
+                        break
+                time.sleep(0.2)
+            assert killed, "no worker was caught in the middle of a cell"
+            assert processes["study"].wait(timeout=max(deadline - time.monotonic(), 1) + 180) == 0, \
+                (tmp_path / "study.log").read_text()[-3000:]
+        assert cell_count(grid) == 4
+        assert stored(grid) == stored(local_grid)
+        hosts = {r["host"] for r in study_db.load(study_db.connect(grid.db_url))[0]}
+        assert hosts == {socket.gethostname()}
+    finally:
+        for process in processes.values():
+            stop(process)

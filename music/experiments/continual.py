@@ -9,7 +9,6 @@ mean ± std over seeds and a plot of the average accuracy over the tasks so far.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os

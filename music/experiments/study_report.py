@@ -1,7 +1,7 @@
-"""The study report: ``<out>/REPORT.md``, its figures and CSV files, from the grid's run directories.
+"""The study report: ``<out>/REPORT.md``, its figures and CSV files, from queries on the study database.
 
-Everything in the report is computed from the finished cells (``music.study``): each cell's
-``continual_metrics.json``, ``accuracy_matrix.csv`` and ``phase_metrics.json``. Nothing is
+Everything in the report is read from the database the grid writes (``study_db``: ``cells``,
+``phases``, ``class_results``, ``grid_runs``), for the cells of this grid's plan. Nothing is
 typed in by hand — including the statement of when sequential fine-tuning beats merged, which
 compares, for every seed and learning rate, each ordering's final test accuracy with the merged
 model's (same seed, same pretrained checkpoint, same learning rate).
@@ -16,42 +16,41 @@ import os
 import platform
 import statistics
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from music.continual import accuracy_on
+from music.experiments import study_db
+from music.experiments.study import Cell, Grid as Settings, plan
 from music.plots import pyplot
-from music.study import Cell, Settings, cell_dir, lr_tag, plan
 
-METRICS = ["final_acc", "held_out_acc", "untouched_acc", "average_accuracy", "backward_transfer",
-           "mean_forgetting", "untouched_forgetting", "collapse_share"]
+METRICS = study_db.METRICS
 LABELS = {"final_acc": "test acc", "held_out_acc": "acc on held-out classes", "untouched_acc": "acc on other classes",
           "average_accuracy": "avg acc (tasks)", "backward_transfer": "BWT", "mean_forgetting": "forgetting (tasks)",
           "untouched_forgetting": "forgetting (untouched, vs pretrained)", "collapse_share": "share predicted as last class"}
 
 
-def load_cells(settings: Settings) -> list[dict]:
-    """One record per finished cell: its plan entry, metrics, accuracy rows and final confusion."""
+def load_cells(settings: Settings) -> tuple[list[dict], list[dict]]:
+    """One record per finished cell of the plan (its plan entry, metrics, accuracy-matrix rows
+    and final confusion matrix), and the grid runs — all from the database."""
+    cells, phases, classes, runs = study_db.load(study_db.connect(settings.db_url))
+    stored = {(c["seed"], c["name"]): c for c in cells}
     records = []
     for cell in plan(settings):
-        run = cell_dir(settings, cell)
-        if not (run / "done").exists():
+        row = stored.get((cell.seed, cell.name))
+        if row is None:
             continue
-        metrics = json.loads((run / "continual_metrics.json").read_text())
-        phases = json.loads((run / "phase_metrics.json").read_text())
-        with open(run / "accuracy_matrix.csv") as f:
-            rows = list(csv.DictReader(f))
-        final = max(phases.values(), key=lambda p: p["index"])
-        # the same class sets for every cell, pretrained and joint included (they have no tasks)
-        others = [c for c in range(len(final["confusion_matrix"])) if c not in settings.held_out_classes]
-        metrics["held_out_acc"] = accuracy_on(final["confusion_matrix"], settings.held_out_classes)
-        metrics["untouched_acc"] = accuracy_on(final["confusion_matrix"], others)
-        records.append({"cell": cell, "metrics": metrics, "rows": rows,
-                        "confusion": np.array(final["confusion_matrix"], dtype=float),
-                        "seconds": json.loads((run / "done").read_text())["seconds"]})
-    return records
+        matrix = []
+        for phase in phases[row["id"]]:
+            line = {"row": phase["row"], "phase": phase["phase"], "acc": phase["acc"]}
+            line |= {f"acc_{r['class']}": r["acc"] for r in classes[row["id"]] if r["row"] == phase["row"]}
+            matrix.append(line)
+        final_row = max(r["row"] for r in classes[row["id"]])
+        confusion = [json.loads(r["confusion"]) for r in classes[row["id"]] if r["row"] == final_row]
+        records.append({"cell": cell, "metrics": {m: row[m] for m in METRICS}, "rows": matrix,
+                        "confusion": np.array(confusion, dtype=float), "seconds": row["wall_seconds"],
+                        "host": row["host"]})
+    return records, runs
 
 
 def nan(value) -> float:
@@ -306,6 +305,10 @@ def plot_confusions(records: list[dict], settings: Settings, path: Path) -> None
 
 # -- files -------------------------------------------------------------------------------------
 
+def _num(value) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else ""
+
+
 def write_csvs(records: list[dict], out: Path) -> None:
     with open(out / "study_cells.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -321,17 +324,17 @@ def write_csvs(records: list[dict], out: Path) -> None:
         for r in records:
             for row in r["rows"]:
                 writer.writerow([r["cell"].seed, r["cell"].name, row["row"], row["phase"],
-                                 *(row.get(f"acc_{c}", "") for c in range(10)), row["acc"]])
+                                 *(_num(row.get(f"acc_{c}")) for c in range(10)), _num(row["acc"])])
 
 
 def write_report(settings: Settings) -> Path:
     out = Path(settings.out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    records = load_cells(settings)
+    records, timing = load_cells(settings)
     planned = plan(settings)
     if not records:
-        raise FileNotFoundError(f"No finished cells under {settings.runs_dir}: run the grid first.")
+        raise FileNotFoundError(f"No finished cells of this grid in {settings.db_url}: run the grid first.")
     write_csvs(records, out)
     grid = Path(settings.runs_dir) / "grid.json"
     if grid.exists():  # the settings and cell list travel with the report (run directories do not)
@@ -341,17 +344,16 @@ def write_report(settings: Settings) -> Path:
     plot_lr(records, settings, figures / "accuracy_vs_lr.png")
     plot_confusions(records, settings, figures / "confusion_matrices.png")
     eda = _eda(settings, out / "eda")
-    timing_file = Path(settings.runs_dir) / "timing.json"
-    timing = json.loads(timing_file.read_text()) if timing_file.exists() else []
     cell_seconds = sum(r["seconds"] for r in records)
-    wall = " + ".join(f"{t['seconds'] / 60:.1f} min ({t['ran']} cells run, {t['skipped']} skipped, {t['workers']} workers)"
+    wall = " + ".join(f"{t['seconds'] / 60:.1f} min ({t['ran']} cells run, {t['skipped']} skipped, {t['workers']} Dask "
+                      f"workers, {'local cluster' if t['scheduler'] == 'local' else 'scheduler ' + t['scheduler']})"
                       for t in timing) or "not recorded"
     s = settings
     text = [
         "# Multi-seed study: does the order matter, and how much is forgotten?",
         "",
-        "Generated by `python scripts/study.py --config configs/study.yaml` (`music/report.py`); every number "
-        "below comes from the run directories of that grid.",
+        "Generated by `music study` (`music/experiments/study_report.py`): every number below is a query on the "
+        "grid's results database (`study_db`; the schema is in `docs/study.md`).",
         "",
         "## Setup",
         "",
@@ -367,7 +369,8 @@ def write_report(settings: Settings) -> Path:
         f"- Test set: the full 10,000-image MNIST test set after every phase. Cells finished: {len(records)}/{len(planned)}."
         + (f" Training limited to {s.limit_train_batches} batches an epoch (quick mode)." if s.limit_train_batches else ""),
         f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
-        f"{platform.system()}, {os.cpu_count()} CPU cores.",
+        f"{platform.system()}, {os.cpu_count()} CPU cores; {s.threads} torch thread(s) per cell; cells ran on "
+        f"{', '.join(sorted({r['host'] for r in records}))}.",
         f"- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
         "`study_accuracy_matrices.csv`.",
         "",
@@ -411,7 +414,7 @@ def write_report(settings: Settings) -> Path:
         "",
         "## Data",
         "",
-        f"Splits of seed {s.seeds[0]} (`scripts/eda.py` makes the same figures for any data config):",
+        f"Splits of seed {s.seeds[0]} (`music eda` makes the same figures for any data config):",
         "",
         "| split | samples | per class (0–9) |",
         "|---|---:|---|",

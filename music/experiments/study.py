@@ -1,0 +1,462 @@
+"""``music study``: a multi-seed grid — how robust is "sequential beats merged", and what is forgotten?
+
+For every seed ONE model is pretrained (the shipped config ``pretrain``) and every cell of that
+seed fine-tunes that same checkpoint — each cell is ``music fit`` over a shipped config with its
+phases, learning rate and seed filled in:
+
+- ``seq_<order>_lr<lr>``: sequential fine-tuning (``seq_finetune``) for every ordering of the
+  held-out classes and every learning rate;
+- ``merged_lr<lr>``: merged fine-tuning (``merged_finetune``);
+- ``replay_<order>_lr<lr>``: sequential in the first ordering with a replay buffer of
+  ``remaining`` samples mixed into every phase (``data.replay_size``);
+- ``joint``: a model trained from scratch on the whole training set (``split: train``) for as
+  many epochs as pretraining — the upper bound.
+
+Cells are Dask tasks: each seed's pretraining is a task and its fine-tuning cells depend on it.
+By default they run on an in-process ``LocalCluster`` (one single-threaded worker process per
+core); ``--study.scheduler tcp://host:8786`` runs them on any Dask cluster, whose workers reach
+``runs_dir`` and ``data_dir`` at the same paths (a shared directory). A cell's files go to
+``<runs_dir>/seed_<s>/<cell>/`` (``--run_dir``: phase snapshots, ``phase_metrics.json``,
+accuracy matrix, ``config.yaml``, ``cell.log``); the logger (``study.logger``, any Lightning
+logger) only logs. A finished cell is a row in the study database (``study_db``), written in
+one transaction by the worker that ran it: a restarted grid skips the cells stored there and
+an interrupted cell resumes from its ``last.ckpt``. Each row holds a fingerprint of the
+cell's settings; a grid whose settings differ from the stored cells' is refused before any
+cell runs. The report (``study_report``) is made by queries on that database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from music.experiments import study_db
+
+
+@dataclass
+class Cell:
+    """One run of the grid. ``kind`` is pretrain, joint, seq, merged or replay; ``config`` the
+    shipped config it is built on."""
+
+    seed: int
+    kind: str
+    name: str
+    config: str
+    phases: list[dict]
+    lr: float
+    ordering: list[int] | None = None
+    replay_size: int = 0
+
+    @property
+    def needs_pretrained(self) -> bool:
+        return self.kind in ("seq", "merged", "replay")
+
+    @property
+    def label(self) -> str:
+        return f"seed_{self.seed}/{self.name}"
+
+
+@dataclass
+class Grid:
+    """The grid and where it runs.
+
+    Args:
+        seeds: one replicate per seed: its own pretrained model (and held-out samples, with
+            ``split_seed_follows_seed``).
+        held_out_classes: the classes fine-tuned on, one phase each in sequential cells.
+        orderings: the sequential orderings; null: every permutation of ``held_out_classes``.
+        lrs: the fine-tuning learning rates.
+        pretrain_lr: learning rate of pretraining and of the joint model.
+        pretrain_epochs: epochs of pretraining on ``remaining``.
+        finetune_epochs: epochs of every fine-tuning phase.
+        joint_epochs: epochs of the joint model; null: as many as ``pretrain_epochs``.
+        replay_size: ``remaining`` samples mixed into every phase of the replay cells (0: none).
+        split_seed_follows_seed: each seed also draws its own held-out samples.
+        limit_train_batches: batches per epoch (smoke grids); null: all.
+        data_dir: the MNIST root (downloaded if missing); a path every worker can read.
+        runs_dir: the study folder: run directories and the default database. Remote workers
+            must see it at the same path (a shared directory, e.g. NFS).
+        out: where the report (``REPORT.md``, figures, CSV files) goes.
+        workers: worker processes of the default ``LocalCluster``; null: one per core.
+        threads: torch threads per cell (the grid, not the cell, is the parallelism).
+        scheduler: a Dask scheduler address (``tcp://host:8786``); null: a ``LocalCluster``
+            in this process.
+        db: an SQLAlchemy URL of the results database; null: ``sqlite:///<runs_dir>/study.db``.
+        logger: the Lightning logger of every cell (``{class_path: ..., init_args: {...}}``);
+            null: the shipped configs' TensorBoard logger. ``save_dir`` defaults to the cell's run
+            directory, ``run_name`` (MLflow) to ``seed_<s>/<cell>``, ``tags`` to the cell's.
+        accelerator: the cells' Lightning accelerator. With ``gpu`` every cell asks its Dask
+            worker for the resource ``GPU=1``: only workers started with ``--resources GPU=1``
+            take it.
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    held_out_classes: list[int] = field(default_factory=lambda: [3, 4, 7])
+    orderings: list[list[int]] | None = None
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
+    pretrain_lr: float = 1e-3
+    pretrain_epochs: int = 5
+    finetune_epochs: int = 10
+    joint_epochs: int | None = None
+    replay_size: int = 300
+    split_seed_follows_seed: bool = True
+    limit_train_batches: int | None = None
+    data_dir: str = "data"
+    runs_dir: str = "study_runs"
+    out: str = "results"
+    workers: int | None = None
+    threads: int = 1
+    scheduler: str | None = None
+    db: str | None = None
+    logger: dict | None = None
+    accelerator: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} repeats a seed: each seed is one replicate.")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs={self.lrs} is not allowed: give at least one learning rate, each > 0.")
+        for name in ("pretrain_epochs", "finetune_epochs", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not allowed: it must be >= 1.")
+        if self.joint_epochs is not None and self.joint_epochs < 1:
+            raise ValueError(f"joint_epochs={self.joint_epochs} is not allowed: it must be >= 1 (or null).")
+        if self.replay_size < 0:
+            raise ValueError(f"replay_size={self.replay_size} is not allowed: it must be >= 0 (0: no replay cells).")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers={self.workers} is not allowed: it must be >= 1 (or null for one per core).")
+        if self.scheduler is not None and "://" not in self.scheduler:
+            raise ValueError(f"scheduler={self.scheduler!r} is not a Dask scheduler address: give e.g. tcp://host:8786.")
+        if self.logger is not None and "class_path" not in self.logger:
+            raise ValueError(f"logger={self.logger} has no class_path: give {{class_path: ..., init_args: {{...}}}}.")
+        if self.orderings is None:
+            self.orderings = [list(p) for p in itertools.permutations(self.held_out_classes)]
+        for ordering in self.orderings:
+            if sorted(ordering) != sorted(self.held_out_classes):
+                raise ValueError(f"ordering {ordering} is not a permutation of held_out_classes {self.held_out_classes}.")
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{Path(self.runs_dir).resolve() / 'study.db'}"
+
+    def quick(self) -> Grid:
+        """A smoke version of the same grid: one seed, two orderings, one learning rate, one
+        epoch per phase of 5 batches, in ``<runs_dir>/quick`` with its database and report."""
+        return replace(self, seeds=self.seeds[:1], orderings=self.orderings[:2], lrs=self.lrs[:1], pretrain_epochs=1,
+                       finetune_epochs=1, joint_epochs=1, limit_train_batches=5,
+                       runs_dir=str(Path(self.runs_dir) / "quick"), out=str(Path(self.runs_dir) / "quick" / "report"),
+                       db=None)
+
+
+def lr_tag(lr: float) -> str:
+    return f"lr{lr:.0e}".replace("e-0", "e-")
+
+
+def plan(grid: Grid) -> list[Cell]:
+    """Every cell of the grid, pretraining first."""
+    cells = []
+    fine = grid.finetune_epochs
+
+    def one_phase_per_class(ordering: list[int]) -> list[dict]:
+        return [{"name": f"class_{c}", "split": f"class_{c}", "epochs": fine} for c in ordering]
+
+    for seed in grid.seeds:
+        cells.append(Cell(seed, "pretrain", "pretrain", "pretrain",
+                          [{"name": "pretrain", "split": "remaining", "epochs": grid.pretrain_epochs}], grid.pretrain_lr))
+    for seed in grid.seeds:
+        cells.append(Cell(seed, "joint", "joint", "pretrain",
+                          [{"name": "joint", "split": "train", "epochs": grid.joint_epochs or grid.pretrain_epochs}],
+                          grid.pretrain_lr))
+        for lr in grid.lrs:
+            for ordering in grid.orderings:
+                cells.append(Cell(seed, "seq", f"seq_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
+                                  one_phase_per_class(ordering), lr, list(ordering)))
+            cells.append(Cell(seed, "merged", f"merged_{lr_tag(lr)}", "merged_finetune",
+                              [{"name": "merged", "split": "merged", "epochs": fine}], lr))
+            if grid.replay_size:
+                ordering = grid.orderings[0]
+                cells.append(Cell(seed, "replay", f"replay_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
+                                  one_phase_per_class(ordering), lr, list(ordering), grid.replay_size))
+    return cells
+
+
+def cell_dir(grid: Grid, cell: Cell) -> Path:
+    return Path(grid.runs_dir) / f"seed_{cell.seed}" / cell.name
+
+
+def pretrained_checkpoint(grid: Grid, seed: int) -> Path:
+    return Path(grid.runs_dir) / f"seed_{seed}" / "pretrain" / "checkpoints" / "phase-0-pretrain.ckpt"
+
+
+def determinants(grid: Grid, cell: Cell) -> dict:
+    """What determines a cell's result (not where files live, nor how it is scheduled)."""
+    return {"cell": asdict(cell), "held_out": grid.held_out_classes, "limit": grid.limit_train_batches,
+            "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "accelerator": grid.accelerator,
+            "pretrain": [grid.pretrain_epochs, grid.pretrain_lr] if cell.needs_pretrained else None}
+
+
+def fingerprint(grid: Grid, cell: Cell) -> str:
+    return hashlib.sha256(json.dumps(determinants(grid, cell), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cell_logger(grid: Grid, cell: Cell) -> dict:
+    """The cell's logger: ``grid.logger`` (null: the shipped config's own), with the cell's
+    folder, run name and tags filled in where the logger takes them and the user left them open."""
+    from music.cli import BASE_CONFIG
+
+    logger = grid.logger or {"class_path": yaml.safe_load(BASE_CONFIG.read_text())["trainer"]["logger"]["class_path"]}
+    given = dict(logger.get("init_args") or {})
+    module, _, name = logger["class_path"].rpartition(".")
+    accepted = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    defaults = {"save_dir": str(cell_dir(grid, cell)), "run_name": cell.label,
+                "tags": {"seed": str(cell.seed), "cell": cell.name, "kind": cell.kind,
+                         "fingerprint": fingerprint(grid, cell)}}
+    filled = {key: value for key, value in defaults.items() if key in accepted and key not in given}
+    return {"class_path": logger["class_path"], "init_args": given | filled}
+
+
+def cell_config(grid: Grid, cell: Cell) -> dict:
+    """The delta over the shipped config ``cell.config``: phases, seed, learning rate, data, logger."""
+    trainer: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False,
+                               "accelerator": grid.accelerator, "logger": cell_logger(grid, cell)}
+    if grid.limit_train_batches:
+        trainer["limit_train_batches"] = grid.limit_train_batches
+    model: dict[str, Any] = {"lr": cell.lr}
+    if cell.needs_pretrained:
+        model["init_from"] = str(pretrained_checkpoint(grid, cell.seed))
+    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases}, "model": model,
+            "data": {"data_dir": grid.data_dir, "download": True, "log_eda": False,  # many cells, one data set
+                     "held_out_classes": grid.held_out_classes,
+                     "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "replay_size": cell.replay_size}}
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """The cell's stdout and stderr (Python's and C's) into its ``cell.log``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+
+
+def run_cell(grid: Grid, cell: Cell, *after: Any) -> dict:
+    """Run one cell (``music fit`` in this process) and store it in the database; a cell
+    stored already is not run again, an interrupted one resumes from its ``last.ckpt``.
+    ``after``: the results this cell waits for (its seed's pretraining)."""
+    import torch
+
+    from music.cli import lightning
+
+    engine = study_db.connect(grid.db_url)
+    if study_db.has_cell(engine, cell.seed, cell.name):  # re-run after its worker died: stored once
+        return {"cell": cell.label, "ran": False}
+    torch.set_num_threads(grid.threads)
+    run_dir = cell_dir(grid, cell)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    delta = run_dir / "cell.yaml"
+    delta.write_text(yaml.safe_dump(cell_config(grid, cell), sort_keys=False))
+    args = ["fit", "--config", cell.config, "--config", str(delta), "--run_dir", str(run_dir)]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = last.exists()
+    if resumed:
+        args += ["--ckpt_path", str(last)]
+    start = time.perf_counter()
+    with _output_to(run_dir / "cell.log"):
+        lightning(args)
+    seconds = time.perf_counter() - start
+    stored = study_db.record_cell(engine, *read_cell(grid, cell, run_dir, seconds, resumed))
+    return {"cell": cell.label, "ran": stored, "seconds": seconds}
+
+
+def read_cell(grid: Grid, cell: Cell, run_dir: Path, seconds: float, resumed: bool) -> tuple[dict, list, list]:
+    """The database rows of a finished cell, from the files its run wrote."""
+    import csv
+
+    from music.continual import accuracy_on
+
+    metrics = json.loads((run_dir / "continual_metrics.json").read_text())
+    phase_metrics = json.loads((run_dir / "phase_metrics.json").read_text())
+    costs = json.loads((run_dir / "phase_costs.json").read_text())
+    with open(run_dir / "accuracy_matrix.csv") as f:
+        matrix = list(csv.DictReader(f))
+    final = max(phase_metrics.values(), key=lambda p: p["index"])["confusion_matrix"]
+    # the same class sets for every cell, pretrained and joint included (they have no tasks)
+    metrics["held_out_acc"] = accuracy_on(final, grid.held_out_classes)
+    metrics["untouched_acc"] = accuracy_on(final, [c for c in range(len(final)) if c not in grid.held_out_classes])
+    row = {"seed": cell.seed, "name": cell.name, "kind": cell.kind, "lr": cell.lr,
+           "ordering": "-".join(map(str, cell.ordering)) if cell.ordering else None, "replay_size": cell.replay_size,
+           "fingerprint": fingerprint(grid, cell), "settings": study_db.dumps(determinants(grid, cell)),
+           **{m: metrics.get(m) for m in study_db.METRICS}, "continual_metrics": study_db.dumps(metrics),
+           "wall_seconds": seconds, "host": socket.gethostname(),
+           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "run_dir": str(run_dir.resolve()), "resumed": resumed}
+    phase_rows, class_rows = [], []
+    classes = [k.removeprefix("acc_") for k in matrix[0] if k.startswith("acc_")]
+    for line in matrix:
+        trained = phase_metrics.get(line["phase"]) if line["phase"] != "initial" else None
+        split = trained["split"] if trained else ("test" if line["phase"] == "initial" else None)
+        phase_rows.append({"row": int(line["row"]), "phase": line["phase"], "split": split, "acc": float(line["acc"]),
+                           **{k: trained.get(k) if trained else None for k in ("loss", "precision", "recall", "f1")},
+                           "train_seconds": costs.get(line["phase"], {}).get("train_seconds")})
+        for c in classes:
+            confusion = trained["confusion_matrix"][int(c)] if trained else None
+            class_rows.append({"row": int(line["row"]), "phase": line["phase"], "class": int(c),
+                               "acc": float(line[f"acc_{c}"]), "confusion": None if confusion is None else json.dumps(confusion)})
+    return row, phase_rows, class_rows
+
+
+# -- the grid on Dask ------------------------------------------------------------------------
+
+def check_stored(grid: Grid, cells: list[Cell], engine) -> set[tuple[int, str]]:
+    """The finished cells; a stored cell whose fingerprint differs from the grid's is refused."""
+    stored = study_db.fingerprints(engine)
+    for cell in cells:
+        recorded = stored.get((cell.seed, cell.name))
+        if recorded is not None and recorded != fingerprint(grid, cell):
+            raise ValueError(f"{cell.label} in {grid.db_url} was finished with other settings (fingerprint {recorded}, "
+                             f"this grid's {fingerprint(grid, cell)}): use another runs_dir/db, or delete that cell's "
+                             "rows to re-run it.")
+    return {key for key in stored if key in {(c.seed, c.name) for c in cells}}
+
+
+@contextlib.contextmanager
+def dask_client(grid: Grid):
+    """A client of ``grid.scheduler``, or of a ``LocalCluster`` of single-threaded worker
+    processes started (and stopped) here. An unreachable scheduler is a ``ValueError``."""
+    from distributed import Client, LocalCluster
+
+    if grid.scheduler is not None:
+        try:
+            client = Client(grid.scheduler, timeout="5s")
+        except (OSError, TimeoutError) as err:
+            raise ValueError(f"study.scheduler={grid.scheduler!r}: no Dask scheduler answers there "
+                             f"({type(err).__name__}). Start one with `dask scheduler` or leave scheduler null "
+                             "for a local cluster.") from None
+        with client:
+            yield client
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(grid.threads))  # inherited by the worker processes
+    resources = {"GPU": 1} if grid.accelerator in ("gpu", "cuda") else None
+    with LocalCluster(n_workers=grid.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                      dashboard_address=None, resources=resources) as cluster, Client(cluster) as client:
+        yield client
+
+
+def priority(cell: Cell) -> int:
+    """Fine-tuning cells of lower seeds first (a grid stopped early tends to keep complete
+    seeds), then pretraining, the costly joint runs last. Dask prefers higher priorities among
+    the tasks it can start, and weighs data locality too."""
+    return 1000 * (2 - {"pretrain": 1, "joint": 2}.get(cell.kind, 0)) - cell.seed
+
+
+def run_grid(grid: Grid, log=print) -> dict:
+    """Run every unfinished cell on Dask and return ``{"ran", "skipped", "failed", "seconds"}``.
+    Bad settings, database or scheduler fail before any cell runs."""
+    from distributed import as_completed
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    grid = replace(grid, runs_dir=str(Path(grid.runs_dir).resolve()), data_dir=str(Path(grid.data_dir).resolve()))
+    cells = plan(grid)
+    if grid.db is None:
+        Path(grid.runs_dir).mkdir(parents=True, exist_ok=True)
+    engine = study_db.connect(grid.db_url)
+    done = check_stored(grid, cells, engine)
+    todo = [c for c in cells if (c.seed, c.name) not in done]
+    ran, failed = [], {}
+    with dask_client(grid) as client:
+        Path(grid.runs_dir).mkdir(parents=True, exist_ok=True)
+        (Path(grid.runs_dir) / "grid.json").write_text(
+            json.dumps({"settings": asdict(grid), "cells": [asdict(c) for c in cells]}, indent=1))
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        log(f"{len(cells)} cells, {len(done)} already done, {len(todo)} to run on {workers} Dask workers "
+            f"({grid.scheduler or 'local cluster'}); results in {grid.db_url}")
+        resources = {"GPU": 1} if grid.accelerator in ("gpu", "cuda") else None
+        pretrained: dict[int, Any] = {}
+        futures = {}
+        for cell in todo:
+            after = [pretrained[cell.seed]] if cell.needs_pretrained and cell.seed in pretrained else []
+            future = client.submit(run_cell, grid, cell, *after, key=f"{cell.label}-{fingerprint(grid, cell)}",
+                                   priority=priority(cell), resources=resources, pure=False)
+            if cell.kind == "pretrain":
+                pretrained[cell.seed] = future
+            futures[future] = cell
+        for future in as_completed(list(futures)):
+            cell = futures[future]
+            if future.status == "finished":
+                ran.append(cell.label)
+            else:
+                error = future.exception()
+                failed[cell.label] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            log(f"[{time.perf_counter() - start:6.0f} s] {'done' if cell.label in ran else 'FAILED'} {cell.label}"
+                f" ({len(ran) + len(failed)}/{len(todo)})" + (f": {failed[cell.label]}" if cell.label in failed else ""))
+    seconds = time.perf_counter() - start
+    study_db.record_grid_run(engine, started_at=started, seconds=seconds, workers=workers,
+                             scheduler=grid.scheduler or "local", ran=len(ran), skipped=len(done), failed=len(failed),
+                             host=socket.gethostname())
+    return {"ran": ran, "skipped": sorted(f"seed_{s}/{n}" for s, n in done), "failed": failed, "seconds": seconds}
+
+
+class Study:
+    """The multi-seed study grid (``music study``): sequential vs merged fine-tuning over
+    seeds × orderings × learning rates, with replay and joint references, on Dask, results
+    in a database, and the report generated from it.
+
+    Args:
+        study: the grid, its cluster and its database.
+        quick: run a smoke version of the grid instead (see ``Grid.quick``).
+        report_only: only (re)write the report from the database.
+        query: an SQL query on the study database; its result is printed and nothing runs
+            (e.g. ``SELECT ordering, AVG(final_acc) FROM cells WHERE kind='seq' AND lr=1e-4
+            GROUP BY ordering``).
+    """
+
+    def __init__(self, study: Grid, quick: bool = False, report_only: bool = False, query: str | None = None) -> None:
+        self.grid = study.quick() if quick else study
+        self.report_only = report_only
+        self.query = query
+
+    def run(self) -> dict:
+        if self.query is not None:
+            columns, rows = study_db.query(study_db.connect(self.grid.db_url), self.query)
+            print("\t".join(columns))
+            for row in rows:
+                print("\t".join("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+            return {"columns": columns, "rows": rows}
+        result = {"ran": [], "skipped": [], "failed": {}, "seconds": None}
+        if not self.report_only:
+            result = run_grid(self.grid)
+        from music.experiments.study_report import write_report
+
+        print(f"report: {write_report(self.grid)}")
+        if result["failed"]:
+            print(f"{len(result['failed'])} cells failed:\n" + "\n".join(f"  {k}: {v}" for k, v in result["failed"].items()),
+                  file=sys.stderr)
+        return result

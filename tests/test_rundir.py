@@ -1,0 +1,69 @@
+"""The run directory is MUSIC's, not the logger's: with TensorBoard, CSV and MLflow loggers
+every run writes its snapshots, ``phase_metrics.json``, accuracy matrix, manifest and config
+into a folder of its own, and resumes from it."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import run
+
+from music.rundir import run_dir
+
+LOGGERS = {
+    "tensorboard": lambda tmp: ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                                "--trainer.logger.save_dir", str(tmp / "tb")],
+    "csv": lambda tmp: ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                        "--trainer.logger.save_dir", str(tmp / "csv")],
+    "mlflow": lambda tmp: ["--trainer.logger", "lightning.pytorch.loggers.MLFlowLogger",
+                           "--trainer.logger.experiment_name", "runs",
+                           "--trainer.logger.tracking_uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                           "--trainer.logger.artifact_location", str(tmp / "artifacts")],
+}
+RUN_FILES = ("phase_metrics.json", "accuracy_matrix.csv", "continual_metrics.json", "split_manifest.json",
+             "config.yaml", "checkpoints/phase-0-class_3.ckpt", "checkpoints/last.ckpt")
+
+
+def fit(shrink, tmp_path, logger: str, *extra: str):
+    config = shrink("seq_finetune", phases=[{"name": "class_3", "split": "class_3", "epochs": 1}])
+    return run("fit", "--config", config, "--trainer.limit_train_batches", "2", "--trainer.default_root_dir",
+               str(tmp_path / "root"), *LOGGERS[logger](tmp_path), *extra)
+
+
+@pytest.mark.parametrize("logger", sorted(LOGGERS))
+def test_two_runs_with_one_logger_write_separate_run_directories(shrink, tmp_path, logger):
+    first, second = fit(shrink, tmp_path, logger), fit(shrink, tmp_path, logger)
+    dirs = {run_dir(first.trainer), run_dir(second.trainer)}
+    assert len(dirs) == 2, dirs
+    for cli in (first, second):
+        folder = run_dir(cli.trainer)
+        for name in RUN_FILES:
+            assert Path(folder, name).exists(), (logger, folder, name)
+        assert cli.trainer.checkpoint_callback.dirpath == f"{folder}/checkpoints"
+
+
+@pytest.mark.parametrize("logger", sorted(LOGGERS))
+def test_run_dir_setting_places_every_file_and_resumes_there(shrink, tmp_path, logger):
+    folder = tmp_path / "my_run"
+    cli = fit(shrink, tmp_path, logger, "--run_dir", str(folder))
+    assert run_dir(cli.trainer) == str(folder)
+    for name in RUN_FILES:
+        assert (folder / name).exists(), name
+    before = json.loads((folder / "phase_metrics.json").read_text())
+    # the run is finished: resuming it from its own last.ckpt ("last" looks in <run_dir>/checkpoints) changes nothing
+    fit(shrink, tmp_path, logger, "--run_dir", str(folder), "--ckpt_path", "last")
+    assert json.loads((folder / "phase_metrics.json").read_text()) == before
+
+
+def test_mlflow_run_keeps_params_metrics_and_figures(shrink, tmp_path):
+    cli = fit(shrink, tmp_path, "mlflow", "--run_dir", str(tmp_path / "run"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["runs"], output_format="list")
+    assert [r.info.run_id for r in runs] == [cli.trainer.logger.run_id]
+    data = runs[0].data
+    assert float(data.params["lr"]) == cli.model.lr
+    accuracy = json.loads((tmp_path / "run" / "phase_metrics.json").read_text())["class_3"]["acc"]
+    assert data.metrics["test/class_3/acc"] == pytest.approx(accuracy)
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "test/class_3/confusion_matrix")]
+    assert artifacts and all(a.endswith(".png") for a in artifacts)

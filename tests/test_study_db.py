@@ -1,0 +1,69 @@
+"""The study database: a cell is stored whole or not at all, once, and queries never write."""
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from music.experiments import study_db
+
+
+def cell_row(seed: int = 0, name: str = "seq_3-4-7_lr1e-4", acc: float = 0.75) -> dict:
+    return {"seed": seed, "name": name, "kind": "seq", "lr": 1e-4, "ordering": "3-4-7", "replay_size": 0,
+            "fingerprint": "f" * 16, "settings": "{}", "final_acc": acc, "wall_seconds": 1.0, "host": "h"}
+
+
+def phase_rows() -> list[dict]:
+    return [{"row": i, "phase": p, "split": p, "acc": 0.5} for i, p in enumerate(["initial", "class_3"])]
+
+
+def class_rows() -> list[dict]:
+    return [{"row": i, "phase": p, "class": c, "acc": 0.5, "confusion": json.dumps([1, 2])}
+            for i, p in enumerate(["initial", "class_3"]) for c in range(3)]
+
+
+def count(engine, table) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return study_db.connect(f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def test_a_cell_is_stored_once_with_all_its_rows(engine):
+    assert study_db.record_cell(engine, cell_row(), phase_rows(), class_rows())
+    assert not study_db.record_cell(engine, cell_row(acc=0.1), phase_rows(), class_rows())  # a re-run: not stored again
+    assert (count(engine, study_db.cells), count(engine, study_db.phases), count(engine, study_db.class_results)) == (1, 2, 6)
+    assert study_db.fingerprints(engine) == {(0, "seq_3-4-7_lr1e-4"): "f" * 16}
+    cells, phases, classes, _ = study_db.load(engine)
+    assert cells[0]["final_acc"] == 0.75 and len(phases[cells[0]["id"]]) == 2 and len(classes[cells[0]["id"]]) == 6
+
+
+def test_a_failure_while_writing_a_cell_leaves_nothing_of_it(engine):
+    broken = class_rows()
+    broken[-1] = broken[-1] | {"class": None}  # NOT NULL: the last insert of the transaction fails
+    with pytest.raises(Exception):
+        study_db.record_cell(engine, cell_row(), phase_rows(), broken)
+    assert (count(engine, study_db.cells), count(engine, study_db.phases), count(engine, study_db.class_results)) == (0, 0, 0)
+    assert study_db.record_cell(engine, cell_row(), phase_rows(), class_rows())  # and the cell can be stored later
+
+
+def test_query_answers_and_never_writes(engine):
+    for seed, acc in ((0, 0.7), (1, 0.8)):
+        study_db.record_cell(engine, cell_row(seed=seed, acc=acc), phase_rows(), class_rows())
+    columns, rows = study_db.query(engine, "SELECT ordering, AVG(final_acc) AS acc, COUNT(*) AS n FROM cells "
+                                           "WHERE kind = 'seq' AND lr = 1e-4 AND seed BETWEEN 0 AND 9 GROUP BY ordering")
+    assert columns == ["ordering", "acc", "n"] and rows == [("3-4-7", pytest.approx(0.75), 2)]
+    study_db.query(engine, "DELETE FROM cells")
+    assert count(engine, study_db.cells) == 2
+    with pytest.raises(ValueError, match="query failed"):
+        study_db.query(engine, "SELECT nothing FROM nowhere")
+
+
+@pytest.mark.parametrize("url", ["sqlite:////no/such/folder/study.db", "nosuchdialect://x", "not a url"])
+def test_a_url_that_cannot_be_opened_is_one_clear_error(url):
+    with pytest.raises(ValueError, match="cannot be opened") as error:
+        study_db.connect(url)
+    assert url in str(error.value) and "\n" not in str(error.value)
