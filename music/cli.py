@@ -97,7 +97,7 @@ class SaveConfigToRunDir(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         path = os.path.join(run_dir(trainer), self.config_filename)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile)
+        self.parser.save(self.config, path, skip_unset=False, overwrite=self.overwrite, multifile=self.multifile)
 
 
 class MusicCLI(LightningCLI):

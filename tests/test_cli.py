@@ -5,16 +5,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import CONFIG_DIR, REPO, run
+
+from music.cli import main
+from music.experiments import EXPERIMENTS, parser_for
 
 TESTS = Path(__file__).parent
 
-from music.experiments import EXPERIMENTS
-
 # deltas that need a base besides base.yaml
 NEEDS = {"lora": ["seq_finetune"], "head_only": ["seq_finetune"], "vit_lora": ["vit_full"]}
-LIGHTNING_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")
-                           if "schedule" in p.read_text() or p.stem in NEEDS or p.stem == "pretrain")
+LIGHTNING_KEYS = {"seed_everything", "trainer", "model", "data", "schedule", "checkpoint", "optimizer", "lr_scheduler"}
+SHIPPED = {p.stem: set(yaml.safe_load(p.read_text()) or {}) for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+LIGHTNING_CONFIGS = sorted(name for name, keys in SHIPPED.items() if keys <= LIGHTNING_KEYS)
+EXPERIMENT_CONFIGS = sorted(set(SHIPPED) - set(LIGHTNING_CONFIGS))
 
 
 @pytest.mark.parametrize("config", LIGHTNING_CONFIGS)
@@ -24,6 +28,29 @@ def test_every_shipped_lightning_config_parses(config: str, capsys):
         run("fit", *args, "--print_config")
     assert exit_.value.code == 0
     assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", EXPERIMENT_CONFIGS)
+def test_every_shipped_experiment_config_parses_for_an_experiment(config: str):
+    """Each experiment config (and merge recipe) is read by some ``music <experiment>``."""
+    from jsonargparse import ArgumentError
+
+    parsed_by = []
+    for name in EXPERIMENTS:
+        parser, _ = parser_for(name)
+        try:
+            parser.parse_args(["--config", str(CONFIG_DIR / f"{config}.yaml")])
+        except (ArgumentError, SystemExit):
+            continue
+        parsed_by.append(name)
+    assert parsed_by, f"{config}.yaml parses for no experiment"
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_experiment_prints_its_config(name: str, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--print_config"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip()
 
 
 def test_help_imports_nothing_optional_from_music():
