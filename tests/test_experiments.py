@@ -38,6 +38,8 @@ def test_table1_writes_every_stage_from_one_pretrained_model(tmp_path, synthetic
     for stage in ("sequential", "merged"):  # both fine-tunes started from the pretrain run's snapshot
         config = yaml.safe_load(next((tmp_path / "logs" / "table1" / "seed_0" / stage).glob("*/config.yaml")).read_text())
         assert config["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
+    figures = sorted(p.name for p in (tmp_path / "results" / "table1_figures").glob("*.png"))
+    assert "seed0_sequential_confusion_class_7.png" in figures and "seed0_merged_accuracy_matrix.png" in figures
     markdown = (tmp_path / "results" / "table1.md").read_text()
     assert "paper acc / loss (reference)" in markdown and "1 torch thread," in markdown
     assert torch.get_num_threads() == 1  # reproducible by default

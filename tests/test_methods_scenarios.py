@@ -92,8 +92,8 @@ def test_replay_in_lightning_is_naive_at_budget_zero_and_the_same_with_or_withou
 
 
 @pytest.mark.mnist
-def test_task_incremental_evaluation_masks_each_sample_to_its_task(shrink, tmp_path):
-    rows, cli = fit_split_mnist(shrink, tmp_path, "task", "--model.scenario", "task", "--model.tasks", "null")
+def test_task_incremental_evaluation_masks_each_sample_to_its_task(shrink_mnist, tmp_path):
+    rows, cli = fit_split_mnist(shrink_mnist, tmp_path, "task", "--model.scenario", "task", "--model.tasks", "null")
     final = torch.tensor(rows["t2"])
     # a sample of 0 or 1 is predicted as 0 or 1 only, one of 2 or 3 as 2 or 3
     assert final[:2, 2:].sum() == 0 and final[2:4, :2].sum() == 0 and final[2:4, 4:].sum() == 0

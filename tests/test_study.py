@@ -102,7 +102,7 @@ def test_grid_stores_every_cell_once_and_reports_from_the_database(local_grid):
             assert config["model"]["init_from"].endswith("seed_0/pretrain/checkpoints/phase-0-pretrain.ckpt")
     records, runs = load_cells(local_grid)
     seq = next(r for r in records if r["cell"].kind == "seq")
-    assert [row["phase"] for row in seq["rows"]] == ["initial", "class_3", "class_4", "class_7"]
+    assert [row["phase"] for row in seq["rows"]] == ["start", "class_3", "class_4", "class_7"]
     assert seq["confusion"].shape == (10, 10) and runs[0]["ran"] == 4 and runs[0]["workers"] == 2
     out = Path(local_grid.out)
     assert "When does sequential beat merged?" in (out / "REPORT.md").read_text()

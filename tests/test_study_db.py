@@ -14,12 +14,12 @@ def cell_row(seed: int = 0, name: str = "seq_3-4-7_lr1e-4", acc: float = 0.75) -
 
 
 def phase_rows() -> list[dict]:
-    return [{"row": i, "phase": p, "split": p, "acc": 0.5} for i, p in enumerate(["initial", "class_3"])]
+    return [{"row": i, "phase": p, "split": p, "acc": 0.5} for i, p in enumerate(["start", "class_3"])]
 
 
 def class_rows() -> list[dict]:
     return [{"row": i, "phase": p, "class": c, "acc": 0.5, "confusion": json.dumps([1, 2])}
-            for i, p in enumerate(["initial", "class_3"]) for c in range(3)]
+            for i, p in enumerate(["start", "class_3"]) for c in range(3)]
 
 
 def count(engine, table) -> int:

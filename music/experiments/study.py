@@ -44,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from music.callbacks import START
 from music.experiments import study_db
 
 
@@ -320,8 +321,8 @@ def read_cell(grid: Grid, cell: Cell, run_dir: Path, seconds: float, resumed: bo
     phase_rows, class_rows = [], []
     classes = [k.removeprefix("acc_") for k in matrix[0] if k.startswith("acc_")]
     for line in matrix:
-        trained = phase_metrics.get(line["phase"]) if line["phase"] != "initial" else None
-        split = trained["split"] if trained else ("test" if line["phase"] == "initial" else None)
+        trained = phase_metrics.get(line["phase"]) if line["phase"] != START else None
+        split = trained["split"] if trained else ("test" if line["phase"] == START else None)
         phase_rows.append({"row": int(line["row"]), "phase": line["phase"], "split": split, "acc": float(line["acc"]),
                            **{k: trained.get(k) if trained else None for k in ("loss", "precision", "recall", "f1")},
                            "train_seconds": costs.get(line["phase"], {}).get("train_seconds")})

@@ -17,7 +17,8 @@ METRICS = ["loss", "acc", "precision", "recall", "f1"]
 class Table1:
     """Pretrain once per seed, then fine-tune that same checkpoint sequentially (one phase per
     held-out class) and merged (all held-out samples at once); every stage is evaluated on the
-    full test set. Writes ``<results>/table1.md`` and ``table1.csv`` (mean ± std over seeds).
+    full test set. Writes ``<results>/table1.md`` and ``table1.csv`` (mean ± std over seeds) and
+    the first seed's confusion and accuracy matrices as PNGs in ``<results>/table1_figures/``.
 
     Args:
         seeds: training seeds (``seed_everything``); the held-out samples stay those of
@@ -47,7 +48,13 @@ class Table1:
         pretrain_dir = run("pretrain")
         _, pretrained, snapshot = final_phase(pretrain_dir)
         init = ("--model.init_from", str(snapshot))
-        sequential, merged = phases(run("sequential", *init)), final_phase(run("merged", *init))[1]
+        sequential_dir, merged_dir = run("sequential", *init), run("merged", *init)
+        sequential, merged = phases(sequential_dir), final_phase(merged_dir)[1]
+        if seed == self.seeds[0]:  # the first seed's confusion and accuracy matrices, as in TensorBoard
+            from music.figures import save_run_figures
+
+            for stage, run_dir in (("pretrain", pretrain_dir), ("sequential", sequential_dir), ("merged", merged_dir)):
+                save_run_figures(run_dir, Path(self.output.results) / "table1_figures", f"seed{seed}_{stage}")
         held_out = json.loads((pretrain_dir / "split_manifest.json").read_text())["held_out_classes"]
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s")
         rows = {"pretrained": pretrained, "merged": merged}
