@@ -2,7 +2,7 @@
 class every split holds, and what random samples of each split look like.
 
 The figures come from the data module itself (its manifest and its splits), so they show
-exactly what a run trains and tests on. ``scripts/eda.py`` writes them as PNG; a data module
+exactly what a run trains and tests on. ``music eda`` writes them as PNG; a data module
 with ``log_eda: true`` logs them to TensorBoard when fitting starts.
 """
 
