@@ -17,9 +17,9 @@ def pyplot():
 
 
 # -- raster images without matplotlib ---------------------------------------------------------
-# A figure through matplotlib costs 0.1-0.3 s of text layout and rendering; a short fit draws
-# about a dozen (EDA grids, confusion matrices). These draw the same content with PIL in
-# milliseconds; TensorBoard logs them with ``add_image(..., dataformats="HWC")``.
+# A figure through matplotlib costs 0.1-0.3 s of text layout and rendering; a fit with
+# ``log_eda`` draws a sample grid per split. These draw them with PIL in milliseconds;
+# TensorBoard logs them with ``add_image(..., dataformats="HWC")``.
 
 
 def _font(size: int):
@@ -58,32 +58,6 @@ def labelled_grid(images, labels, cols: int, scale: int = 2):
         canvas.paste(Image.fromarray(tile, "L").resize((width * scale, height * scale), Image.NEAREST), (x, y))
         draw.text((x + 2, y + 1), str(int(label)), fill="red", font=font)
     return canvas
-
-
-def confusion_image(confusion, cell: int = 40):
-    """A confusion matrix as a PIL image: rows true class, columns predicted, cells shaded by
-    count (white to blue) and labelled with it."""
-    from PIL import Image, ImageDraw
-
-    counts = confusion.tolist()
-    n = len(counts)
-    top = max(max(row) for row in counts) or 1
-    margin = 34
-    image = Image.new("RGB", (margin + n * cell + 4, margin + n * cell + 4), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = _font(11), _font(10)
-    for i, row in enumerate(counts):
-        for j, count in enumerate(row):
-            shade = count / top
-            fill = tuple(int(255 - shade * (255 - c)) for c in (8, 48, 107))  # white -> dark blue
-            x, y = margin + j * cell, margin + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fill, outline=(220, 220, 220))
-            draw.text((x + cell / 2, y + cell / 2), str(count), fill="white" if shade > 0.5 else "black",
-                      font=small, anchor="mm")
-        draw.text((margin - 6, margin + i * cell + cell / 2), str(i), fill="black", font=font, anchor="rm")
-        draw.text((margin + i * cell + cell / 2, margin - 6), str(i), fill="black", font=font, anchor="mb")
-    draw.text((2, 2), "true \\ predicted", fill="black", font=small)
-    return image
 
 
 def as_array(image):

@@ -136,8 +136,8 @@ class ContinualStudy:
         return lightning(args)
 
     def pretrained(self, seed: int) -> list[str]:
-        """``--model.init_from`` and ``--model.pretrained_on`` of the seed's pretrained model
-        (trained on first use), or nothing when there is no pretraining."""
+        """``--model.init_from`` and ``--model.pretrained_on`` of the pretrained model of
+        ``seed`` (trained on first use), or nothing when there is no pretraining."""
         if not self.pretrain:
             return []
         path = os.path.join(self.runs_dir, f"pretrain-seed{seed}", "weights.pt")
