@@ -48,6 +48,7 @@ from music.checkpoint import load_state_dict, write_atomically
 from music.task_vector import (
     BaseMismatchWarning,
     Hasher,
+    hashing_beside,
     SafetensorsReader,
     TaskVector,
     TaskVectorError,
@@ -421,6 +422,7 @@ class Merge:
         the same calls on one-key vectors), so the output is byte-identical."""
         lam = self.lambdas[0]
         with ExitStack() as stack:
+            stack.enter_context(hashing_beside())
             readers = {p: stack.enter_context(SafetensorsReader(p)) for p in {self.base_path, *(p for _, p in self.files())}}
             base = readers[self.base_path]
             shapes = base.shapes()

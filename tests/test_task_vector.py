@@ -392,6 +392,10 @@ def test_streaming_apply_equals_in_memory_apply_exactly(tmp_path):
     with pytest.warns(BaseMismatchWarning):  # applying the output again: not the base
         apply_safetensors(tmp_path / "out.safetensors", tmp_path / "tv.safetensors",
                           tmp_path / "out2.safetensors")
+    unchecked = apply_safetensors(tmp_path / "out.safetensors", tmp_path / "tv.safetensors",
+                                  tmp_path / "out3.safetensors", check_base=False)  # no warning: not hashed
+    assert unchecked.base_matches is None
+    assert (tmp_path / "out2.safetensors").read_bytes() == (tmp_path / "out3.safetensors").read_bytes()
 
 
 def test_streaming_apply_refuses_mismatch_and_leaves_no_file(tmp_path):

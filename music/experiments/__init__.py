@@ -81,7 +81,15 @@ def run_experiment(name: str, args: list[str]) -> Any:
         config = parser.parse_args(args)
     except ArgumentError as err:
         raise UsageError(f"music {name}: {err}") from err
-    init = parser.instantiate_classes(config).as_dict()
+    return cls(**instantiate(parser, config)).run()
+
+
+def instantiate(parser, config) -> dict[str, Any]:
+    """The experiment's constructor arguments from a parsed config (classes built, the
+    parser's own keys dropped)."""
+    # jsonargparse >= 4.49 names it ``instantiate``; older releases only ``instantiate_classes``
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    init = build(config).as_dict()
     for key in ("config", "print_config", "__path__", "__default_config__"):
         init.pop(key, None)
-    return cls(**init).run()
+    return init

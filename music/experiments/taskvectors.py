@@ -165,14 +165,12 @@ class TaskVectors:
 
     def merge(self, recipe: str) -> dict[str, Any]:
         from music.cli import resolve_configs
-        from music.experiments import parser_for
+        from music.experiments import instantiate, parser_for
 
         parser, cls = parser_for("merge")
         config = parser.parse_args(resolve_configs(["--config", recipe, "--root", str(self.work_dir),
                                                     "--overwrite", "true"]))
-        init = parser.instantiate_classes(config).as_dict()
-        for key in ("config", "print_config", "__path__", "__default_config__"):
-            init.pop(key, None)
+        init = instantiate(parser, config)
         evaluate = init["evaluate"]
         evaluate = evaluate if isinstance(evaluate, dict) else vars(evaluate)
         evaluate["args"] = [*evaluate.get("args", []), *self.data_args()]
