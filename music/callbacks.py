@@ -76,6 +76,9 @@ class SequentialFineTuning(Callback):
             the pretrained model a fine-tuning run is given with ``init_from``), the reference
             row 0 of the accuracy matrix. It restores the RNG afterwards, so training is the
             same with or without.
+        log_figures: draw the confusion-matrix and accuracy-matrix figures for the loggers.
+            Each costs 0.2-0.5 s of matplotlib, about a third of a short fine-tuning cell: grids of
+            many cells turn them off and draw their figures once, from all cells, in the report.
 
     With ``evaluate_test``, the rows evaluated so far also go to ``accuracy_matrix.csv`` (test
     accuracy per class and per fine-tuning task, row by row) and ``continual_metrics.json``
@@ -85,7 +88,7 @@ class SequentialFineTuning(Callback):
     """
 
     def __init__(self, phases: list[Phase], reset_optimizer: bool = True, evaluate_test: bool = True,
-                 evaluate_initial: bool = True) -> None:
+                 evaluate_initial: bool = True, log_figures: bool = True) -> None:
         self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in phases]
         _check_phases(self.phases)
         self.reset_optimizer = reset_optimizer
@@ -93,6 +96,7 @@ class SequentialFineTuning(Callback):
         self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
         self.evaluate_initial = evaluate_initial
+        self.log_figures = log_figures
         if evaluate_initial and START in (p.name for p in self.phases):
             raise ValueError(f"Phase name {START!r} is reserved for the evaluation before the first phase "
                              "(evaluate_initial=true): rename the phase.")
@@ -227,6 +231,7 @@ class SequentialFineTuning(Callback):
         logger = trainer.logger if trainer.is_global_zero else None
         if logger is not None:
             logger.log_metrics(dashboard.metric_scalars("test", metrics), step=step)
+        if logger is not None and self.log_figures:
             title = f"{dashboard.run_name(logger)}\n{_describe(phase.name)}, step {step} (acc {metrics['acc']:.3f})"
             dashboard.log_figure(logger, "test/confusion_matrix", confusion_matrix_figure(confusion.tolist(), title),
                                  step)
@@ -285,7 +290,7 @@ class SequentialFineTuning(Callback):
         matrix = [row[2 : 2 + num_classes] for row in table]
         dashboard.log_text(logger, "test/accuracy_matrix", dashboard.markdown_table(
             ["after", *(f"class {c}" for c in range(num_classes))], [[n, *r] for n, r in zip(names, matrix)]), step)
-        if last:
+        if last and self.log_figures:
             title = f"{dashboard.run_name(logger)}\ntest accuracy per class after each evaluation"
             dashboard.log_figure(logger, "test/accuracy_matrix", accuracy_matrix_figure(names, matrix, title), step)
 

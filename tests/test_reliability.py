@@ -77,6 +77,38 @@ def test_killed_run_resumes_to_the_same_result(reference, kill):
     assert not list(log_dir.resolve().glob("checkpoints/*.tmp")) or kill["point"] == "save"
 
 
+METHODS = [{"class_path": "music.methods.EWC", "init_args": {"lambda_": 100.0}},
+           {"class_path": "music.methods.SI", "init_args": {"c": 0.1}},
+           {"class_path": "music.methods.LwF", "init_args": {"weight": 1.0}},
+           {"class_path": "music.methods.Replay", "init_args": {"budget_per_class": 5}}]
+
+
+def test_a_run_with_methods_killed_mid_task_resumes_to_the_same_result(shrink, tmp_path):
+    """Every method's state (EWC's Fisher, SI's path integral of the task under way, LwF's
+    teacher, the replay memory) survives ``last.ckpt``: killed after class_4's first epoch
+    (``last.ckpt`` mid-task), the resumed run's snapshots equal an uninterrupted run's."""
+    config = shrink("seq", epochs=2)
+    data = yaml.safe_load(config.read_text())
+    data["model"]["methods"] = METHODS
+    config.write_text(yaml.safe_dump(data))
+    dirs = {name: tmp_path / name for name in ("reference", "resumed")}
+    python_m_music("fit", "--config", config, "--trainer.limit_train_batches", 3, "--run_dir", dirs["reference"])
+    killed = python_m_music("fit", "--config", with_callback(config, {"class_path": "faults.KillAt", "init_args": {
+        "point": "epoch_end", "epoch": 5}}), "--trainer.limit_train_batches", 3, "--run_dir", dirs["resumed"], check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in (dirs["resumed"] / "checkpoints").glob("phase-*.ckpt")) == \
+        ["phase-0-pretrain.ckpt", "phase-1-class_3.ckpt"]  # class_4 was under way
+    python_m_music("fit", "--config", config, "--trainer.limit_train_batches", 3, "--run_dir", dirs["resumed"],
+                   "--ckpt_path", "last")
+    resumed, expected = snapshots(dirs["resumed"]), snapshots(dirs["reference"])
+    assert list(resumed) == list(expected) and len(expected) == 4
+    for name in expected:
+        for key, value in expected[name].items():
+            assert torch.equal(resumed[name][key], value), (name, key)
+    assert json.loads((dirs["resumed"] / "phase_metrics.json").read_text()) == \
+        json.loads((dirs["reference"] / "phase_metrics.json").read_text())
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_snapshots(shrink):
     config = shrink("seq")
     pretrain_steps = 3 * yaml.safe_load(config.read_text())["data"]["batches_per_block"]  # 3 blocks

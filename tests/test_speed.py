@@ -105,3 +105,11 @@ def test_default_progress_bar_refreshes_every_n_steps_and_config_wins(shrink):
 def test_split_datasets_are_gathered_once(mnist):
     assert mnist.dataset("remaining") is mnist.dataset("remaining")
     assert len(mnist.dataset("class_3")) == 1000 and mnist.dataset("test") is mnist.dataset("test")
+
+
+def test_plain_process_malloc_sets_the_thresholds_where_glibc_is():
+    import platform
+
+    from music.speed import plain_process_malloc
+
+    assert plain_process_malloc() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

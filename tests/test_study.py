@@ -22,7 +22,7 @@ from music.experiments.study import Grid, cell_dir, plan
 from music.experiments.study_report import load_cells
 
 TINY = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 1,
-        "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2}
+        "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2, "methods": ["lwf"]}
 
 
 def study_args(**settings) -> list[str]:
@@ -55,7 +55,7 @@ def digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def local_grid(tmp_path_factory, data_dir) -> Grid:
-    """The tiny grid (pretrain, joint, one sequential ordering, merged) run once by
+    """The tiny grid (pretrain, joint, one sequential ordering, merged, that ordering with LwF) run once by
     ``music study`` on its default local Dask cluster of 2 worker processes."""
     settings = tiny_grid(tmp_path_factory.mktemp("local"), data_dir, workers=2)
     main(study_args(**settings))
@@ -70,6 +70,25 @@ def test_plan_covers_the_grid_with_one_pretraining_per_seed():
     assert len({(c.seed, c.name) for c in cells}) == len(cells) == 130
 
 
+def test_a_method_axis_adds_cells_and_leaves_the_other_cells_fingerprints_alone():
+    from music.experiments.study import cell_config, fingerprint
+
+    plain = Grid(seeds=[0, 1], lrs=[1e-3, 1e-4])
+    with_methods = Grid(seeds=[0, 1], lrs=[1e-3, 1e-4], methods=["ewc", "replay"])
+    added = [c for c in plan(with_methods) if c.kind == "method"]
+    assert [c.name for c in added if c.seed == 0] == ["method_ewc_3-4-7_lr1e-3", "method_replay_3-4-7_lr1e-3",
+                                                      "method_ewc_3-4-7_lr1e-4", "method_replay_3-4-7_lr1e-4"]
+    assert len(plan(with_methods)) == len(plan(plain)) + 2 * 2 * 2
+    assert {c.name: fingerprint(plain, c) for c in plan(plain)} == \
+        {c.name: fingerprint(with_methods, c) for c in plan(with_methods) if c.kind != "method"}
+    delta = cell_config(with_methods, added[0])
+    assert delta["model"]["pretrained_on"] == "remaining" and delta["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
+    assert [p["split"] for p in delta["schedule"]["phases"]] == ["class_3", "class_4", "class_7"]
+    new = Grid(seeds=[0], samples_per_class="all")
+    assert cell_config(new, plan(new)[0])["data"]["samples_per_class"] == "all"
+    assert fingerprint(new, plan(new)[0]) != fingerprint(Grid(seeds=[0]), plan(Grid(seeds=[0]))[0])
+
+
 def test_shipped_study_config_is_valid():
     from music.experiments import parser_for
 
@@ -82,7 +101,8 @@ def test_shipped_study_config_is_valid():
     ({"seeds": []}, "seeds is empty"), ({"lrs": [0.0]}, "lrs=\\[0.0\\]"),
     ({"orderings": [[3, 4]]}, "ordering \\[3, 4\\] is not a permutation"), ({"workers": 0}, "workers=0"),
     ({"finetune_epochs": 0}, "finetune_epochs=0"), ({"scheduler": "localhost"}, "not a Dask scheduler address"),
-    ({"logger": {"init_args": {}}}, "has no class_path")])
+    ({"logger": {"init_args": {}}}, "has no class_path"), ({"methods": ["ewc", "ewc"]}, "repeats a method"),
+    ({"methods": ["no_such_method"]}, "no_such_method"), ({"samples_per_class": 0}, "samples_per_class=0")])
 def test_bad_settings_fail_early(bad, message):
     with pytest.raises(ValueError, match=message):
         Grid(**bad)
@@ -91,7 +111,7 @@ def test_bad_settings_fail_early(bad, message):
 @pytest.mark.mnist
 def test_grid_stores_every_cell_once_and_reports_from_the_database(local_grid):
     cells = plan(local_grid)
-    assert len(cells) == 4 and set(stored(local_grid)) == {(c.seed, c.name) for c in cells}
+    assert len(cells) == 5 and set(stored(local_grid)) == {(c.seed, c.name) for c in cells}
     for cell in cells:
         run = cell_dir(local_grid, cell)
         for name in ("phase_metrics.json", "accuracy_matrix.csv", "config.yaml", "cell.log", "checkpoints/last.ckpt"):
@@ -103,20 +123,26 @@ def test_grid_stores_every_cell_once_and_reports_from_the_database(local_grid):
     records, runs = load_cells(local_grid)
     seq = next(r for r in records if r["cell"].kind == "seq")
     assert [row["phase"] for row in seq["rows"]] == ["start", "class_3", "class_4", "class_7"]
-    assert seq["confusion"].shape == (10, 10) and runs[0]["ran"] == 4 and runs[0]["workers"] == 2
+    assert seq["confusion"].shape == (10, 10) and runs[0]["ran"] == 5 and runs[0]["workers"] == 2
+    lwf = next(r for r in records if r["cell"].kind == "method")
+    assert [row["phase"] for row in lwf["rows"]] == ["start", "class_3", "class_4", "class_7"]
+    assert yaml.safe_load((cell_dir(local_grid, lwf["cell"]) / "config.yaml").read_text())["model"]["methods"][0][
+        "class_path"] == "music.methods.LwF"
     out = Path(local_grid.out)
-    assert "When does sequential beat merged?" in (out / "REPORT.md").read_text()
+    report = (out / "REPORT.md").read_text()
+    assert "When does sequential beat merged?" in report and "What keeps forgetting down" in report
+    assert "| 0.001 | lwf | 1 |" in report
     for figure in ("accuracy_after_each_phase", "forgetting_per_class", "accuracy_vs_lr", "confusion_matrices"):
         assert (out / "figures" / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
     rows = (out / "study_cells.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 and rows[0].startswith("seed,kind,cell,lr")
+    assert len(rows) == 1 + 5 and rows[0].startswith("seed,kind,method,cell,lr")
 
 
 @pytest.mark.mnist
 def test_restart_runs_only_what_is_not_stored(local_grid, tmp_path, capsys):
     before = stored(local_grid)
     main(study_args(**vars(local_grid)))  # nothing to run
-    assert cell_count(local_grid) == 4 and stored(local_grid) == before
+    assert cell_count(local_grid) == 5 and stored(local_grid) == before
     # a cell whose rows are gone (never stored) runs again, resuming its finished run from last.ckpt
     engine = study_db.connect(local_grid.db_url)
     with engine.begin() as conn:
@@ -127,7 +153,7 @@ def test_restart_runs_only_what_is_not_stored(local_grid, tmp_path, capsys):
     main(study_args(**vars(local_grid)))
     assert stored(local_grid) == before
     runs = study_db.load(engine)[3]
-    assert [(r["ran"], r["skipped"]) for r in runs[-2:]] == [(0, 4), (1, 3)]
+    assert [(r["ran"], r["skipped"]) for r in runs[-2:]] == [(0, 5), (1, 4)]
 
 
 @pytest.mark.mnist
@@ -211,7 +237,7 @@ def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tm
             assert killed, "no worker was caught in the middle of a cell"
             assert processes["study"].wait(timeout=max(deadline - time.monotonic(), 1) + 180) == 0, \
                 (tmp_path / "study.log").read_text()[-3000:]
-        assert cell_count(grid) == 4
+        assert cell_count(grid) == 5
         assert stored(grid) == stored(local_grid)
         hosts = {r["host"] for r in study_db.load(study_db.connect(grid.db_url))[0]}
         assert hosts == {socket.gethostname()}

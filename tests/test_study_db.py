@@ -67,3 +67,17 @@ def test_a_url_that_cannot_be_opened_is_one_clear_error(url):
     with pytest.raises(ValueError, match="cannot be opened") as error:
         study_db.connect(url)
     assert url in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_database_made_without_the_method_column_gains_it_and_keeps_its_cells(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the cells table as a release without methods made it
+        conn.execute("CREATE TABLE cells (id INTEGER PRIMARY KEY, seed INTEGER NOT NULL, name VARCHAR(200) NOT NULL, "
+                     "kind VARCHAR(20) NOT NULL, lr FLOAT NOT NULL, fingerprint VARCHAR(64) NOT NULL)")
+        conn.execute("INSERT INTO cells (seed, name, kind, lr, fingerprint) VALUES (0, 'seq', 'seq', 0.001, 'f')")
+    engine = study_db.connect(f"sqlite:///{path}")
+    assert study_db.fingerprints(engine) == {(0, "seq"): "f"}
+    with engine.connect() as conn:
+        assert conn.execute(select(study_db.cells.c.method)).scalar() is None

@@ -9,6 +9,10 @@ phases, learning rate and seed filled in:
 - ``merged_lr<lr>``: merged fine-tuning (``merged_finetune``);
 - ``replay_<order>_lr<lr>``: sequential in the first ordering with a replay buffer of
   ``remaining`` samples mixed into every phase (``data.replay_size``);
+- ``method_<method>_<order>_lr<lr>``: sequential in the first ordering with a continual-learning
+  method (``methods``: the shipped configs ``ewc``, ``online_ewc``, ``si``, ``lwf``, ``replay``,
+  or any config that sets ``model.methods``), told that the model was pretrained on
+  ``remaining`` (``model.pretrained_on``) so that it protects that knowledge too;
 - ``joint``: a model trained from scratch on the whole training set (``split: train``) for as
   many epochs as pretraining — the upper bound.
 
@@ -40,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -50,8 +54,8 @@ from music.experiments import study_db
 
 @dataclass
 class Cell:
-    """One run of the grid. ``kind`` is pretrain, joint, seq, merged or replay; ``config`` the
-    shipped config it is built on."""
+    """One run of the grid. ``kind`` is pretrain, joint, seq, merged, replay or method;
+    ``config`` the shipped config it is built on, ``method`` the method config added to it."""
 
     seed: int
     kind: str
@@ -61,10 +65,11 @@ class Cell:
     lr: float
     ordering: list[int] | None = None
     replay_size: int = 0
+    method: str | None = None
 
     @property
     def needs_pretrained(self) -> bool:
-        return self.kind in ("seq", "merged", "replay")
+        return self.kind in ("seq", "merged", "replay", "method")
 
     @property
     def label(self) -> str:
@@ -86,6 +91,12 @@ class Grid:
         finetune_epochs: epochs of every fine-tuning phase.
         joint_epochs: epochs of the joint model; null: as many as ``pretrain_epochs``.
         replay_size: ``remaining`` samples mixed into every phase of the replay cells (0: none).
+        methods: continual-learning method configs (shipped names such as ``ewc``, ``si``,
+            ``lwf``, ``replay``, ``online_ewc``, or paths); each adds one cell per learning rate,
+            sequential in the first ordering. ``[]``: no method cells.
+        samples_per_class: held-out samples per class (``data.samples_per_class``); null: the
+            data config's; ``all``: every training sample of the held-out classes, so that
+            ``remaining`` has none and each task is a class the pretrained model never saw.
         split_seed_follows_seed: each seed also draws its own held-out samples.
         limit_train_batches: batches per epoch (smoke grids); null: all.
         data_dir: the MNIST root (downloaded if missing); a path every worker can read.
@@ -114,6 +125,8 @@ class Grid:
     finetune_epochs: int = 10
     joint_epochs: int | None = None
     replay_size: int = 300
+    methods: list[str] = field(default_factory=list)
+    samples_per_class: int | Literal["all"] | None = None
     split_seed_follows_seed: bool = True
     limit_train_batches: int | None = None
     data_dir: str = "data"
@@ -146,6 +159,20 @@ class Grid:
             raise ValueError(f"scheduler={self.scheduler!r} is not a Dask scheduler address: give e.g. tcp://host:8786.")
         if self.logger is not None and "class_path" not in self.logger:
             raise ValueError(f"logger={self.logger} has no class_path: give {{class_path: ..., init_args: {{...}}}}.")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods={self.methods} repeats a method.")
+        if self.methods:
+            from music.cli import _config_path
+
+            for method in self.methods:
+                try:
+                    _config_path(method)  # an unknown method config fails here, before any cell runs
+                except FileNotFoundError as err:
+                    raise ValueError(f"methods: {err}") from None
+        if self.samples_per_class is not None and self.samples_per_class != "all" and (
+                not isinstance(self.samples_per_class, int) or self.samples_per_class < 1):
+            raise ValueError(f"samples_per_class={self.samples_per_class!r} is not allowed: give an integer >= 1, "
+                             "'all', or null.")
         if self.orderings is None:
             self.orderings = [list(p) for p in itertools.permutations(self.held_out_classes)]
         for ordering in self.orderings:
@@ -194,6 +221,10 @@ def plan(grid: Grid) -> list[Cell]:
                 ordering = grid.orderings[0]
                 cells.append(Cell(seed, "replay", f"replay_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
                                   one_phase_per_class(ordering), lr, list(ordering), grid.replay_size))
+            for method in grid.methods:
+                ordering = grid.orderings[0]
+                cells.append(Cell(seed, "method", f"method_{Path(method).stem}_{'-'.join(map(str, ordering))}_{lr_tag(lr)}",
+                                  "seq_finetune", one_phase_per_class(ordering), lr, list(ordering), method=method))
     return cells
 
 
@@ -206,10 +237,18 @@ def pretrained_checkpoint(grid: Grid, seed: int) -> Path:
 
 
 def determinants(grid: Grid, cell: Cell) -> dict:
-    """What determines a cell's result (not where files live, nor how it is scheduled)."""
-    return {"cell": asdict(cell), "held_out": grid.held_out_classes, "limit": grid.limit_train_batches,
-            "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "accelerator": grid.accelerator,
-            "pretrain": [grid.pretrain_epochs, grid.pretrain_lr] if cell.needs_pretrained else None}
+    """What determines a cell's result (not where files live, nor how it is scheduled). Keys
+    of settings left at their defaults are left out, so the cells of a grid made without them
+    keep their fingerprints."""
+    described = asdict(cell)
+    if described["method"] is None:
+        del described["method"]
+    out = {"cell": described, "held_out": grid.held_out_classes, "limit": grid.limit_train_batches,
+           "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "accelerator": grid.accelerator,
+           "pretrain": [grid.pretrain_epochs, grid.pretrain_lr] if cell.needs_pretrained else None}
+    if grid.samples_per_class is not None:
+        out["samples_per_class"] = grid.samples_per_class
+    return out
 
 
 def fingerprint(grid: Grid, cell: Cell) -> str:
@@ -241,10 +280,17 @@ def cell_config(grid: Grid, cell: Cell) -> dict:
     model: dict[str, Any] = {"lr": cell.lr}
     if cell.needs_pretrained:
         model["init_from"] = str(pretrained_checkpoint(grid, cell.seed))
-    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases}, "model": model,
-            "data": {"data_dir": grid.data_dir, "download": True, "log_eda": False,  # many cells, one data set
-                     "held_out_classes": grid.held_out_classes,
-                     "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "replay_size": cell.replay_size}}
+    if cell.method:
+        model["pretrained_on"] = "remaining"  # the methods protect what pretraining learned, as an earlier task
+    data = {"data_dir": grid.data_dir, "download": True, "log_eda": False,  # many cells, one data set
+            "held_out_classes": grid.held_out_classes,
+            "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "replay_size": cell.replay_size}
+    if grid.samples_per_class is not None:
+        data["samples_per_class"] = grid.samples_per_class
+    # figures: the report draws them from all cells at once
+    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases, "log_figures": False},
+            "model": model,
+            "data": data}
 
 
 @contextlib.contextmanager
@@ -274,16 +320,19 @@ def run_cell(grid: Grid, cell: Cell, *after: Any) -> dict:
     import torch
 
     from music.cli import lightning
+    from music.speed import plain_process_malloc
 
     engine = study_db.connect(grid.db_url)
     if study_db.has_cell(engine, cell.seed, cell.name):  # re-run after its worker died: stored once
         return {"cell": cell.label, "ran": False}
     torch.set_num_threads(grid.threads)
+    plain_process_malloc()  # undo the Dask nanny's MALLOC_TRIM_THRESHOLD_ (music.speed)
     run_dir = cell_dir(grid, cell)
     run_dir.mkdir(parents=True, exist_ok=True)
     delta = run_dir / "cell.yaml"
     delta.write_text(yaml.safe_dump(cell_config(grid, cell), sort_keys=False))
-    args = ["fit", "--config", cell.config, "--config", str(delta), "--run_dir", str(run_dir)]
+    method = ["--config", cell.method] if cell.method else []
+    args = ["fit", "--config", cell.config, *method, "--config", str(delta), "--run_dir", str(run_dir)]
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed = last.exists()
     if resumed:
@@ -311,7 +360,7 @@ def read_cell(grid: Grid, cell: Cell, run_dir: Path, seconds: float, resumed: bo
     # the same class sets for every cell, pretrained and joint included (they have no tasks)
     metrics["held_out_acc"] = accuracy_on(final, grid.held_out_classes)
     metrics["untouched_acc"] = accuracy_on(final, [c for c in range(len(final)) if c not in grid.held_out_classes])
-    row = {"seed": cell.seed, "name": cell.name, "kind": cell.kind, "lr": cell.lr,
+    row = {"seed": cell.seed, "name": cell.name, "kind": cell.kind, "method": cell.method, "lr": cell.lr,
            "ordering": "-".join(map(str, cell.ordering)) if cell.ordering else None, "replay_size": cell.replay_size,
            "fingerprint": fingerprint(grid, cell), "settings": study_db.dumps(determinants(grid, cell)),
            **{m: metrics.get(m) for m in study_db.METRICS}, "continual_metrics": study_db.dumps(metrics),

@@ -9,7 +9,9 @@ the database holds a cell completely or not at all, and holding it is what "fini
 Schema (documented in ``docs/study.md``, queried by ``study_report.py``):
 
 - ``cells``: one row per finished cell — ``seed``, ``name``, ``kind`` (pretrain, joint, seq,
-  merged, replay), ``lr``, ``ordering`` (``"3-4-7"``, NULL for others), ``replay_size``,
+  merged, replay, method), ``method`` (the continual-learning method config of a ``method``
+  cell, e.g. ``ewc``; NULL for others), ``lr``, ``ordering`` (``"3-4-7"``, NULL for others),
+  ``replay_size``,
   ``fingerprint``, ``settings`` (JSON: what determines the result), the final metrics
   (``final_acc``, ``held_out_acc``, ``untouched_acc``, ``average_accuracy``,
   ``backward_transfer``, ``mean_forgetting``, ``untouched_forgetting``, ``collapse_share``),
@@ -46,6 +48,7 @@ cells = Table(
     Column("seed", Integer, nullable=False),
     Column("name", String(200), nullable=False),
     Column("kind", String(20), nullable=False),
+    Column("method", String(100)),
     Column("lr", Float, nullable=False),
     Column("ordering", String(100)),
     Column("replay_size", Integer, nullable=False),
@@ -113,12 +116,26 @@ def connect(url: str) -> Engine:
             event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout = 120000"))
         with engine.begin() as conn:
             metadata.create_all(conn)
+            _add_missing_columns(conn)
     except (SQLAlchemyError, ImportError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"study.db={url!r} cannot be opened: {first}. Give an SQLAlchemy URL such as "
                          "sqlite:////abs/path/study.db or postgresql://user@host/db.") from None
     _engines[url] = engine
     return engine
+
+
+def _add_missing_columns(conn) -> None:
+    """Columns added to the schema since a database was made (all nullable): a study
+    database made by an earlier release keeps its cells."""
+    from sqlalchemy import inspect, text
+
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def fingerprints(engine: Engine) -> dict[tuple[int, str], str]:

@@ -75,12 +75,21 @@ def order_name(cell: Cell) -> str:
 
 # -- tables ------------------------------------------------------------------------------------
 
+def group_key(cell: Cell) -> str:
+    return f"method:{cell.method}" if cell.kind == "method" else cell.kind
+
+
+def method_name(method: str) -> str:
+    return Path(method).stem
+
+
 def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict]]]:
-    """Reference points and, per learning rate, merged / sequential (all orderings) / replay."""
+    """Reference points and, per learning rate, merged / sequential (all orderings) / replay /
+    each method."""
     by = defaultdict(list)
     for r in records:
         c = r["cell"]
-        by[(c.kind, None if c.kind in ("pretrain", "joint") else c.lr)].append(r)
+        by[(group_key(c), None if c.kind in ("pretrain", "joint") else c.lr)].append(r)
     out = [("pretrained", by[("pretrain", None)]), ("joint (all training data)", by[("joint", None)])]
     for lr in settings.lrs:
         out += [(f"merged, lr {lr:g}", by[("merged", lr)]),
@@ -88,6 +97,8 @@ def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict
         if settings.replay_size:
             out.append((f"sequential + replay {settings.replay_size} ({order_name(by[('replay', lr)][0]['cell']) if by[('replay', lr)] else ''}), lr {lr:g}",
                         by[("replay", lr)]))
+        first = "→".join(map(str, settings.orderings[0]))
+        out += [(f"sequential + {method_name(m)} ({first}), lr {lr:g}", by[(f"method:{m}", lr)]) for m in settings.methods]
     return out
 
 
@@ -103,8 +114,28 @@ def continual_table(records: list[dict], settings: Settings) -> list[str]:
     columns = ["average_accuracy", "backward_transfer", "mean_forgetting", "untouched_forgetting", "collapse_share"]
     lines = ["| model | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, rs in groups(records, settings)[2:]:
-        if rs and rs[0]["cell"].kind in ("seq", "replay"):
+        if rs and rs[0]["cell"].kind in ("seq", "replay", "method"):
             lines.append(f"| {name} | " + " | ".join(fmt([nan(r['metrics'].get(c)) for r in rs]) for c in columns) + " |")
+    return lines
+
+
+def methods_table(records: list[dict], settings: Settings) -> list[str]:
+    """Per learning rate, the first ordering with each method beside the same ordering without
+    one, replay of `remaining` and merged: like with like (same seeds, checkpoints, phases)."""
+    first = settings.orderings[0]
+    columns = ["final_acc", "held_out_acc", "untouched_acc", "mean_forgetting", "untouched_forgetting", "backward_transfer"]
+    lines = ["| lr | fine-tuning | seeds | " + " | ".join(LABELS[c] for c in columns) + " |",
+             "|---|---|---:|" + "---:|" * len(columns)]
+    rows = [("none (sequential)", lambda c: c.kind == "seq" and c.ordering == first)]
+    if settings.replay_size:
+        rows.append((f"replay of {settings.replay_size} `remaining` samples", lambda c: c.kind == "replay"))
+    rows += [(method_name(m), lambda c, m=m: c.kind == "method" and c.method == m) for m in settings.methods]
+    rows.append(("merged (all classes at once)", lambda c: c.kind == "merged"))
+    for lr in settings.lrs:
+        for label, chosen in rows:
+            rs = [r for r in records if r["cell"].lr == lr and chosen(r["cell"])]
+            lines.append(f"| {lr:g} | {label} | {len(rs)} | "
+                         + " | ".join(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns) + " |")
     return lines
 
 
@@ -312,10 +343,10 @@ def _num(value) -> str:
 def write_csvs(records: list[dict], out: Path) -> None:
     with open(out / "study_cells.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["seed", "kind", "cell", "lr", "ordering", "replay_size", *METRICS, "seconds"])
+        writer.writerow(["seed", "kind", "method", "cell", "lr", "ordering", "replay_size", *METRICS, "seconds"])
         for r in records:
             c = r["cell"]
-            writer.writerow([c.seed, c.kind, c.name, c.lr, order_name(c), c.replay_size,
+            writer.writerow([c.seed, c.kind, c.method or "", c.name, c.lr, order_name(c), c.replay_size,
                              *(f"{nan(r['metrics'].get(m)):.4f}" for m in METRICS), f"{r['seconds']:.1f}"])
     with open(out / "study_accuracy_matrices.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -366,6 +397,10 @@ def write_report(settings: Settings) -> Path:
         f"merged, and sequential ({'→'.join(map(str, s.orderings[0]))}) with a replay buffer of {s.replay_size} `remaining` samples "
         "(seeded, fixed) mixed into each phase. Joint: trained from scratch on the whole training set "
         f"(60,000) for {s.joint_epochs or s.pretrain_epochs} epochs — the upper bound.",
+        *([f"- Held-out samples per class: {s.samples_per_class}"
+           + (" — every training sample of the held-out classes, so `remaining` has none of them and each task is a "
+              "class the pretrained model has never seen." if s.samples_per_class == "all" else ".")]
+          if s.samples_per_class is not None else []),
         f"- Test set: the full 10,000-image MNIST test set after every phase. Cells finished: {len(records)}/{len(planned)}."
         + (f" Training limited to {s.limit_train_batches} batches an epoch (quick mode)." if s.limit_train_batches else ""),
         f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
@@ -393,6 +428,15 @@ def write_report(settings: Settings) -> Path:
         "",
         *ordering_table(records, settings),
         "",
+        *([f"## What keeps forgetting down ({'→'.join(map(str, s.orderings[0]))}, mean ± std over seeds)",
+           "",
+           "Each method is a config delta over the sequential cells (`music fit --config seq_finetune --config "
+           "<method>`), told that the model was pretrained on `remaining`, so that it protects pretraining as an "
+           "earlier task. Configs: " + ", ".join(f"`{m}`" for m in s.methods) + " (`music/configs/`; their "
+           "hyper-parameters are the shipped ones, not tuned on this grid).",
+           "",
+           *methods_table(records, settings),
+           ""] if s.methods else []),
         "## Continual-learning metrics (sequential cells)",
         "",
         "Average accuracy: mean final accuracy on the fine-tuning tasks (classes); BWT: final minus just-learned "
@@ -437,6 +481,7 @@ def _eda(settings: Settings, out: Path) -> dict[str, list[int]]:
 
     datamodule = MusicDataModule(data_dir=settings.data_dir, download=False, held_out_classes=settings.held_out_classes,
                                  split_seed=settings.seeds[0] if settings.split_seed_follows_seed else 0,
-                                 replay_size=settings.replay_size)
+                                 replay_size=settings.replay_size,
+                                 **({} if settings.samples_per_class is None else {"samples_per_class": settings.samples_per_class}))
     write_pngs(datamodule, str(out))
     return class_counts(datamodule)

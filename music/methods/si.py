@@ -30,7 +30,10 @@ class SI(Method):
         xi: damping of the importance, so parameters that barely moved do not blow it up.
     """
 
-    _state = ("omega", "anchor", "path", "start")
+    # ``previous`` and ``grads``: the last step's weights before it and its gradients, whose
+    # product enters ``path`` at the next step: a checkpoint between the two keeps both, so a
+    # resumed run adds the same term (gradients are not in a Lightning checkpoint).
+    _state = ("omega", "anchor", "path", "start", "previous", "grads")
 
     def __init__(self, c: float = 1.0, xi: float = 0.1) -> None:
         if c < 0:
@@ -43,21 +46,25 @@ class SI(Method):
         self.anchor: dict[str, Tensor] = {}  # weights at the end of the last consolidated task
         self.path: dict[str, Tensor] = {}  # W of the running task
         self.start: dict[str, Tensor] = {}  # weights when the running task started
-        self._previous: dict[str, Tensor] | None = None  # weights before the latest step
+        self.previous: dict[str, Tensor] | None = None  # weights before the latest step
+        self.grads: dict[str, Tensor] = {}  # its gradients, when they are not on the parameters
+        self._params: dict[str, Tensor] = {}
 
     def start_task(self, model: Classifier, task: Task) -> None:
         params = trainable(model)
         self.start = {name: p.detach().clone() for name, p in params.items()}
         self.path = {name: p.detach().new_zeros(p.shape) for name, p in params.items()}
-        self._previous = None  # the next ``loss`` call only records where the task starts
+        self.previous = None  # the next ``loss`` call only records where the task starts
 
     def _accumulate(self, model: Classifier) -> None:
         params = trainable(model)
-        if self._previous is not None:
+        if self.previous is not None:
             for name, p in params.items():
-                if p.grad is not None:
-                    self.path[name] -= p.grad * (p.detach() - self._previous[name])
-        self._previous = {name: p.detach().clone() for name, p in params.items()}
+                grad = p.grad if p.grad is not None else self.grads.get(name)
+                if grad is not None:
+                    self.path[name] -= grad * (p.detach() - self.previous[name])
+        self.previous = {name: p.detach().clone() for name, p in params.items()}
+        self.grads, self._params = {}, params
 
     def end_task(self, model: Classifier, task: Task) -> None:
         self._accumulate(model)  # the task's last step
@@ -65,7 +72,12 @@ class SI(Method):
             importance = self.path[name] / ((p.detach() - self.start[name]).pow(2) + self.xi)
             self.omega[name] = self.omega[name] + importance if name in self.omega else importance
             self.anchor[name] = p.detach().clone()
-        self._previous = None
+        self.previous, self.grads = None, {}
+
+    def state_dict(self) -> dict:
+        if self.previous is not None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self._params.items() if p.grad is not None}
+        return super().state_dict()
 
     def loss(self, model: Classifier, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
         if model.training:
