@@ -400,6 +400,7 @@ def check_stored(grid: Grid, cells: list[Cell], engine) -> set[tuple[int, str]]:
 def dask_client(grid: Grid):
     """A client of ``grid.scheduler``, or of a ``LocalCluster`` of single-threaded worker
     processes started (and stopped) here. An unreachable scheduler is a ``ValueError``."""
+    import dask
     from distributed import Client, LocalCluster
 
     if grid.scheduler is not None:
@@ -414,8 +415,11 @@ def dask_client(grid: Grid):
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(grid.threads))  # inherited by the worker processes
     resources = {"GPU": 1} if grid.accelerator in ("gpu", "cuda") else None
-    with LocalCluster(n_workers=grid.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                      dashboard_address=None, resources=resources) as cluster, Client(cluster) as client:
+    # Dask's statistical profiler samples the cell's thread every 10 ms: 44 s -> 34 s of a
+    # pretraining cell without it (docs/study.md). The workers take this config from here.
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            LocalCluster(n_workers=grid.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                         dashboard_address=None, resources=resources) as cluster, Client(cluster) as client:
         yield client
 
 

@@ -406,7 +406,7 @@ def write_report(settings: Settings) -> Path:
         f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
         f"{platform.system()}, {os.cpu_count()} CPU cores; {s.threads} torch thread(s) per cell; cells ran on "
         f"{', '.join(sorted({r['host'] for r in records}))}.",
-        f"- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
+        "- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
         "`study_accuracy_matrices.csv`.",
         "",
         "## When does sequential beat merged?",
