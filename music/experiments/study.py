@@ -196,6 +196,11 @@ def lr_tag(lr: float) -> str:
     return f"lr{lr:.0e}".replace("e-0", "e-")
 
 
+def method_name(method: str) -> str:
+    """A method config's name in cell names and tables: ``ewc`` for ``ewc`` or ``path/ewc.yaml``."""
+    return Path(method).stem
+
+
 def plan(grid: Grid) -> list[Cell]:
     """Every cell of the grid, pretraining first."""
     cells = []
@@ -223,7 +228,7 @@ def plan(grid: Grid) -> list[Cell]:
                                   one_phase_per_class(ordering), lr, list(ordering), grid.replay_size))
             for method in grid.methods:
                 ordering = grid.orderings[0]
-                cells.append(Cell(seed, "method", f"method_{Path(method).stem}_{'-'.join(map(str, ordering))}_{lr_tag(lr)}",
+                cells.append(Cell(seed, "method", f"method_{method_name(method)}_{'-'.join(map(str, ordering))}_{lr_tag(lr)}",
                                   "seq_finetune", one_phase_per_class(ordering), lr, list(ordering), method=method))
     return cells
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from music.experiments import study_db
-from music.experiments.study import Cell, Grid as Settings, plan
+from music.experiments.study import Cell, Grid as Settings, method_name, plan
 from music.plots import pyplot
 
 METRICS = study_db.METRICS
@@ -77,10 +77,6 @@ def order_name(cell: Cell) -> str:
 
 def group_key(cell: Cell) -> str:
     return f"method:{cell.method}" if cell.kind == "method" else cell.kind
-
-
-def method_name(method: str) -> str:
-    return Path(method).stem
 
 
 def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict]]]:
