@@ -13,6 +13,7 @@ Bad input ends in one line, ``error: ...`` on stderr, exit code 2; ``--debug`` (
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -49,6 +50,9 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 # Splits are tensors in memory: loader worker processes would only add start-up cost.
 warnings.filterwarnings("ignore", message=r".*does not have many workers", module=r"lightning\.pytorch")
+# Lightning logs an advertisement for its cloud logger on every Trainer that has none.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging"))
 
 
 class UsageError(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from music.data import MusicDataModule
-from music.plots import as_array, labelled_grid, pyplot, titled
+from music.plots import labelled_grid, pyplot, titled
 
 
 def class_counts(datamodule: MusicDataModule) -> dict[str, list[int]]:
@@ -85,17 +85,15 @@ def figures(datamodule: MusicDataModule):
         yield f"samples/{split}", sample_grid(datamodule, split)
 
 
-def log_to_tensorboard(datamodule: MusicDataModule, logger) -> None:
-    """Class counts and a sample grid per split in the Images tab, under ``eda/``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
+def log_eda(datamodule: MusicDataModule, loggers) -> None:
+    """Class counts and a sample grid per split, under ``eda/``, to every logger that takes
+    images (``music.plots.log_figure``: TensorBoard's Images tab, MLflow, W&B)."""
+    from music.plots import image_loggers, log_figure
 
-    if not isinstance(logger, TensorBoardLogger):
-        return
-    for name, image in figures(datamodule):
-        if hasattr(image, "savefig"):
-            logger.experiment.add_figure(f"eda/{name}", image, global_step=0, close=False)
-        else:
-            logger.experiment.add_image(f"eda/{name}", as_array(image), global_step=0, dataformats="HWC")
+    loggers = image_loggers(loggers if isinstance(loggers, list) else [loggers])
+    if loggers:  # nothing is drawn for a run whose loggers take no images
+        for name, image in figures(datamodule):
+            log_figure(loggers, f"eda/{name}", image, step=0)
 
 
 def write_pngs(datamodule: MusicDataModule, out_dir: str) -> list[str]:

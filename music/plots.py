@@ -74,12 +74,17 @@ def image_loggers(loggers) -> list:
 
 
 def log_figure(loggers, tag: str, fig, step: int) -> None:
-    """Log a matplotlib figure to every logger that takes images: TensorBoard's Images tab,
-    an MLflow artifact ``<tag>/step_<step>.png``, a W&B image."""
+    """Log a matplotlib figure or a PIL image to every logger that takes images:
+    TensorBoard's Images tab, an MLflow artifact ``<tag>/step_<step>.png``, a W&B image."""
+    drawn = not hasattr(fig, "savefig")  # a PIL image
     for logger in image_loggers(loggers):
         name = type(logger).__name__
-        if name == "TensorBoardLogger":
+        if name == "TensorBoardLogger" and drawn:
+            logger.experiment.add_image(tag, as_array(fig), global_step=step, dataformats="HWC")
+        elif name == "TensorBoardLogger":
             logger.experiment.add_figure(tag, fig, global_step=step)
+        elif name == "MLFlowLogger" and drawn:
+            logger.experiment.log_image(logger.run_id, fig, f"{tag}/step_{step}.png")
         elif name == "MLFlowLogger":
             logger.experiment.log_figure(logger.run_id, fig, f"{tag}/step_{step}.png")
         else:

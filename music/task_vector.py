@@ -558,10 +558,12 @@ def apply_safetensors(base_path: PathLike, vector_path: PathLike, out_path: Path
             # The hash may lag a few tensors behind the writes: waiting for it tensor by
             # tensor left both threads idle in turn. Each base tensor is released once hashed,
             # so memory stays a few tensors.
-            hashing: deque[tuple[str, Future | None]] = deque()
+            hashing: deque[tuple[str, Future]] = deque()
+            unhashed: Future = Future()  # check_base=False: every tensor is "hashed" at once
+            unhashed.set_result(None)
             for k in sorted(layout):
                 t = base.tensor(k)
-                hashing.append((k, hasher.update(k, t) if hasher else None))
+                hashing.append((k, hasher.update(k, t) if hasher else unhashed))
                 if k in vec.entries:
                     tau = vec.tensor(k)
                     cast.extend([k] if tau.dtype != t.dtype else [])
@@ -571,13 +573,13 @@ def apply_safetensors(base_path: PathLike, vector_path: PathLike, out_path: Path
                 else:
                     yield k, t
                 del t
-                while len(hashing) > HASH_LAG or (hashing and (hashing[0][1] is None or hashing[0][1].done())):
-                    done, future = hashing.popleft()
-                    future is None or future.result()
-                    base.release(done)
-            for done, future in hashing:
-                future is None or future.result()
-                base.release(done)
+                while len(hashing) > HASH_LAG or (hashing and hashing[0][1].done()):
+                    key, future = hashing.popleft()
+                    future.result()  # re-raises an error of the hashing thread
+                    base.release(key)
+            for key, future in hashing:
+                future.result()
+                base.release(key)
 
         write_safetensors(out_path, layout, edited(), base.metadata)
         expected = json.loads(vec.metadata.get("base_fingerprint", "null")) if hasher else None

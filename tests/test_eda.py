@@ -5,7 +5,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from music.data import MusicDataModule
-from music.eda import class_counts, log_to_tensorboard
+from music.eda import class_counts, log_eda
 
 
 def test_class_counts_per_split(mnist):
@@ -19,7 +19,7 @@ def test_class_counts_per_split(mnist):
 def test_logged_to_tensorboard(data_dir, tmp_path):
     datamodule = MusicDataModule(data_dir=data_dir, download=False, held_out_classes=[7])
     logger = TensorBoardLogger(str(tmp_path), name="eda")
-    log_to_tensorboard(datamodule, logger)
+    log_eda(datamodule, logger)
     logger.experiment.flush()
     images = set(EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload().Tags()["images"])
     assert {"eda/class_counts", "eda/samples/train", "eda/samples/class_7", "eda/samples/test"} <= images

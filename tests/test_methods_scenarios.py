@@ -129,7 +129,7 @@ def test_method_configs_are_pure_deltas():
 def test_music_continual_writes_the_table_and_reads_finished_runs_back(data_dir, tmp_path):
     from music.experiments import run_experiment
 
-    args = ["--data_dir", data_dir, "--seeds", "[0]", "--scenarios", "[task]", "--methods", "{None: [], EWC: [ewc]}",
+    args = ["--data.data_dir", data_dir, "--seeds", "[0]", "--scenarios", "[task]", "--methods", "{None: [], EWC: [ewc]}",
             "--overrides", '[--data.iterations_per_epoch, "2"]', "--runs_dir", str(tmp_path / "runs"),
             "--output", str(tmp_path / "out")]
     run_experiment("continual", args)

@@ -57,7 +57,7 @@ def test_run_dir_setting_places_every_file_and_resumes_there(shrink, tmp_path, l
 
 
 def test_mlflow_run_keeps_params_metrics_and_figures(shrink, tmp_path):
-    cli = fit(shrink, tmp_path, "mlflow", "--run_dir", str(tmp_path / "run"))
+    cli = fit(shrink, tmp_path, "mlflow", "--run_dir", str(tmp_path / "run"), "--data.log_eda", "true")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["runs"], output_format="list")
     assert [r.info.run_id for r in runs] == [cli.trainer.logger.run_id]
@@ -68,3 +68,7 @@ def test_mlflow_run_keeps_params_metrics_and_figures(shrink, tmp_path):
     assert data.metrics["test/acc"] == pytest.approx(accuracy)
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "test/confusion_matrix")]
     assert artifacts and all(a.endswith(".png") for a in artifacts)
+    client = mlflow.MlflowClient()
+    eda = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eda")}
+    assert eda == {"eda/class_counts", "eda/samples"}, eda
+    assert client.list_artifacts(runs[0].info.run_id, "eda/samples/train")

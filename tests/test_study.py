@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from music.cli import main
 from music.experiments import study_db
+from music.experiments.common import Data
 from music.experiments.study import Grid, cell_dir, plan
 from music.experiments.study_report import load_cells
 
@@ -25,8 +26,8 @@ TINY = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs"
         "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2, "methods": ["lwf"]}
 
 
-def study_args(**settings) -> list[str]:
-    args = ["study"]
+def study_args(data_dir: str, **settings) -> list[str]:
+    args = ["study", "--data.data_dir", data_dir, "--data.download", "false"]
     for key, value in settings.items():
         if value is None:  # the default
             continue
@@ -34,8 +35,8 @@ def study_args(**settings) -> list[str]:
     return args
 
 
-def tiny_grid(tmp: Path, data_dir: str, **more) -> dict:
-    return TINY | {"data_dir": data_dir, "runs_dir": str(tmp / "runs"), "out": str(tmp / "report")} | more
+def tiny_grid(tmp: Path, **more) -> dict:
+    return TINY | {"runs_dir": str(tmp / "runs"), "out": str(tmp / "report")} | more
 
 
 def stored(grid: Grid) -> dict[tuple[int, str], list[float]]:
@@ -57,8 +58,8 @@ def digest(path: Path) -> str:
 def local_grid(tmp_path_factory, data_dir) -> Grid:
     """The tiny grid (pretrain, joint, one sequential ordering, merged, that ordering with LwF) run once by
     ``music study`` on its default local Dask cluster of 2 worker processes."""
-    settings = tiny_grid(tmp_path_factory.mktemp("local"), data_dir, workers=2)
-    main(study_args(**settings))
+    settings = tiny_grid(tmp_path_factory.mktemp("local"), workers=2)
+    main(study_args(data_dir, **settings))
     return Grid(**settings)
 
 
@@ -81,19 +82,19 @@ def test_a_method_axis_adds_cells_and_leaves_the_other_cells_fingerprints_alone(
     assert len(plan(with_methods)) == len(plan(plain)) + 2 * 2 * 2
     assert {c.name: fingerprint(plain, c) for c in plan(plain)} == \
         {c.name: fingerprint(with_methods, c) for c in plan(with_methods) if c.kind != "method"}
-    delta = cell_config(with_methods, added[0])
+    delta = cell_config(with_methods, Data(), added[0])
     assert delta["model"]["pretrained_on"] == "remaining" and delta["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
     assert [p["split"] for p in delta["schedule"]["phases"]] == ["class_3", "class_4", "class_7"]
     new = Grid(seeds=[0], samples_per_class="all")
-    assert cell_config(new, plan(new)[0])["data"]["samples_per_class"] == "all"
+    assert cell_config(new, Data(), plan(new)[0])["data"]["samples_per_class"] == "all"
     assert fingerprint(new, plan(new)[0]) != fingerprint(Grid(seeds=[0]), plan(Grid(seeds=[0]))[0])
 
 
 def test_shipped_study_config_is_valid():
-    from music.experiments import parser_for
+    from music.experiments import instantiate, parser_for
 
     parser, _ = parser_for("study")
-    grid = parser.instantiate_classes(parser.parse_args([])).study
+    grid = instantiate(parser, parser.parse_args([]))["study"]
     assert len(grid.seeds) == 5 and len(grid.orderings) == 6 and grid.scheduler is None and grid.threads == 1
 
 
@@ -139,9 +140,9 @@ def test_grid_stores_every_cell_once_and_reports_from_the_database(local_grid):
 
 
 @pytest.mark.mnist
-def test_restart_runs_only_what_is_not_stored(local_grid, tmp_path, capsys):
+def test_restart_runs_only_what_is_not_stored(local_grid, data_dir, tmp_path, capsys):
     before = stored(local_grid)
-    main(study_args(**vars(local_grid)))  # nothing to run
+    main(study_args(data_dir, **vars(local_grid)))  # nothing to run
     assert cell_count(local_grid) == 5 and stored(local_grid) == before
     # a cell whose rows are gone (never stored) runs again, resuming its finished run from last.ckpt
     engine = study_db.connect(local_grid.db_url)
@@ -150,7 +151,7 @@ def test_restart_runs_only_what_is_not_stored(local_grid, tmp_path, capsys):
         for table in (study_db.class_results, study_db.phases):
             conn.execute(table.delete().where(table.c.cell_id == cell_id))
         conn.execute(study_db.cells.delete().where(study_db.cells.c.id == cell_id))
-    main(study_args(**vars(local_grid)))
+    main(study_args(data_dir, **vars(local_grid)))
     assert stored(local_grid) == before
     runs = study_db.load(engine)[3]
     assert [(r["ran"], r["skipped"]) for r in runs[-2:]] == [(0, 5), (1, 4)]
@@ -172,14 +173,14 @@ def free_port() -> int:
 
 @pytest.mark.mnist
 @pytest.mark.parametrize("bad", ["scheduler", "db", "fingerprint"])
-def test_bad_input_is_one_line_before_any_cell_runs(bad, local_grid, tmp_path, capsys):
+def test_bad_input_is_one_line_before_any_cell_runs(bad, local_grid, data_dir, tmp_path, capsys):
     db = Path(local_grid.runs_dir) / "study.db"
     before = digest(db)
     settings = vars(local_grid) | {"scheduler": {"scheduler": f"tcp://127.0.0.1:{free_port()}"},
                  "db": {"db": f"sqlite:///{tmp_path}/missing/folder/study.db"},
                  "fingerprint": {"finetune_epochs": 2}}[bad]
     with pytest.raises(SystemExit) as exit_:
-        main(study_args(**settings))
+        main(study_args(data_dir, **settings))
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert {"scheduler": "no Dask scheduler answers", "db": "cannot be opened",
@@ -209,7 +210,7 @@ def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tm
     address = f"tcp://127.0.0.1:{port}"
     processes = {"scheduler": start(["-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
                                      "--no-dashboard"], tmp_path / "scheduler.log")}
-    settings = tiny_grid(tmp_path, data_dir, scheduler=address)
+    settings = tiny_grid(tmp_path, scheduler=address)
     grid = Grid(**settings)
     try:
         for name in ("w1", "w2"):
@@ -219,7 +220,7 @@ def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tm
         deadline = time.monotonic() + 120
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=60)
-            processes["study"] = start(["-m", "music", *study_args(**settings)], tmp_path / "study.log")
+            processes["study"] = start(["-m", "music", *study_args(data_dir, **settings)], tmp_path / "study.log")
             killed = None
             while killed is None and processes["study"].poll() is None and time.monotonic() < deadline:
                 names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}

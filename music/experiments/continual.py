@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from music.continual import accuracy_on, average_incremental_accuracy, backward_transfer, forward_transfer
+from music.experiments.common import Data
 
 SPLIT_MNIST_METHODS = {"None": [], "Joint": ["split_mnist_joint"], "EWC": ["ewc"], "Online EWC": ["online_ewc"],
                        "SI": ["si"], "LwF": ["lwf"], "Replay (100/class)": ["replay"]}
@@ -72,7 +73,7 @@ class ContinualStudy:
         tasks: the protocol's tasks (class sets) the runs are scored on, in training order.
         overrides: more ``music fit`` arguments for every run (e.g. a shorter protocol); the
             table lists them, so a deviation from the protocol is stated where it is reported.
-        data_dir: the dataset's folder (torchvision layout); never downloaded.
+        data: where the dataset is (``--data.data_dir``), as for every experiment.
         runs_dir: where the runs' logs go; a run whose ``result.json`` exists is not run again.
         output: the table's path without suffix (``.md``, ``.csv``, ``.png`` are written).
         title: the table's heading.
@@ -90,7 +91,7 @@ class ContinualStudy:
     def __init__(self, protocol: list[str] = ["split_mnist"], methods: dict[str, list[str]] = SPLIT_MNIST_METHODS,
                  scenarios: list[str] = ["class", "task"], seeds: list[int] = [0, 1, 2, 3, 4],
                  tasks: list[list[int]] = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], overrides: list[str] = [],
-                 data_dir: str = "data", runs_dir: str = "runs/continual", output: str = "results/split_mnist",
+                 data: Data = Data(), runs_dir: str = "runs/continual", output: str = "results/split_mnist",
                  title: str = "Split-MNIST", threads: int = 1, keep_checkpoints: bool = False,
                  pretrain: list[str] = [], pretrained_on: str = "remaining", pretrain_overrides: list[str] = [],
                  report_only: bool = False) -> None:
@@ -106,10 +107,11 @@ class ContinualStudy:
         for deltas in [protocol, pretrain, *methods.values()]:
             for name in deltas:
                 _config_path(name)  # an unknown method or protocol config fails here, before any run
-        if not os.path.isdir(data_dir):
-            raise FileNotFoundError(f"data_dir={os.path.abspath(data_dir)!r} does not exist.")
+        if not data.download and not os.path.isdir(data.data_dir):
+            raise FileNotFoundError(f"data.data_dir={os.path.abspath(data.data_dir)!r} does not exist (and data.download "
+                                    "is false).")
         self.protocol, self.methods, self.scenarios, self.seeds = list(protocol), dict(methods), list(scenarios), list(seeds)
-        self.tasks, self.overrides, self.data_dir, self.runs_dir = tasks, list(overrides), data_dir, runs_dir
+        self.tasks, self.overrides, self.data, self.runs_dir = tasks, list(overrides), data, runs_dir
         self.output, self.title, self.threads, self.keep_checkpoints = output, title, threads, keep_checkpoints
         self.pretrain, self.pretrained_on, self.pretrain_overrides = list(pretrain), pretrained_on, list(pretrain_overrides)
         self.report_only = report_only
@@ -128,7 +130,7 @@ class ContinualStudy:
         from music.cli import lightning
 
         args = ["fit", *(a for c in configs for a in ("--config", c)), "--seed_everything", str(seed),
-                "--data.data_dir", self.data_dir, "--data.download", "false",
+                "--data.data_dir", self.data.data_dir, "--data.download", str(self.data.download).lower(),
                 "--trainer.logger.init_args.save_dir", self.runs_dir, "--trainer.logger.init_args.name", name,
                 "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", *self.overrides, *extra]

@@ -19,7 +19,7 @@ phases, learning rate and seed filled in:
 Cells are Dask tasks: each seed's pretraining is a task and its fine-tuning cells depend on it.
 By default they run on an in-process ``LocalCluster`` (one single-threaded worker process per
 core); ``--study.scheduler tcp://host:8786`` runs them on any Dask cluster, whose workers reach
-``runs_dir`` and ``data_dir`` at the same paths (a shared directory). A cell's files go to
+``study.runs_dir`` and ``data.data_dir`` at the same paths (a shared directory). A cell's files go to
 ``<runs_dir>/seed_<s>/<cell>/`` (``--run_dir``: phase snapshots, ``phase_metrics.json``,
 accuracy matrix, ``config.yaml``, ``cell.log``); the logger (``study.logger``, any Lightning
 logger) only logs. A finished cell is a row in the study database (``study_db``), written in
@@ -50,6 +50,7 @@ import yaml
 
 from music.callbacks import START
 from music.experiments import study_db
+from music.experiments.common import Data
 
 
 @dataclass
@@ -99,7 +100,6 @@ class Grid:
             ``remaining`` has none and each task is a class the pretrained model never saw.
         split_seed_follows_seed: each seed also draws its own held-out samples.
         limit_train_batches: batches per epoch (smoke grids); null: all.
-        data_dir: the MNIST root (downloaded if missing); a path every worker can read.
         runs_dir: the study folder: run directories and the default database. Remote workers
             must see it at the same path (a shared directory, e.g. NFS).
         out: where the report (``REPORT.md``, figures, CSV files) goes.
@@ -129,7 +129,6 @@ class Grid:
     samples_per_class: int | Literal["all"] | None = None
     split_seed_follows_seed: bool = True
     limit_train_batches: int | None = None
-    data_dir: str = "data"
     runs_dir: str = "study_runs"
     out: str = "results"
     workers: int | None = None
@@ -276,7 +275,7 @@ def cell_logger(grid: Grid, cell: Cell) -> dict:
     return {"class_path": logger["class_path"], "init_args": given | filled}
 
 
-def cell_config(grid: Grid, cell: Cell) -> dict:
+def cell_config(grid: Grid, data: Data, cell: Cell) -> dict:
     """The delta over the shipped config ``cell.config``: phases, seed, learning rate, data, logger."""
     trainer: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False,
                                "accelerator": grid.accelerator, "logger": cell_logger(grid, cell)}
@@ -287,15 +286,15 @@ def cell_config(grid: Grid, cell: Cell) -> dict:
         model["init_from"] = str(pretrained_checkpoint(grid, cell.seed))
     if cell.method:
         model["pretrained_on"] = "remaining"  # the methods protect what pretraining learned, as an earlier task
-    data = {"data_dir": grid.data_dir, "download": True, "log_eda": False,  # many cells, one data set
-            "held_out_classes": grid.held_out_classes,
-            "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "replay_size": cell.replay_size}
+    split = {"data_dir": data.data_dir, "download": data.download, "log_eda": False,  # many cells, one data set
+             "held_out_classes": grid.held_out_classes,
+             "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "replay_size": cell.replay_size}
     if grid.samples_per_class is not None:
-        data["samples_per_class"] = grid.samples_per_class
+        split["samples_per_class"] = grid.samples_per_class
     # figures: the report draws them from all cells at once
     return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases, "log_figures": False},
             "model": model,
-            "data": data}
+            "data": split}
 
 
 @contextlib.contextmanager
@@ -318,7 +317,7 @@ def _output_to(path: Path):
             os.close(fd)
 
 
-def run_cell(grid: Grid, cell: Cell, *after: Any) -> dict:
+def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
     """Run one cell (``music fit`` in this process) and store it in the database; a cell
     stored already is not run again, an interrupted one resumes from its ``last.ckpt``.
     ``after``: the results this cell waits for (its seed's pretraining)."""
@@ -335,7 +334,7 @@ def run_cell(grid: Grid, cell: Cell, *after: Any) -> dict:
     run_dir = cell_dir(grid, cell)
     run_dir.mkdir(parents=True, exist_ok=True)
     delta = run_dir / "cell.yaml"
-    delta.write_text(yaml.safe_dump(cell_config(grid, cell), sort_keys=False))
+    delta.write_text(yaml.safe_dump(cell_config(grid, data, cell), sort_keys=False))
     method = ["--config", cell.method] if cell.method else []
     args = ["fit", "--config", cell.config, *method, "--config", str(delta), "--run_dir", str(run_dir)]
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -424,7 +423,8 @@ def dask_client(grid: Grid):
     # pretraining cell without it (docs/study.md). The workers take this config from here.
     with dask.config.set({"distributed.worker.profile.enabled": False}), \
             LocalCluster(n_workers=grid.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                         dashboard_address=None, resources=resources) as cluster, Client(cluster) as client:
+                         # the scheduler's HTTP endpoints (health, metrics) on a free port: 8787 may be taken
+                         dashboard_address=":0", resources=resources) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -435,14 +435,15 @@ def priority(cell: Cell) -> int:
     return 1000 * (2 - {"pretrain": 1, "joint": 2}.get(cell.kind, 0)) - cell.seed
 
 
-def run_grid(grid: Grid, log=print) -> dict:
+def run_grid(grid: Grid, data: Data, log=print) -> dict:
     """Run every unfinished cell on Dask and return ``{"ran", "skipped", "failed", "seconds"}``.
     Bad settings, database or scheduler fail before any cell runs."""
     from distributed import as_completed
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
-    grid = replace(grid, runs_dir=str(Path(grid.runs_dir).resolve()), data_dir=str(Path(grid.data_dir).resolve()))
+    grid = replace(grid, runs_dir=str(Path(grid.runs_dir).resolve()))
+    data = replace(data, data_dir=str(Path(data.data_dir).resolve()))  # every worker reads it at this path
     cells = plan(grid)
     if grid.db is None:
         Path(grid.runs_dir).mkdir(parents=True, exist_ok=True)
@@ -453,7 +454,7 @@ def run_grid(grid: Grid, log=print) -> dict:
     with dask_client(grid) as client:
         Path(grid.runs_dir).mkdir(parents=True, exist_ok=True)
         (Path(grid.runs_dir) / "grid.json").write_text(
-            json.dumps({"settings": asdict(grid), "cells": [asdict(c) for c in cells]}, indent=1))
+            json.dumps({"settings": asdict(grid), "data": asdict(data), "cells": [asdict(c) for c in cells]}, indent=1))
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         log(f"{len(cells)} cells, {len(done)} already done, {len(todo)} to run on {workers} Dask workers "
             f"({grid.scheduler or 'local cluster'}); results in {grid.db_url}")
@@ -462,7 +463,7 @@ def run_grid(grid: Grid, log=print) -> dict:
         futures = {}
         for cell in todo:
             after = [pretrained[cell.seed]] if cell.needs_pretrained and cell.seed in pretrained else []
-            future = client.submit(run_cell, grid, cell, *after, key=f"{cell.label}-{fingerprint(grid, cell)}",
+            future = client.submit(run_cell, grid, data, cell, *after, key=f"{cell.label}-{fingerprint(grid, cell)}",
                                    priority=priority(cell), resources=resources, pure=False)
             if cell.kind == "pretrain":
                 pretrained[cell.seed] = future
@@ -490,6 +491,8 @@ class Study:
 
     Args:
         study: the grid, its cluster and its database.
+        data: where MNIST is (``--data.data_dir``; downloaded if missing and ``download``): a
+            path every worker can read.
         quick: run a smoke version of the grid instead (see ``Grid.quick``).
         report_only: only (re)write the report from the database.
         query: an SQL query on the study database; its result is printed and nothing runs
@@ -497,8 +500,10 @@ class Study:
             GROUP BY ordering``).
     """
 
-    def __init__(self, study: Grid, quick: bool = False, report_only: bool = False, query: str | None = None) -> None:
+    def __init__(self, study: Grid, data: Data = Data(), quick: bool = False, report_only: bool = False,
+                 query: str | None = None) -> None:
         self.grid = study.quick() if quick else study
+        self.data = data
         self.report_only = report_only
         self.query = query
 
@@ -511,10 +516,10 @@ class Study:
             return {"columns": columns, "rows": rows}
         result = {"ran": [], "skipped": [], "failed": {}, "seconds": None}
         if not self.report_only:
-            result = run_grid(self.grid)
+            result = run_grid(self.grid, self.data)
         from music.experiments.study_report import write_report
 
-        print(f"report: {write_report(self.grid)}")
+        print(f"report: {write_report(self.grid, self.data)}")
         if result["failed"]:
             print(f"{len(result['failed'])} cells failed:\n" + "\n".join(f"  {k}: {v}" for k, v in result["failed"].items()),
                   file=sys.stderr)

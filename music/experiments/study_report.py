@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from music.experiments import study_db
+from music.experiments.common import Data
 from music.experiments.study import Cell, Grid as Settings, method_name, plan
 from music.plots import pyplot
 
@@ -354,7 +355,7 @@ def write_csvs(records: list[dict], out: Path) -> None:
                                  *(_num(row.get(f"acc_{c}")) for c in range(10)), _num(row["acc"])])
 
 
-def write_report(settings: Settings) -> Path:
+def write_report(settings: Settings, data: Data) -> Path:
     out = Path(settings.out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -370,7 +371,7 @@ def write_report(settings: Settings) -> Path:
     plot_forgetting(records, settings, figures / "forgetting_per_class.png")
     plot_lr(records, settings, figures / "accuracy_vs_lr.png")
     plot_confusions(records, settings, figures / "confusion_matrices.png")
-    eda = _eda(settings, out / "eda")
+    eda = _eda(settings, data, out / "eda")
     cell_seconds = sum(r["seconds"] for r in records)
     wall = " + ".join(f"{t['seconds'] / 60:.1f} min ({t['ran']} cells run, {t['skipped']} skipped, {t['workers']} Dask "
                       f"workers, {'local cluster' if t['scheduler'] == 'local' else 'scheduler ' + t['scheduler']})"
@@ -471,11 +472,11 @@ def write_report(settings: Settings) -> Path:
     return out / "REPORT.md"
 
 
-def _eda(settings: Settings, out: Path) -> dict[str, list[int]]:
+def _eda(settings: Settings, data: Data, out: Path) -> dict[str, list[int]]:
     from music.data import MusicDataModule
     from music.eda import class_counts, write_pngs
 
-    datamodule = MusicDataModule(data_dir=settings.data_dir, download=False, held_out_classes=settings.held_out_classes,
+    datamodule = MusicDataModule(data_dir=data.data_dir, download=False, held_out_classes=settings.held_out_classes,
                                  split_seed=settings.seeds[0] if settings.split_seed_follows_seed else 0,
                                  replay_size=settings.replay_size,
                                  **({} if settings.samples_per_class is None else {"samples_per_class": settings.samples_per_class}))
