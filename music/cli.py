@@ -109,6 +109,13 @@ class MusicCLI(LightningCLI):
     (``schedule``, ``checkpoint``), so a config delta can change the phases without repeating
     the callback list."""
 
+    @classmethod
+    def only(cls, subcommand: str) -> type[MusicCLI]:
+        """The CLI with the parser of ``subcommand`` alone: building all four costs a few
+        tenths of a second more on every run (docs/speed.md)."""
+        chosen = {subcommand: LightningCLI.subcommands()[subcommand]}
+        return type(cls.__name__, (cls,), {"subcommands": staticmethod(lambda: chosen)})
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SequentialFineTuning, "schedule")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -209,13 +216,15 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     base = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": False}
     if not run and args and args[0] in LIGHTNING_SUBCOMMANDS:
         args = args[1:]
+    subcommands = [args[0]] if run and args and args[0] in LIGHTNING_SUBCOMMANDS else list(LIGHTNING_SUBCOMMANDS)
+    cli = MusicCLI.only(subcommands[0]) if len(subcommands) == 1 else MusicCLI
     try:
-        return MusicCLI(
+        return cli(
             Classifier,
             MusicDataModule,
             save_config_callback=SaveConfigToRunDir,
             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # a resumed run writes its config again
-            parser_kwargs={"exit_on_error": False, **{sub: dict(base) for sub in LIGHTNING_SUBCOMMANDS}} if run else base,
+            parser_kwargs={"exit_on_error": False, **{sub: dict(base) for sub in subcommands}} if run else base,
             args=resolve_configs(args),
             run=run,
         )
