@@ -1,5 +1,5 @@
-"""What the per-evaluation figures cost: the confusion-matrix figure as drawn before
-``music.figures`` (counts only, ``tight_layout``) against ``confusion_matrix_figure``, and the
+"""What the per-evaluation figures cost: a baseline confusion matrix (counts only, laid out
+with ``tight_layout``) against ``confusion_matrix_figure``, and the
 accuracy-matrix heat map, each rendered into a TensorBoard event file as a fit does.
 
     python scripts/bench_figures.py --rounds 7
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows = ["start", "pretrain", "class_3", "class_4", "class_7"]
     matrix = torch.rand(len(rows), 10, generator=generator).tolist()
 
-    def previous(writer: SummaryWriter, step: int) -> None:
+    def baseline(writer: SummaryWriter, step: int) -> None:
         fig, ax = plt.subplots(figsize=(6, 6))
         ax.imshow(confusion, cmap="Blues")
         half = int(confusion.max()) / 2
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > half else "black")
         ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10))
         fig.tight_layout()
-        writer.add_figure("previous", fig, global_step=step)
+        writer.add_figure("baseline", fig, global_step=step)
 
     def confusion_figure(writer: SummaryWriter, step: int) -> None:
         title = "seq/version_0: after class_3, step 90060 (acc 0.951)"
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         writer.add_figure("accuracy", accuracy_matrix_figure(rows, matrix, "seq/version_0: test accuracy per class"),
                           global_step=step)
 
-    drawers = [previous, confusion_figure, accuracy_figure]
+    drawers = [baseline, confusion_figure, accuracy_figure]
     times: dict[str, list[float]] = {d.__name__: [] for d in drawers}
     with tempfile.TemporaryDirectory() as log_dir:
         writer = SummaryWriter(log_dir)

@@ -80,6 +80,13 @@ def group_key(cell: Cell) -> str:
     return f"method:{cell.method}" if cell.kind == "method" else cell.kind
 
 
+def orderings_label(settings: Settings, of: bool = False) -> str:
+    """``3→4→7`` for a grid of one ordering, ``all 6 orderings`` (``... of [3, 4, 7]``) otherwise."""
+    if len(settings.orderings) == 1:
+        return "→".join(map(str, settings.orderings[0]))
+    return f"all {len(settings.orderings)} orderings" + (f" of {settings.held_out_classes}" if of else "")
+
+
 def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict]]]:
     """Reference points and, per learning rate, merged / sequential (all orderings) / replay /
     each method."""
@@ -90,11 +97,10 @@ def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict
     out = [("pretrained", by[("pretrain", None)]), ("joint (all training data)", by[("joint", None)])]
     for lr in settings.lrs:
         out += [(f"merged, lr {lr:g}", by[("merged", lr)]),
-                (f"sequential (all {len(settings.orderings)} orderings), lr {lr:g}", by[("seq", lr)])]
+                (f"sequential ({orderings_label(settings)}), lr {lr:g}", by[("seq", lr)])]
+        first = "→".join(map(str, settings.orderings[0]))  # replay and method cells train in the first ordering
         if settings.replay_size:
-            out.append((f"sequential + replay {settings.replay_size} ({order_name(by[('replay', lr)][0]['cell']) if by[('replay', lr)] else ''}), lr {lr:g}",
-                        by[("replay", lr)]))
-        first = "→".join(map(str, settings.orderings[0]))
+            out.append((f"sequential + replay {settings.replay_size} ({first}), lr {lr:g}", by[("replay", lr)]))
         out += [(f"sequential + {method_name(m)} ({first}), lr {lr:g}", by[(f"method:{m}", lr)]) for m in settings.methods]
     return out
 
@@ -390,7 +396,7 @@ def write_report(settings: Settings, data: Data) -> Path:
         "reused by every cell of that seed."
         + (" Each seed also draws its own held-out samples (`split_seed` = seed)." if s.split_seed_follows_seed else ""),
         f"- Fine-tuning from that checkpoint, {s.finetune_epochs} epochs per phase, a fresh Adam per phase, learning rates "
-        f"{', '.join(f'{lr:g}' for lr in s.lrs)}: sequential in all {len(s.orderings)} orderings of {s.held_out_classes}, "
+        f"{', '.join(f'{lr:g}' for lr in s.lrs)}: sequential in {orderings_label(s, of=True)}, "
         f"merged, and sequential ({'→'.join(map(str, s.orderings[0]))}) with a replay buffer of {s.replay_size} `remaining` samples "
         "(seeded, fixed) mixed into each phase. Joint: trained from scratch on the whole training set "
         f"(60,000) for {s.joint_epochs or s.pretrain_epochs} epochs — the upper bound.",
