@@ -170,7 +170,7 @@ def ordering_table(records: list[dict], settings: Settings) -> list[str]:
     return lines
 
 
-def statement(records: list[dict], settings: Settings) -> list[str]:
+def statement(records: list[dict], settings: Settings, train_size: int) -> list[str]:
     """When does sequential beat merged? Counted from the paired cells, in plain words."""
     diffs = comparisons(records, settings)
     lines = []
@@ -212,7 +212,7 @@ def statement(records: list[dict], settings: Settings) -> list[str]:
     joint = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "joint"]
     if joint and pretrained:
         relation = "above" if statistics.mean(joint) > statistics.mean(pretrained) else "below"
-        lines.append(f"- **Joint** ({settings.joint_epochs or settings.pretrain_epochs} epochs on all 60,000 training "
+        lines.append(f"- **Joint** ({settings.joint_epochs or settings.pretrain_epochs} epochs on all {train_size:,} training "
                      f"samples): {fmt(joint)}, {relation} the pretrained model ({fmt(pretrained)}, "
                      f"{settings.pretrain_epochs} epochs without the held-out samples)"
                      + ("; with fewer epochs than pretraining it is not a true upper bound here."
@@ -378,6 +378,7 @@ def write_report(settings: Settings, data: Data) -> Path:
     plot_lr(records, settings, figures / "accuracy_vs_lr.png")
     plot_confusions(records, settings, figures / "confusion_matrices.png")
     eda = _eda(settings, data, out / "eda")
+    train_size, test_size = sum(eda["train"]), sum(eda["test"])
     cell_seconds = sum(r["seconds"] for r in records)
     wall = " + ".join(f"{t['seconds'] / 60:.1f} min ({t['ran']} cells run, {t['skipped']} skipped, {t['workers']} Dask "
                       f"workers, {'local cluster' if t['scheduler'] == 'local' else 'scheduler ' + t['scheduler']})"
@@ -399,12 +400,12 @@ def write_report(settings: Settings, data: Data) -> Path:
         f"{', '.join(f'{lr:g}' for lr in s.lrs)}: sequential in {orderings_label(s, of=True)}, "
         f"merged, and sequential ({'→'.join(map(str, s.orderings[0]))}) with a replay buffer of {s.replay_size} `remaining` samples "
         "(seeded, fixed) mixed into each phase. Joint: trained from scratch on the whole training set "
-        f"(60,000) for {s.joint_epochs or s.pretrain_epochs} epochs — the upper bound.",
+        f"({train_size:,}) for {s.joint_epochs or s.pretrain_epochs} epochs — the upper bound.",
         *([f"- Held-out samples per class: {s.samples_per_class}"
            + (" — every training sample of the held-out classes, so `remaining` has none of them and each task is a "
               "class the pretrained model has never seen." if s.samples_per_class == "all" else ".")]
           if s.samples_per_class is not None else []),
-        f"- Test set: the full 10,000-image MNIST test set after every phase. Cells finished: {len(records)}/{len(planned)}."
+        f"- Test set: the full {test_size:,}-image MNIST test set after every phase. Cells finished: {len(records)}/{len(planned)}."
         + (f" Training limited to {s.limit_train_batches} batches an epoch (quick mode)." if s.limit_train_batches else ""),
         f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
         f"{platform.system()}, {os.cpu_count()} CPU cores; {s.threads} torch thread(s) per cell; cells ran on "
@@ -417,7 +418,7 @@ def write_report(settings: Settings, data: Data) -> Path:
         "Paired by seed: each ordering's final test accuracy against the merged model fine-tuned from the same "
         "checkpoint at the same learning rate.",
         "",
-        *statement(records, settings),
+        *statement(records, settings, train_size),
         "",
         "## Reference points (mean ± std over cells)",
         "",
