@@ -377,7 +377,7 @@ def write_report(settings: Settings, data: Data) -> Path:
     plot_forgetting(records, settings, figures / "forgetting_per_class.png")
     plot_lr(records, settings, figures / "accuracy_vs_lr.png")
     plot_confusions(records, settings, figures / "confusion_matrices.png")
-    eda = _eda(settings, data, out / "eda")
+    eda = _eda(settings, data, out / "study_eda")  # beside, not over, what `music eda` writes to <out>/eda
     train_size, test_size = sum(eda["train"]), sum(eda["test"])
     cell_seconds = sum(r["seconds"] for r in records)
     wall = " + ".join(f"{t['seconds'] / 60:.1f} min ({t['ran']} cells run, {t['skipped']} skipped, {t['workers']} Dask "
@@ -468,11 +468,11 @@ def write_report(settings: Settings, data: Data) -> Path:
         "|---|---:|---|",
         *(f"| {name} | {sum(counts):,} | {' '.join(map(str, counts))} |" for name, counts in eda.items()),
         "",
-        "![class counts](eda/class_counts.png)",
+        "![class counts](study_eda/class_counts.png)",
         "",
-        "Random samples of the merged split (the other splits: `eda/samples_<split>.png`):",
+        "Random samples of the merged split (the other splits: `study_eda/samples_<split>.png`):",
         "",
-        "![merged samples](eda/samples_merged.png)",
+        "![merged samples](study_eda/samples_merged.png)",
         "",
     ]
     (out / "REPORT.md").write_text("\n".join(text))
