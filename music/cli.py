@@ -216,8 +216,9 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     base = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": False}
     if not run and args and args[0] in LIGHTNING_SUBCOMMANDS:
         args = args[1:]
-    subcommands = [args[0]] if run and args and args[0] in LIGHTNING_SUBCOMMANDS else list(LIGHTNING_SUBCOMMANDS)
-    cli = MusicCLI.only(subcommands[0]) if len(subcommands) == 1 else MusicCLI
+    asked = args[0] if run and args and args[0] in LIGHTNING_SUBCOMMANDS else None
+    subcommands = [asked] if asked else list(LIGHTNING_SUBCOMMANDS)
+    cli = MusicCLI.only(asked) if asked else MusicCLI
     try:
         return cli(
             Classifier,

@@ -105,10 +105,10 @@ def run_name(logger) -> str:
 def log_figure(loggers, tag: str, fig, step: int) -> None:
     """A figure for every logger (one or a list) that takes images: TensorBoard's Images tab,
     MLflow, W&B (``music.plots.log_figure``); the figure is closed."""
-    from music.plots import image_loggers, pyplot
     from music.plots import log_figure as to_image_loggers
+    from music.plots import pyplot
 
-    to_image_loggers(image_loggers(loggers if isinstance(loggers, list) else [loggers]), tag, fig, step)
+    to_image_loggers(loggers, tag, fig, step)
     pyplot().close(fig)
 
 

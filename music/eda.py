@@ -90,7 +90,7 @@ def log_eda(datamodule: MusicDataModule, loggers) -> None:
     images (``music.plots.log_figure``: TensorBoard's Images tab, MLflow, W&B)."""
     from music.plots import image_loggers, log_figure
 
-    loggers = image_loggers(loggers if isinstance(loggers, list) else [loggers])
+    loggers = image_loggers(loggers)
     if loggers:  # nothing is drawn for a run whose loggers take no images
         for name, image in figures(datamodule):
             log_figure(loggers, f"eda/{name}", image, step=0)

@@ -68,9 +68,10 @@ def as_array(image):
 
 
 def image_loggers(loggers) -> list:
-    """The loggers among ``loggers`` that take figures: TensorBoard, MLflow, W&B."""
+    """The loggers among ``loggers`` (one logger or a list) that take figures: TensorBoard,
+    MLflow, W&B."""
     names = ("TensorBoardLogger", "MLFlowLogger", "WandbLogger")
-    return [logger for logger in loggers if type(logger).__name__ in names]
+    return [logger for logger in (loggers if isinstance(loggers, list) else [loggers]) if type(logger).__name__ in names]
 
 
 def log_figure(loggers, tag: str, fig, step: int) -> None:

@@ -71,7 +71,12 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 
 def order_name(cell: Cell) -> str:
-    return "→".join(map(str, cell.ordering)) if cell.ordering else ""
+    return arrow(cell.ordering) if cell.ordering else ""
+
+
+def arrow(ordering) -> str:
+    """``[3, 4, 7]`` -> ``3→4→7``, as the report names an ordering."""
+    return "→".join(map(str, ordering))
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def group_key(cell: Cell) -> str:
 def orderings_label(settings: Settings, of: bool = False) -> str:
     """``3→4→7`` for a grid of one ordering, ``all 6 orderings`` (``... of [3, 4, 7]``) otherwise."""
     if len(settings.orderings) == 1:
-        return "→".join(map(str, settings.orderings[0]))
+        return arrow(settings.orderings[0])
     return f"all {len(settings.orderings)} orderings" + (f" of {settings.held_out_classes}" if of else "")
 
 
@@ -98,7 +103,7 @@ def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict
     for lr in settings.lrs:
         out += [(f"merged, lr {lr:g}", by[("merged", lr)]),
                 (f"sequential ({orderings_label(settings)}), lr {lr:g}", by[("seq", lr)])]
-        first = "→".join(map(str, settings.orderings[0]))  # replay and method cells train in the first ordering
+        first = arrow(settings.orderings[0])  # replay and method cells train in the first ordering
         if settings.replay_size:
             out.append((f"sequential + replay {settings.replay_size} ({first}), lr {lr:g}", by[("replay", lr)]))
         out += [(f"sequential + {method_name(m)} ({first}), lr {lr:g}", by[(f"method:{m}", lr)]) for m in settings.methods]
@@ -159,7 +164,7 @@ def ordering_table(records: list[dict], settings: Settings) -> list[str]:
              + " | ".join(f"lr {lr:g}: wins vs merged" for lr in settings.lrs) + " |",
              "|---|" + "---:|" * (2 * len(settings.lrs))]
     for ordering in settings.orderings:
-        name = "→".join(map(str, ordering))
+        name = arrow(ordering)
         accs = [fmt([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "seq" and r["cell"].lr == lr
                      and r["cell"].ordering == ordering]) for lr in settings.lrs]
         wins = [f"{sum(d > 0 for d in diffs[lr].get(name, []))}/{len(diffs[lr].get(name, []))}" for lr in settings.lrs]
@@ -236,7 +241,7 @@ def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
             if not rs:
                 continue
             acc = np.array([[float(row["acc"]) for row in r["rows"]] for r in rs])
-            label = "→".join(map(str, ordering)) + (f" + replay {settings.replay_size}" if kind == "replay" else "")
+            label = arrow(ordering) + (f" + replay {settings.replay_size}" if kind == "replay" else "")
             line, = ax.plot(range(acc.shape[1]), acc.mean(0), marker="o", label=label,
                             linestyle="--" if kind == "replay" else "-", linewidth=2.5 if kind == "replay" else 1.5)
             ax.fill_between(range(acc.shape[1]), acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0),
@@ -312,7 +317,7 @@ def plot_confusions(records: list[dict], settings: Settings, path: Path) -> None
     for lr in settings.lrs:
         first = settings.orderings[0]
         panels += [(f"merged, lr {lr:g}", lambda c, lr=lr: c.kind == "merged" and c.lr == lr),
-                   (f"seq {'→'.join(map(str, first))}, lr {lr:g}", lambda c, lr=lr, o=first: c.kind == "seq" and c.lr == lr and c.ordering == o),
+                   (f"seq {arrow(first)}, lr {lr:g}", lambda c, lr=lr, o=first: c.kind == "seq" and c.lr == lr and c.ordering == o),
                    (f"replay, lr {lr:g}", lambda c, lr=lr: c.kind == "replay" and c.lr == lr)]
     panels = [(t, [r["confusion"] for r in records if match(r["cell"])]) for t, match in panels]
     panels = [(t, sum(ms)) for t, ms in panels if ms]
@@ -398,7 +403,7 @@ def write_report(settings: Settings, data: Data) -> Path:
         + (" Each seed also draws its own held-out samples (`split_seed` = seed)." if s.split_seed_follows_seed else ""),
         f"- Fine-tuning from that checkpoint, {s.finetune_epochs} epochs per phase, a fresh Adam per phase, learning rates "
         f"{', '.join(f'{lr:g}' for lr in s.lrs)}: sequential in {orderings_label(s, of=True)}, "
-        f"merged, and sequential ({'→'.join(map(str, s.orderings[0]))}) with a replay buffer of {s.replay_size} `remaining` samples "
+        f"merged, and sequential ({arrow(s.orderings[0])}) with a replay buffer of {s.replay_size} `remaining` samples "
         "(seeded, fixed) mixed into each phase. Joint: trained from scratch on the whole training set "
         f"({train_size:,}) for {s.joint_epochs or s.pretrain_epochs} epochs — the upper bound.",
         *([f"- Held-out samples per class: {s.samples_per_class}"
@@ -432,7 +437,7 @@ def write_report(settings: Settings, data: Data) -> Path:
         "",
         *ordering_table(records, settings),
         "",
-        *([f"## What keeps forgetting down ({'→'.join(map(str, s.orderings[0]))}, mean ± std over seeds)",
+        *([f"## What keeps forgetting down ({arrow(s.orderings[0])}, mean ± std over seeds)",
            "",
            "Each method is a config delta over the sequential cells (`music fit --config seq_finetune --config "
            "<method>`), told that the model was pretrained on `remaining`, so that it protects pretraining as an "
