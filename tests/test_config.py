@@ -12,7 +12,7 @@ from conftest import REPO
 
 import music.config
 from music.cli import main
-from music.config import CONFIG_DIR, config_path, resolve_configs, shipped_config, shipped_names
+from music.config import CONFIG_DIR, GROUPS, config_path, resolve_configs, shipped_config, shipped_names
 from music.experiments import EXPERIMENTS
 
 
@@ -32,8 +32,19 @@ def test_the_configs_sit_in_their_groups():
     names = shipped_names()
     assert {"base", "seq", "seq_finetune", "lora", "methods/ewc", "merge/negation_3", "merge/evaluate",
             "experiments/continual", "experiments/taskvectors"} <= set(names)
-    assert not [n for n in names if n.startswith(("merge/merge_", "music_methods"))]
     assert all(n.count("/") <= 1 for n in names)
+
+
+def test_every_group_is_resolved_and_packaged():
+    """A folder of ``configs/`` that ``GROUPS`` or the wheel's package list leaves out would be
+    missing from group-less names or from an installed ``music``."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    folders = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(GROUPS)
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["music.configs"] == "configs"
+    for package in ["music.configs", *(f"music.configs.{g}" for g in GROUPS)]:
+        assert package in setuptools["packages"] and setuptools["package-data"][package] == ["*.yaml"]
 
 
 def test_each_experiment_reads_the_config_named_after_its_command():
