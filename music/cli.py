@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from music.callbacks import SequentialFineTuning
 from music.rundir import RunDirectory, run_dir
 from music.checkpoint import AtomicCheckpointIO
-from music.config import BASE_CONFIG, CONFIG_DIR, resolve_configs, shipped_names
+from music.config import BASE_CONFIG, CONFIG_DIR, GROUPS, resolve_configs, shipped_names
 from music.data import MusicDataModule
 from music.module import Classifier
 
@@ -210,8 +210,13 @@ def usage() -> str:
              "  test       evaluate on the test set (--ckpt_path or --model.init_from)",
              "  predict    predict on the test set", "", "Experiments:"]
     lines += [f"  {name:<18} {experiment.summary}" for name, experiment in EXPERIMENTS.items()]
-    lines += ["", f"Shipped configs ({CONFIG_DIR}; a name, with or without its group if unambiguous): "
-              + ", ".join(shipped_names()),
+    names = shipped_names()
+    lines += ["", f"Shipped configs ({CONFIG_DIR}), by --config name; the group may be left out where no other "
+                  "group has the name, and ./NAME.yaml is a local file:",
+              "  " + ", ".join(n for n in names if "/" not in n)]
+    lines += [f"  {group}/: " + ", ".join(n.split("/", 1)[1] for n in names if n.startswith(f"{group}/"))
+              for group in GROUPS]
+    lines += ["  (experiments/<experiment> is read before any --config of `music <experiment>`)",
               "`music <subcommand> --help` lists every setting with its documentation."]
     return "\n".join(lines)
 

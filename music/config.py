@@ -35,6 +35,8 @@ def shipped_names() -> list[str]:
 def _shipped(name: str) -> Path | None:
     """The shipped file ``name`` means, or None; a group-less name held by two groups is refused."""
     stem = name.removesuffix(".yaml")
+    if os.path.isabs(stem) or ".." in Path(stem).parts:  # a path, never a name
+        return None
     path = CONFIG_DIR / f"{stem}.yaml"
     if path.is_file():
         return path

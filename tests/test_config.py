@@ -121,3 +121,11 @@ def test_the_config_module_imports_nothing_of_music_above_it():
     code = "import sys, music.config; print(sorted(m for m in sys.modules if m.startswith('music')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['music', 'music.config']"
+
+
+def test_help_lists_the_shipped_configs_by_group(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert str(CONFIG_DIR) in out
+    assert "  methods/: ewc, lwf, online_ewc, replay, si" in out
+    assert all(f"{n.split('/')[-1]}" in out for n in shipped_names())
