@@ -21,7 +21,7 @@ from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
 # a wheel installs them into the package; a checkout (plain or editable) keeps them beside it
-CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
+CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs" / "base.yaml").is_file() else _PACKAGE.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 GROUPS = ("methods", "merge", "experiments")
 _EXPLICIT_PREFIXES = ("./", "../", "~", ".\\", "..\\")
@@ -68,8 +68,8 @@ def config_path(value: str) -> str:
     local = os.path.isfile(value)
     if shipped is not None and local and not os.path.samefile(value, shipped):
         raise ValueError(f"--config {value!r} names both the shipped config {str(shipped)!r} and the local file "
-                                f"{os.path.abspath(value)!r}: write ./{value} for the local file (or another explicit path), "
-                                "or the shipped file's path for the shipped one.")
+                         f"{os.path.abspath(value)!r}: write ./{value} for the local file (or another explicit path), "
+                         "or the shipped file's path for the shipped one.")
     if shipped is not None:
         return str(shipped)
     if os.path.exists(value):
