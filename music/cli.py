@@ -3,9 +3,9 @@
 ``music fit | validate | test | predict`` is LightningCLI over ``Classifier`` and
 ``MusicDataModule``; ``music <experiment>`` runs one of ``music.experiments``. Both read the same
 config language: YAML through jsonargparse, ``--config`` repeatable (a shipped config by name,
-e.g. ``--config seq``, or any path), dotted overrides, ``--print_config``, ``--help``. The
-Lightning subcommands start from ``configs/base.yaml``, so a shipped config holds only what
-differs from it.
+e.g. ``--config seq`` or ``--config methods/ewc``, or any path; see ``music.config``), dotted
+overrides, ``--print_config``, ``--help``. The Lightning subcommands start from
+``configs/base.yaml``, so a shipped config holds only what differs from it.
 
 Bad input ends in one line, ``error: ...`` on stderr, exit code 2; ``--debug`` (or
 ``MUSIC_DEBUG=1``) shows the traceback instead.
@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Trainer
@@ -30,11 +29,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from music.callbacks import SequentialFineTuning
 from music.rundir import RunDirectory, run_dir
 from music.checkpoint import AtomicCheckpointIO
+from music.config import BASE_CONFIG, CONFIG_DIR, GROUPS, resolve_configs, shipped_names
 from music.data import MusicDataModule
 from music.module import Classifier
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-BASE_CONFIG = CONFIG_DIR / "base.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Errors that mean "the input is wrong", reported in one line; anything else is a bug and
 # keeps its traceback.
@@ -61,37 +59,6 @@ class UsageError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
-
-
-def shipped_config(name: str) -> Path:
-    """``seq`` -> ``music/configs/seq.yaml``; a name that is no shipped config is refused."""
-    path = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"--config {name!r} is neither a file nor a shipped config: shipped are {names}.")
-    return path
-
-
-def resolve_configs(args: list[str]) -> list[str]:
-    """Every ``--config X`` that names no existing file becomes the shipped config ``X``."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--config" and i + 1 < len(args):
-            out += [arg, _config_path(args[i + 1])]
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            arg = "--config=" + _config_path(arg.removeprefix("--config="))
-        out.append(arg)
-        i += 1
-    return out
-
-
-def _config_path(value: str) -> str:
-    if os.path.exists(value) or "\n" in value or ":" in value:  # a file, or inline YAML
-        return value
-    return str(shipped_config(value))
 
 
 class SaveConfigToRunDir(SaveConfigCallback):
@@ -243,7 +210,13 @@ def usage() -> str:
              "  test       evaluate on the test set (--ckpt_path or --model.init_from)",
              "  predict    predict on the test set", "", "Experiments:"]
     lines += [f"  {name:<18} {experiment.summary}" for name, experiment in EXPERIMENTS.items()]
-    lines += ["", f"Shipped configs ({CONFIG_DIR}): " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))),
+    names = shipped_names()
+    lines += ["", f"Shipped configs ({CONFIG_DIR}), by --config name; the group may be left out where no other "
+                  "group has the name, and ./NAME.yaml is a local file:",
+              "  " + ", ".join(n for n in names if "/" not in n)]
+    lines += [f"  {group}/: " + ", ".join(n.split("/", 1)[1] for n in names if n.startswith(f"{group}/"))
+              for group in GROUPS]
+    lines += ["  (experiments/<experiment> is read before any --config of `music <experiment>`)",
               "`music <subcommand> --help` lists every setting with its documentation."]
     return "\n".join(lines)
 

@@ -271,7 +271,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     import yaml
 
     # batches the shipped config hands over per loader step (limit_train_batches counts those)
-    base = yaml.safe_load((REPO / "music" / "configs" / "base.yaml").read_text())
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
     args.blocks = base["data"].get("batches_per_block", 1)
     args.loader_steps = None
     if args.quick:

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from music.cli import CONFIG_DIR, lightning  # noqa: F401  (CONFIG_DIR for the tests)
+from music.cli import lightning
+from music.config import CONFIG_DIR, shipped_config  # noqa: F401  (CONFIG_DIR for the tests)
 from music.data import MusicDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def merged_config(*names: str) -> dict:
 
     config: dict = {}
     for name in ("base", *names):
-        merge(config, yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {})
+        merge(config, yaml.safe_load(shipped_config(name).read_text()) or {})
     return config
 
 

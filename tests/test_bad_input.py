@@ -54,7 +54,7 @@ CASES = [
     ("unknown config key", ["--data.held_out_clases", "[1]"], "held_out_clases"),
     ("unknown model class path", ["--model.backbone.class_path", "music.models.SimpleCNN"], "music.models.SimpleCNN"),
     ("wrong type", ["--data.samples_per_class", "many"], "samples_per_class"),
-    ("unknown shipped config", ["--config", "seqq"], r"'seqq' is neither a file nor a shipped config"),
+    ("unknown shipped config", ["--config", "seqq"], r"'seqq' is neither a file nor a shipped config: shipped are \[.*'methods/ewc'.*'seq'"),
     ("validate without a val split", ["validate"], r"music validate needs a validation split: set data.val_size > 0"),
 ]
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONFIG_DIR, REPO, run
+from conftest import REPO, run
 
 from music.cli import main
+from music.config import BASE_CONFIG, CONFIG_DIR, config_path, shipped_config, shipped_names
 from music.experiments import EXPERIMENTS, parser_for
 
 TESTS = Path(__file__).parent
@@ -16,7 +17,7 @@ TESTS = Path(__file__).parent
 # deltas that need a base besides base.yaml
 NEEDS = {"lora": ["seq_finetune"], "head_only": ["seq_finetune"], "vit_lora": ["vit_full"]}
 LIGHTNING_KEYS = {"seed_everything", "trainer", "model", "data", "schedule", "checkpoint", "optimizer", "lr_scheduler"}
-SHIPPED = {p.stem: set(yaml.safe_load(p.read_text()) or {}) for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+SHIPPED = {name: set(yaml.safe_load(shipped_config(name).read_text()) or {}) for name in shipped_names()}
 LIGHTNING_CONFIGS = sorted(name for name, keys in SHIPPED.items() if keys <= LIGHTNING_KEYS)
 EXPERIMENT_CONFIGS = sorted(set(SHIPPED) - set(LIGHTNING_CONFIGS))
 

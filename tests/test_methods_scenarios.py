@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import merged_config, run
+from conftest import CONFIG_DIR, merged_config, run
 
 from music.callbacks import Phase, SequentialFineTuning
 from music.data import MusicDataModule, task_split_classes
@@ -121,7 +121,7 @@ def test_unknown_scenario_or_method_is_refused_before_training(shrink, tmp_path,
 def test_method_configs_are_pure_deltas():
     for name, cls in (("ewc", "EWC"), ("online_ewc", "OnlineEWC"), ("si", "SI"), ("lwf", "LwF"), ("replay", "Replay")):
         config = merged_config("seq_finetune", name)
-        assert set(yaml.safe_load(open(f"music/configs/{name}.yaml"))) == {"model"}
+        assert set(yaml.safe_load((CONFIG_DIR / "methods" / f"{name}.yaml").read_text())) == {"model"}
         assert config["model"]["methods"][0]["class_path"] == f"music.methods.{cls}"
 
 

@@ -9,6 +9,8 @@ import csv
 import pytest
 from conftest import run
 
+from music.config import shipped_config
+
 from music.experiments import parser_for
 from music.experiments.common import Data, Output
 from music.experiments.taskvectors import RECIPES, TaskVectors
@@ -21,7 +23,7 @@ FIT_ARGS = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches",
 def study(data_dir, work, **overrides) -> TaskVectors:
     output = Output(log_dir=str(work / "work"), results=str(work / "out"), trainer_args=FIT_ARGS)
     return TaskVectors(**TINY | {"data": Data(data_dir=data_dir, download=False), "output": output,
-                                 "recipes": ["merge_negation_3"]} | overrides)
+                                 "recipes": ["merge/negation_3"]} | overrides)
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +37,26 @@ def test_trains_only_the_stages_its_recipes_read_and_writes_the_tables(negation)
     s, results, work = negation
     assert s.trained == ["pretrained", "finetuned_class_3"]
     text = (work / "out" / "task_vectors.md").read_text()
-    assert text.startswith("# Task vectors") and "## merge_negation_3" in text
+    assert text.startswith("# Task vectors") and "## negation_3" in text
     with open(work / "out" / "task_vectors_negation_3.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"base (pretrained)", "τ_3 model", "edited"}
     assert {r["split"] for r in rows} == {"val", "test"}
-    r = results["merge_negation_3"]
+    r = results["negation_3"]
     assert r["lambda"] in r["grid"] and (work / "out" / "task_vectors_negation_3_lambda.png").exists()
 
 
 def test_lambda_is_chosen_on_val_and_the_test_set_is_never_evaluated_while_choosing(negation):
     _, results, _ = negation
-    log = results["merge_negation_3"]["merge"].evaluator.log
+    log = results["negation_3"]["merge"].evaluator.log
     assert ("test", True) not in log and {split for split, selecting in log if selecting} == {"val"}
-    curve = results["merge_negation_3"]["curve"]
+    curve = results["negation_3"]["curve"]
     assert [r["split"] for r in curve] == ["val"] * 7 + ["test"] * 7  # test only after the choice
 
 
 def test_the_merge_output_is_a_model_music_test_evaluates_to_the_reported_accuracy(negation, data_dir, tmp_path):
     _, results, _ = negation
-    r = results["merge_negation_3"]
+    r = results["negation_3"]
     cli = run("test", "--config", "pretrain", "--model.init_from", r["output"], "--data.data_dir", data_dir,
               "--data.download", "false", "--data.val_size", "500", "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp_path)
@@ -79,7 +81,5 @@ def test_shipped_configs_parse():
     assert config.recipes == RECIPES and config.val_size > 0
     merge_parser, _ = parser_for("merge")
     for recipe in RECIPES:
-        from music.cli import shipped_config
-
         recipe_config = merge_parser.parse_args(["--config", str(shipped_config(recipe))])
         assert recipe_config.evaluate.select_on == "val" and len(recipe_config.lambda_) > 1

@@ -13,12 +13,14 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from music.config import shipped_config
+
 
 @dataclass(frozen=True)
 class Experiment:
     target: str  # "module:Class"
     summary: str
-    default_config: str | None = None  # a shipped config read before any --config
+    default_config: str | None = None  # a shipped config read before any --config: experiments/<command>
 
     def load(self) -> type:
         module, _, name = self.target.partition(":")
@@ -28,32 +30,30 @@ class Experiment:
 EXPERIMENTS: dict[str, Experiment] = {
     "table1": Experiment("music.experiments.table1:Table1",
                          "the paper's Table I: pretrain, then sequential and merged fine-tuning, per seed",
-                         "table1"),
+                         "experiments/table1"),
     "finetune-compare": Experiment("music.experiments.finetune_compare:FineTuneCompare",
                                    "full vs LoRA vs head-only fine-tuning of one pretrained model",
-                                   "finetune_compare"),
+                                   "experiments/finetune_compare"),
     "attention": Experiment("music.experiments.attention:AttentionMaps",
                             "ViT: pretrain, fine-tune full and LoRA, draw last-block CLS attention maps",
-                            "attention"),
+                            "experiments/attention"),
     "continual": Experiment("music.experiments.continual:ContinualStudy",
                             "continual-learning methods x scenarios x seeds on a protocol (Split-MNIST, MUSIC)",
-                            "split_mnist_study"),
+                            "experiments/continual"),
     "study": Experiment("music.experiments.study:Study",
                         "the multi-seed grid (seeds x orderings x lrs, merged, replay, joint) on Dask, results in SQL",
-                        "study"),
-    "eda": Experiment("music.experiments.eda:EDA", "class counts and sample grids of every split, as PNGs", "eda"),
+                        "experiments/study"),
+    "eda": Experiment("music.experiments.eda:EDA", "class counts and sample grids of every split, as PNGs", "experiments/eda"),
     "merge": Experiment("music.merge:Merge",
                         "edit a model with task vectors from a recipe (task arithmetic, TIES, DARE; λ chosen on val)"),
     "taskvectors": Experiment("music.experiments.taskvectors:TaskVectors",
-                              "train the task-vector studies' models, then run their merge recipes", "taskvector"),
+                              "train the task-vector studies' models, then run their merge recipes", "experiments/taskvectors"),
 }
 
 
 def parser_for(name: str):
     """The jsonargparse parser of ``music <name>``: the experiment's constructor arguments."""
     from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from music.cli import shipped_config
 
     experiment = EXPERIMENTS[name]
     cls = experiment.load()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from music.config import config_path
 from music.continual import accuracy_on, average_incremental_accuracy, backward_transfer, forward_transfer
 from music.experiments.common import Data, machine
 
@@ -101,11 +102,9 @@ class ContinualStudy:
             raise ValueError(f"scenarios={scenarios} is not allowed: choose from {list(SCENARIOS)}.")
         if not seeds or not methods or not tasks:
             raise ValueError("seeds, methods and tasks must each name at least one entry.")
-        from music.cli import _config_path
-
         for deltas in [protocol, pretrain, *methods.values()]:
             for name in deltas:
-                _config_path(name)  # an unknown method or protocol config fails here, before any run
+                config_path(name)  # an unknown method or protocol config fails here, before any run
         if not data.download and not os.path.isdir(data.data_dir):
             raise FileNotFoundError(f"data.data_dir={os.path.abspath(data.data_dir)!r} does not exist (and data.download "
                                     "is false).")

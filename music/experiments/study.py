@@ -49,6 +49,7 @@ from typing import Any, Literal
 import yaml
 
 from music.callbacks import START
+from music.config import BASE_CONFIG, config_path
 from music.experiments import study_db
 from music.experiments.common import Data
 
@@ -161,11 +162,9 @@ class Grid:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods={self.methods} repeats a method.")
         if self.methods:
-            from music.cli import _config_path
-
             for method in self.methods:
                 try:
-                    _config_path(method)  # an unknown method config fails here, before any cell runs
+                    config_path(method)  # an unknown method config fails here, before any cell runs
                 except FileNotFoundError as err:
                     raise ValueError(f"methods: {err}") from None
         if self.samples_per_class is not None and self.samples_per_class != "all" and (
@@ -262,8 +261,6 @@ def fingerprint(grid: Grid, cell: Cell) -> str:
 def cell_logger(grid: Grid, cell: Cell) -> dict:
     """The cell's logger: ``grid.logger`` (null: the shipped config's own), with the cell's
     folder, run name and tags filled in where the logger takes them and the user left them open."""
-    from music.cli import BASE_CONFIG
-
     logger = grid.logger or {"class_path": yaml.safe_load(BASE_CONFIG.read_text())["trainer"]["logger"]["class_path"]}
     given = dict(logger.get("init_args") or {})
     module, _, name = logger["class_path"].rpartition(".")

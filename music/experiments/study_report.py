@@ -441,7 +441,7 @@ def write_report(settings: Settings, data: Data) -> Path:
            "",
            "Each method is a config delta over the sequential cells (`music fit --config seq_finetune --config "
            "<method>`), told that the model was pretrained on `remaining`, so that it protects pretraining as an "
-           "earlier task. Configs: " + ", ".join(f"`{m}`" for m in s.methods) + " (`music/configs/`; their "
+           "earlier task. Configs: " + ", ".join(f"`{m}`" for m in s.methods) + " (`configs/methods/`; their "
            "hyper-parameters are the shipped ones, not tuned on this grid).",
            "",
            *methods_table(records, settings),

@@ -33,10 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from music.checkpoint import write_atomically
+from music.config import BASE_CONFIG, resolve_configs, shipped_config
 from music.experiments.common import Data, Output
 
-RECIPES = ["merge_addition_sum", "merge_addition_ties", "merge_addition_dare", "merge_negation_3", "merge_negation_4",
-           "merge_negation_7", "merge_transfer_further", "merge_transfer_seed"]
+RECIPES = ["merge/addition_sum", "merge/addition_ties", "merge/addition_dare", "merge/negation_3", "merge/negation_4",
+           "merge/negation_7", "merge/transfer_further", "merge/transfer_seed"]
 
 
 class TaskVectors:
@@ -146,8 +147,6 @@ class TaskVectors:
     def needed(self, recipes: list[str] | None = None) -> list[str]:
         """The stages ``recipes`` (default: all) read, and the pretrained model the others start
         from, in training order."""
-        from music.cli import resolve_configs
-
         named = set()
         for recipe in self.recipes if recipes is None else recipes:
             text = Path(resolve_configs(["--config", recipe])[1]).read_text()
@@ -164,7 +163,6 @@ class TaskVectors:
     # -- recipes ------------------------------------------------------------------------------
 
     def merge(self, recipe: str) -> dict[str, Any]:
-        from music.cli import resolve_configs
         from music.experiments import instantiate, parser_for
 
         parser, cls = parser_for("merge")
@@ -241,8 +239,6 @@ class TaskVectors:
 
 def _shipped_phases(config: str) -> list[dict[str, Any]]:
     """The phases ``config`` runs: its own ``schedule``, or ``base.yaml``'s it leaves in place."""
-    from music.cli import BASE_CONFIG, shipped_config
-
     for path in (shipped_config(config), BASE_CONFIG):
         schedule = (yaml.safe_load(path.read_text()) or {}).get("schedule")
         if schedule and "phases" in schedule:
@@ -260,8 +256,6 @@ def _mean(values: dict[str, Any], classes: list[int]) -> float:
 
 
 def _description(name: str) -> str:
-    from music.cli import shipped_config
-
     try:
         text = shipped_config(name).read_text()
     except FileNotFoundError:
