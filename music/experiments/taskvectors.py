@@ -20,6 +20,7 @@ never trained on, and the test set is used only after λ is chosen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +34,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from music.checkpoint import write_atomically
+from music.cli import BASE_CONFIG, lightning, resolve_configs, shipped_config
+from music.experiments import instantiate, parser_for
 from music.experiments.common import Data, Output
+from music.experiments.merge import Evaluation, Merge
 
 RECIPES = ["merge_addition_sum", "merge_addition_ties", "merge_addition_dare", "merge_negation_3", "merge_negation_4",
            "merge_negation_7", "merge_transfer_further", "merge_transfer_seed"]
@@ -102,8 +106,6 @@ class TaskVectors:
 
     def stage(self, name: str, args: list[str]) -> Path:
         """Fit one stage (or reuse it) and keep its network weights as a safetensors file."""
-        from music.cli import lightning
-
         path = self.work_dir / "stages" / f"{name}.safetensors"
         spec = [*args, *self.data_args(), *self.fit_args]
         if path.exists():
@@ -146,8 +148,6 @@ class TaskVectors:
     def needed(self, recipes: list[str] | None = None) -> list[str]:
         """The stages ``recipes`` (default: all) read, and the pretrained model the others start
         from, in training order."""
-        from music.cli import resolve_configs
-
         named = set()
         for recipe in self.recipes if recipes is None else recipes:
             text = Path(resolve_configs(["--config", recipe])[1]).read_text()
@@ -164,18 +164,14 @@ class TaskVectors:
     # -- recipes ------------------------------------------------------------------------------
 
     def merge(self, recipe: str) -> dict[str, Any]:
-        from music.cli import resolve_configs
-        from music.experiments import instantiate, parser_for
-
-        parser, cls = parser_for("merge")
-        config = parser.parse_args(resolve_configs(["--config", recipe, "--root", str(self.work_dir),
-                                                    "--overwrite", "true"]))
-        init = instantiate(parser, config)
-        evaluate = init["evaluate"]
-        evaluate = evaluate if isinstance(evaluate, dict) else vars(evaluate)
-        evaluate["args"] = [*evaluate.get("args", []), *self.data_args()]
-        init["evaluate"] = evaluate
-        merge = cls(**init)
+        """Run one recipe as ``music merge`` would, its paths under the work dir and its
+        evaluation on this study's data."""
+        parser, _ = parser_for("merge")
+        init = instantiate(parser, parser.parse_path(resolve_configs(["--config", recipe])[1]))
+        evaluate = init["evaluate"] or Evaluation()
+        init |= {"root": str(self.work_dir), "overwrite": True,
+                 "evaluate": dataclasses.replace(evaluate, args=[*evaluate.args, *self.data_args()])}
+        merge = Merge(**init)
         result = merge.run()
         merge.evaluator.release()  # the next recipe builds its own; keep only the log
         return {"merge": merge, **result}
@@ -241,8 +237,6 @@ class TaskVectors:
 
 def _shipped_phases(config: str) -> list[dict[str, Any]]:
     """The phases ``config`` runs: its own ``schedule``, or ``base.yaml``'s it leaves in place."""
-    from music.cli import BASE_CONFIG, shipped_config
-
     for path in (shipped_config(config), BASE_CONFIG):
         schedule = (yaml.safe_load(path.read_text()) or {}).get("schedule")
         if schedule and "phases" in schedule:
@@ -260,8 +254,6 @@ def _mean(values: dict[str, Any], classes: list[int]) -> float:
 
 
 def _description(name: str) -> str:
-    from music.cli import shipped_config
-
     try:
         text = shipped_config(name).read_text()
     except FileNotFoundError:
