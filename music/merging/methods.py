@@ -64,8 +64,8 @@ class MergeMethod:
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config()["init_args"].items())
-        return f"{type(self).__name__}({args})"
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self" and hasattr(self, n)]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
 
 def _per_entry(value: float | Sequence[float], count: int, owner: str, name: str) -> list[float]:
