@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -28,6 +29,13 @@ from music.merging.io import HASH_LAG, Hasher, Reader, hashing_beside, open_read
 from music.merging.methods import MergeMethod, wide
 
 
+def _finite(t: Tensor) -> bool:
+    """A sum is finite only if every entry is (inf and nan propagate), and it allocates
+    nothing; only a sum that overflows needs the element-wise check (``isfinite`` allocated a
+    mask per tensor and tripled the time of an in-memory apply)."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def apply_update(base: Tensor, update: Tensor, coef: float, key: str) -> Tensor:
     """θ + coef · update computed wide and cast back to the base's dtype; refused when the
     result is not finite (an overflowing λ must not become a model of inf weights)."""
@@ -40,7 +48,7 @@ def apply_update(base: Tensor, update: Tensor, coef: float, key: str) -> Tensor:
         if "overflow" not in str(err):
             raise
         out = None
-    if out is None or not bool(torch.isfinite(out).all()):
+    if out is None or not _finite(out):
         raise TaskVectorError(f"coefficient {coef:g} makes {key!r} non-finite (inf or nan in {base.dtype}): "
                               "refused; choose a smaller coefficient or check the inputs.")
     return out
