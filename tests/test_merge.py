@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,6 +67,19 @@ def test_ties_hand_computed(files):
     assert torch.equal(out["w"], torch.tensor([[1.0, 2.5], [2.0, 4.0]]))
     # head: τ1 -> [.5, 0], τ2 -> [0, 1]: disjoint, each kept alone
     assert torch.equal(out["head"], torch.tensor([1.0, 0.5]))
+
+
+def test_global_ties_ranks_the_whole_model_before_merging_any_key(files):
+    recipe = dict(models=models(files, ("ft1", {}), ("ft2", {"weight": -1.0})))
+    out, _ = merge(files, "global.safetensors", **recipe, method=TIES(density=1 / 6))
+    per_tensor, _ = merge(files, "per_tensor.safetensors", **recipe, method=TIES(density=1 / 6, scope="per_tensor"))
+    base = load_file(files["base"])
+    # 6 entries per vector over w and head together; only the largest |w τ| survives:
+    # τ1 -> w [[0, 0], [-1, 0]], head [0, 0];  −τ2 -> w 0, head [0, -1]
+    assert torch.equal(out["w"], base["w"] + torch.tensor([[0.0, 0.0], [-1.0, 0.0]]))
+    assert torch.equal(out["head"], base["head"] + torch.tensor([0.0, -1.0]))
+    # per tensor, each tensor keeps its own largest entry: τ1's head keeps its 0.5
+    assert torch.equal(per_tensor["head"], base["head"] + torch.tensor([0.5, -1.0]))
 
 
 def test_dare_linear_drops_per_entry_seed_and_rescales_before_weighting(files):
@@ -366,3 +381,10 @@ def test_a_corrupt_safetensors_input_is_one_line_naming_the_file(files, capsys, 
         err = cli_error(capsys, "--config", recipe_file(files, stream=stream, overwrite=True))
         assert str(path) in err and ("bad header" in err or "truncated" in err), err
     assert not (files["dir"] / "o.safetensors").exists()
+
+
+def test_the_merging_library_imports_neither_the_cli_nor_the_experiments():
+    code = ("import sys, music.merging, music.task_vector; "
+            "print(sorted(m for m in sys.modules if m.startswith(('music.cli', 'music.experiments'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
