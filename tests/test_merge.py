@@ -9,6 +9,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import music.merging.io
 from music.cli import main
 from music.experiments.merge import Evaluation, Evaluator, Merge, SelectionError
-from music.merging import DARE, TIES, Recipe, Source, TaskArithmetic, fingerprint
+from music.merging import DARE, TIES, Entry, Merger, Recipe, Source, StateDictReader, TaskArithmetic, fingerprint
 from music.merging.methods import dare_mask
 from music.task_vector import TaskVector, merge_vectors
 
@@ -388,3 +389,15 @@ def test_the_merging_library_imports_neither_the_cli_nor_the_experiments():
             "print(sorted(m for m in sys.modules if m.startswith(('music.cli', 'music.experiments'))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_state_dicts_in_memory_merge_through_the_same_loop_as_files(files, tmp_path):
+    base, ft1 = load_file(files["base"]), load_file(files["ft1"])
+    readers = {Path("base"): StateDictReader(base), Path("ft1"): StateDictReader(ft1)}
+    with Merger(Path("base"), [Entry("models[0]", Path("ft1"), 0.5, Path("base"))], TIES(density=0.5),
+                readers=readers) as merger:
+        state = merger.state(2.0, merger.updates())
+    merge(files, "from_files.safetensors", models=models(files, ("ft1", {"weight": 0.5})), method=TIES(density=0.5),
+          lambda_=2.0)
+    from_files = load_file(str(files["dir"] / "from_files.safetensors"))
+    assert state.keys() == from_files.keys() and all(torch.equal(state[k], from_files[k]) for k in state)

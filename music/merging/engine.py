@@ -91,13 +91,16 @@ class Merger:
         compute_dtype: the task vectors' dtype (None: at least float32, as each input's).
         hash_inputs: fingerprint the base and every model (not saved vectors, which carry
             their base's fingerprint) while writing.
+        readers: inputs already open, by path (e.g. a ``StateDictReader`` over a state_dict in
+            memory); the caller closes them. Every other path is opened here.
 
     Every layout problem is found here, before anything is written.
     """
 
     def __init__(self, base: Path, entries: Sequence[Entry], method: MergeMethod, *, include: Sequence[str] = ("*",),
                  exclude: Sequence[str] = (), dtype: torch.dtype | None = None,
-                 compute_dtype: torch.dtype | None = torch.float64, hash_inputs: bool = True) -> None:
+                 compute_dtype: torch.dtype | None = torch.float64, hash_inputs: bool = True,
+                 readers: Mapping[Path, Reader] | None = None) -> None:
         self.base_path, self.entries, self.method = Path(base), list(entries), method
         self.dtype, self.compute_dtype, self.hash_inputs = dtype, compute_dtype, hash_inputs
         self.weights = [e.weight for e in self.entries]
@@ -105,7 +108,7 @@ class Merger:
         self._stack = ExitStack()
         try:
             paths = [self.base_path, *(p for e in self.entries for p in (e.path, e.base) if p is not None)]
-            self.readers: dict[Path, Reader] = {}
+            self.readers: dict[Path, Reader] = {Path(p): r for p, r in (readers or {}).items()}
             for path in paths:
                 if path not in self.readers:
                     self.readers[path] = reader = open_reader(path)
