@@ -21,14 +21,13 @@ from types import MappingProxyType
 from typing import Collection, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from music.checkpoint import load_state_dict
 from music.merging.checks import TaskVectorError, check_keys, finite, listing
 from music.merging.engine import Entry, Merger, apply_update
-from music.merging.io import fingerprint
+from music.merging.io import SafetensorsReader, fingerprint
 from music.merging.methods import MergeMethod, TaskArithmetic, wide
 
 StateDict = Mapping[str, Tensor]
@@ -225,10 +224,11 @@ class TaskVector:
 
     @classmethod
     def load(cls, path: PathLike) -> TaskVector:
-        """Inverse of ``save``; a plain safetensors file loads with no metadata."""
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        """Inverse of ``save``; a plain safetensors file loads with no metadata. Read by the
+        merge's own reader, so a corrupt file fails the same way everywhere."""
+        with SafetensorsReader(path) as reader:
+            meta = reader.metadata
+            tensors = {k: reader.tensor(k).clone() for k in reader.entries}
         return cls(tensors, json.loads(meta.get("base_fingerprint", "null")),
                    json.loads(meta.get("skipped", "{}")), json.loads(meta.get("sources", "{}")))
 
