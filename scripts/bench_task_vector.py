@@ -1,6 +1,6 @@
 """Benchmark applying a task vector: in-memory ``apply_to``, streaming ``apply_safetensors`` (with
-and without the base fingerprint) and ``music merge`` with ``stream: true``, beside a plain file
-copy (the disk's own speed).
+and without the base fingerprint) and a merge recipe with ``stream: true`` (``music.merging.Recipe``,
+what ``music merge`` runs), beside a plain file copy (the disk's own speed).
 
 Builds a synthetic float32 safetensors checkpoint (``--size-gb``, default 2; ``--quick`` ~50 MB)
 and a task vector of the same shapes in a temporary directory (removed afterwards), then runs
@@ -56,7 +56,8 @@ def make_checkpoint(base: str, vector: str, size_bytes: float) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from music.task_vector import TaskVector, fingerprint
+    from music.merging import fingerprint
+    from music.task_vector import TaskVector
 
     side = 4096 if size_bytes >= 2**30 else 1024
     layers = max(1, round(size_bytes / (4 * side * (side + 1))))
@@ -105,6 +106,7 @@ def worker(mode: str, *args: str) -> None:
     else:
         from safetensors.torch import load_file, save_file
 
+        from music.merging import Recipe, Source
         from music.task_vector import TaskVector, apply_safetensors
 
         base, vector, out = args
@@ -117,11 +119,8 @@ def worker(mode: str, *args: str) -> None:
                 apply_safetensors(base, vector, out, COEF)
             elif mode == "streaming-unchecked":
                 apply_safetensors(base, vector, out, COEF, check_base=False)
-            elif mode == "merge-stream":
-                from music.merge import Merge, Source
-
-                Merge(base=base, output=out, vectors=[Source(vector)], lambda_=COEF, stream=True,
-                      overwrite=True).run()
+            elif mode == "merge-stream":  # what `music merge` runs for a recipe without evaluation
+                Recipe(base=base, output=out, vectors=[Source(vector)], stream=True, overwrite=True).run(COEF)
             else:  # copy: read the base and write it, the floor any path pays
                 import shutil
 

@@ -1,4 +1,5 @@
-"""Invariants of music.task_vector: algebra, strictness, safety, merges, and file round trips."""
+"""Invariants of music.task_vector and the per-tensor merge methods of music.merging: algebra,
+strictness, safety, TIES and DARE, and file round trips."""
 
 from __future__ import annotations
 
@@ -16,18 +17,25 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from music.merging import DARE, TIES, SafetensorsReader, fingerprint
 from music.task_vector import (
     ApplyReport,
     BaseMismatchWarning,
     TaskVector,
     TaskVectorError,
     apply_safetensors,
-    dare,
-    fingerprint,
-    ties_merge,
+    merge_vectors,
 )
 
 PROPERTY = settings(max_examples=30, deadline=None)
+
+
+def ties_merge(vectors, density=0.2, scope="global"):
+    return merge_vectors(TIES(density=density, scope=scope), vectors)
+
+
+def dare(vector, drop_rate, seed):
+    return merge_vectors(DARE(drop_rate=drop_rate, seed=seed), [vector])
 
 
 @st.composite
@@ -156,9 +164,9 @@ def test_vector_is_immutable_and_scalars_are_validated():
     with pytest.raises(TypeError):
         1 + tv
     for bad in (math.nan, math.inf):
-        with pytest.raises(TaskVectorError, match="scalar must be a finite"):
+        with pytest.raises(TaskVectorError, match="scalar=.* is not allowed: it must be a finite number"):
             tv * bad
-        with pytest.raises(TaskVectorError, match="scaling_coef must be a finite"):
+        with pytest.raises(TaskVectorError, match="scaling_coef=.* is not allowed: it must be a finite number"):
             tv.apply_to({"w": torch.zeros(2)}, bad)
     with pytest.raises(TaskVectorError, match="floating"):
         TaskVector({"n": torch.tensor(3)})
@@ -303,7 +311,7 @@ def test_ties_validation():
     for bad in (0, 1.5, math.nan):
         with pytest.raises(TaskVectorError, match="density"):
             ties_merge([v], density=bad)
-    with pytest.raises(TaskVectorError, match="scope must be 'global' or 'per_tensor', got 'layer'"):
+    with pytest.raises(TaskVectorError, match="TIES scope='layer' is not allowed: choose 'global' or 'per_tensor'"):
         ties_merge([v], scope="layer")
     with pytest.raises(TaskVectorError, match="non-empty"):
         ties_merge([])
@@ -339,9 +347,9 @@ def test_dare_is_independent_of_order_and_other_keys():
 def test_dare_validation():
     v = TaskVector({"w": torch.ones(2)})
     for bad in (1.0, -0.1, math.nan):
-        with pytest.raises(TaskVectorError, match=r"drop_rate must be .*\[0, 1\)|finite"):
+        with pytest.raises(TaskVectorError, match=r"DARE drop_rate=.* is not allowed: it must be (in \[0, 1\)|a finite)"):
             dare(v, drop_rate=bad, seed=0)
-    with pytest.raises(TaskVectorError, match="seed must be an int"):
+    with pytest.raises(TaskVectorError, match="DARE seed='0' is not allowed: it must be an integer"):
         dare(v, drop_rate=0.1, seed="0")
 
 
@@ -413,3 +421,26 @@ def test_streaming_apply_refuses_mismatch_and_leaves_no_file(tmp_path):
                           tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     assert not (tmp_path / "out.safetensors.partial").exists()
+
+
+def test_a_non_finite_apply_is_refused_in_memory_and_streaming(tmp_path):
+    pre = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    tv = TaskVector.from_state_dicts(pre, {"w": torch.tensor([1.5, 2.0]), "b": torch.tensor([1.0])})
+    with pytest.raises(TaskVectorError, match=r"coefficient 1e\+40 makes '(b|w)' non-finite"):
+        tv.apply_to(pre, 1e40)  # finite in float64, inf once cast back to float32
+    save_file(pre, str(tmp_path / "base.safetensors"))
+    tv.save(tmp_path / "tv.safetensors")
+    with pytest.raises(TaskVectorError, match="non-finite"):
+        apply_safetensors(tmp_path / "base.safetensors", tmp_path / "tv.safetensors", tmp_path / "out.safetensors", 1e40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "tv.safetensors"]
+
+
+@pytest.mark.parametrize("header", [b"", b"\x05\x00", (2**40).to_bytes(8, "little"), (4).to_bytes(8, "little") + b"[1, ",
+                                    (2).to_bytes(8, "little") + b"[]", (16).to_bytes(8, "little") + b'{"w": {"x": 1}} ',
+                                    (48).to_bytes(8, "little") + b'{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}'[:48]])
+def test_a_corrupt_safetensors_header_is_one_line_naming_the_file(tmp_path, header):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(header)
+    with pytest.raises(TaskVectorError) as err:
+        SafetensorsReader(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)

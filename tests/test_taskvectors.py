@@ -10,10 +10,10 @@ import pytest
 from conftest import run
 
 from music.config import shipped_config
-
-from music.experiments import parser_for
+from music.experiments import instantiate, parser_for
 from music.experiments.common import Data, Output
 from music.experiments.taskvectors import RECIPES, TaskVectors
+from music.merging import MergeMethod
 
 pytestmark = pytest.mark.mnist
 TINY = dict(val_size=500, pretrain_epochs=1, finetune_epochs=1, further_epochs=1)
@@ -65,9 +65,8 @@ def test_the_merge_output_is_a_model_music_test_evaluates_to_the_reported_accura
 
 def test_stages_are_reused_and_stale_ones_refused(negation, data_dir, monkeypatch):
     _, _, work = negation
-    import music.cli
-
-    monkeypatch.setattr(music.cli, "lightning", lambda *a, **k: pytest.fail("a stage was retrained instead of reused"))
+    monkeypatch.setattr("music.experiments.taskvectors.lightning",
+                        lambda *a, **k: pytest.fail("a stage was retrained instead of reused"))
     again = study(data_dir, work)
     again.train()
     assert again.trained == []
@@ -75,11 +74,17 @@ def test_stages_are_reused_and_stale_ones_refused(negation, data_dir, monkeypatc
         study(data_dir, work, finetune_epochs=2).train()
 
 
-def test_shipped_configs_parse():
+def test_shipped_configs_parse_and_name_their_methods_by_class_path():
     parser, _ = parser_for("taskvectors")
     config = parser.parse_args([])
     assert config.recipes == RECIPES and config.val_size > 0
     merge_parser, _ = parser_for("merge")
+    methods = set()
     for recipe in RECIPES:
         recipe_config = merge_parser.parse_args(["--config", str(shipped_config(recipe))])
         assert recipe_config.evaluate.select_on == "val" and len(recipe_config.lambda_) > 1
+        method = instantiate(merge_parser, recipe_config)["method"]
+        assert isinstance(method, MergeMethod)
+        methods.add(repr(method))
+    assert methods == {"TaskArithmetic()", "TIES(density=0.2, scope='global')",
+                       "DARE(drop_rate=0.5, seed=0, combine=TaskArithmetic())"}

@@ -44,7 +44,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                         "the multi-seed grid (seeds x orderings x lrs, merged, replay, joint) on Dask, results in SQL",
                         "experiments/study"),
     "eda": Experiment("music.experiments.eda:EDA", "class counts and sample grids of every split, as PNGs", "experiments/eda"),
-    "merge": Experiment("music.merge:Merge",
+    "merge": Experiment("music.experiments.merge:Merge",
                         "edit a model with task vectors from a recipe (task arithmetic, TIES, DARE; λ chosen on val)"),
     "taskvectors": Experiment("music.experiments.taskvectors:TaskVectors",
                               "train the task-vector studies' models, then run their merge recipes", "experiments/taskvectors"),

@@ -20,6 +20,7 @@ never trained on, and the test set is used only after λ is chosen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,8 +34,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from music.checkpoint import write_atomically
+from music.cli import lightning
 from music.config import BASE_CONFIG, resolve_configs, shipped_config
+from music.experiments import instantiate, parser_for
 from music.experiments.common import Data, Output
+from music.experiments.merge import Evaluation, Merge
 
 RECIPES = ["merge/addition_sum", "merge/addition_ties", "merge/addition_dare", "merge/negation_3", "merge/negation_4",
            "merge/negation_7", "merge/transfer_further", "merge/transfer_seed"]
@@ -103,8 +107,6 @@ class TaskVectors:
 
     def stage(self, name: str, args: list[str]) -> Path:
         """Fit one stage (or reuse it) and keep its network weights as a safetensors file."""
-        from music.cli import lightning
-
         path = self.work_dir / "stages" / f"{name}.safetensors"
         spec = [*args, *self.data_args(), *self.fit_args]
         if path.exists():
@@ -163,17 +165,14 @@ class TaskVectors:
     # -- recipes ------------------------------------------------------------------------------
 
     def merge(self, recipe: str) -> dict[str, Any]:
-        from music.experiments import instantiate, parser_for
-
-        parser, cls = parser_for("merge")
-        config = parser.parse_args(resolve_configs(["--config", recipe, "--root", str(self.work_dir),
-                                                    "--overwrite", "true"]))
-        init = instantiate(parser, config)
-        evaluate = init["evaluate"]
-        evaluate = evaluate if isinstance(evaluate, dict) else vars(evaluate)
-        evaluate["args"] = [*evaluate.get("args", []), *self.data_args()]
-        init["evaluate"] = evaluate
-        merge = cls(**init)
+        """Run one recipe as ``music merge`` would, its paths under the work dir and its
+        evaluation on this study's data."""
+        parser, _ = parser_for("merge")
+        init = instantiate(parser, parser.parse_path(resolve_configs(["--config", recipe])[1]))
+        evaluate = init["evaluate"] or Evaluation()
+        init |= {"root": str(self.work_dir), "overwrite": True,
+                 "evaluate": dataclasses.replace(evaluate, args=[*evaluate.args, *self.data_args()])}
+        merge = Merge(**init)
         result = merge.run()
         merge.evaluator.release()  # the next recipe builds its own; keep only the log
         return {"merge": merge, **result}

@@ -1,0 +1,31 @@
+"""Model merging as a library: methods, I/O, the engine and the recipe, one file each.
+
+- ``methods``: ``MergeMethod`` and ``TaskArithmetic``, ``TIES``, ``DARE``: per-tensor maths, as
+  plug-ins a recipe names by class path (``music.merging.TIES``).
+- ``io``: safetensors reader / writer / fingerprint hasher, key by key; in-memory state_dicts
+  and torch files are read through the same reader interface.
+- ``engine``: ``Merger``, the one loop every merge and apply runs.
+- ``recipe``: ``Recipe`` and ``Source``, the recipe as checked data.
+- ``checks``: the checks they share.
+
+Evaluation, λ selection and reports are the experiment's (``music merge``,
+``music/experiments/merge.py``); this package knows no dataset and no command line.
+"""
+
+from music.merging.checks import TaskVectorError
+from music.merging.engine import Entry, Merger, MergeReport, apply_update
+from music.merging.io import (
+    Hasher,
+    SafetensorsReader,
+    StateDictReader,
+    fingerprint,
+    hashing_beside,
+    open_reader,
+    write_safetensors,
+)
+from music.merging.methods import DARE, TIES, MergeMethod, TaskArithmetic
+from music.merging.recipe import Recipe, Source
+
+__all__ = ["DARE", "Entry", "Hasher", "MergeMethod", "MergeReport", "Merger", "Recipe", "SafetensorsReader", "Source",
+           "StateDictReader", "TIES", "TaskArithmetic", "TaskVectorError", "apply_update", "fingerprint",
+           "hashing_beside", "open_reader", "write_safetensors"]
