@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
-from music.experiments.common import Data, Output, final_phase, fit, machine, phases, write_table
+from music.experiments.common import (Data, Output, final_phase, fit, fmt_mean_std, machine, mean_std, phases,
+                                      spread_note, write_table)
+from music.figures import save_run_figures
 
 # The paper's reported accuracy / loss, shown only as a labelled reference column.
 PAPER = {"pretrained": (0.92, 0.38), "merged": (0.70, 2.1), "sequential (after 7)": (0.88, 0.60)}
@@ -17,8 +18,9 @@ METRICS = ["loss", "acc", "precision", "recall", "f1"]
 class Table1:
     """Pretrain once per seed, then fine-tune that same checkpoint sequentially (one phase per
     held-out class) and merged (all held-out samples at once); every stage is evaluated on the
-    full test set. Writes ``<results>/table1.md`` and ``table1.csv`` (mean ± std over seeds) and
-    the first seed's confusion and accuracy matrices as PNGs in ``<results>/table1_figures/``.
+    full test set. Writes ``table1.md`` and ``table1.csv`` (mean ± sample std over seeds) and
+    the first seed's confusion and accuracy matrices as PNGs in ``table1_figures/``, in
+    ``<output.root>/table1/`` beside the runs, or in ``output.results`` when it is set.
 
     Args:
         seeds: training seeds (``seed_everything``); the held-out samples stay those of
@@ -41,55 +43,52 @@ class Table1:
     def one_seed(self, seed: int) -> tuple[dict[str, dict], list[int]]:
         start = time.perf_counter()
 
-        def run(stage: str, *extra: str) -> Path:
-            return fit(self.configs[stage], f"table1/seed_{seed}/{stage}", self.data, self.output,
-                       "--seed_everything", str(seed), *extra)
+        def run(stage: str, **overrides) -> Path:
+            return fit(self.configs[stage], f"seed_{seed}/{stage}", self.data, self.output, "table1",
+                       {"seed_everything": seed, **overrides}).run_dir
 
         pretrain_dir = run("pretrain")
         _, pretrained, snapshot = final_phase(pretrain_dir)
-        init = ("--model.init_from", str(snapshot))
-        sequential_dir, merged_dir = run("sequential", *init), run("merged", *init)
+        sequential_dir, merged_dir = (run(stage, **{"model.init_from": str(snapshot)}) for stage in ("sequential", "merged"))
         sequential, merged = phases(sequential_dir), final_phase(merged_dir)[1]
         if seed == self.seeds[0]:  # the first seed's confusion and accuracy matrices, as in TensorBoard
-            from music.figures import save_run_figures
-
             for stage, run_dir in (("pretrain", pretrain_dir), ("sequential", sequential_dir), ("merged", merged_dir)):
-                save_run_figures(run_dir, Path(self.output.results) / "table1_figures", f"seed{seed}_{stage}")
+                save_run_figures(run_dir, self.output.tables("table1") / "table1_figures", f"seed{seed}_{stage}")
         held_out = json.loads((pretrain_dir / "split_manifest.json").read_text())["held_out_classes"]
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s")
         rows = {"pretrained": pretrained, "merged": merged}
         rows |= {f"sequential (after {name.removeprefix('class_')})": phase for name, phase in sequential.items()}
         return rows, held_out
 
-    def run(self) -> dict[str, dict[str, tuple[float, float]]]:
+    def run(self) -> dict[str, dict[str, list[float]]]:
         start = time.perf_counter()
         per_seed, held_out = [], []
         for seed in self.seeds:
             rows, held_out = self.one_seed(seed)
             per_seed.append(rows)
         columns = METRICS + [f"recall/{c}" for c in held_out]
-        table = {stage: {c: _mean_std([rows[stage][c] for rows in per_seed]) for c in columns} for stage in per_seed[0]}
+        table = {stage: {c: [rows[stage][c] for rows in per_seed] for c in columns} for stage in per_seed[0]}
         self.write(table, columns, held_out, time.perf_counter() - start)
         return table
 
-    def write(self, table: dict, columns: list[str], held_out: list[int], seconds: float) -> None:
-        fmt = (lambda m, s: f"{m:.3f} ± {s:.3f}") if len(self.seeds) > 1 else (lambda m, s: f"{m:.3f}")
+    def write(self, table: dict[str, dict[str, list[float]]], columns: list[str], held_out: list[int],
+              seconds: float) -> None:
+        """``table``: stage -> column -> the per-seed values, in seed order."""
         header = ["stage", "test loss", "accuracy", "precision", "recall", "F1", *(f"acc {c}" for c in held_out),
                   "paper acc / loss (reference)"]
         rows, csv_rows = [], []
         for stage, values in table.items():
             paper = PAPER.get(stage)
-            rows.append([stage, *(fmt(*values[c]) for c in columns), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else ""])
-            csv_rows.append({"stage": stage, **{f"{c}_{s}": f"{v:.4f}" for c in columns for s, v in zip(("mean", "std"), values[c])},
+            rows.append([stage, *(fmt_mean_std(values[c]) for c in columns), f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else ""])
+            csv_rows.append({"stage": stage, **{f"{c}_{kind}": "" if v != v else f"{v:.4f}" for c in columns
+                                                for kind, v in zip(("mean", "std"), mean_std(values[c])[:2])},
+                             **{f"{c}_seed{seed}": f"{v:.4f}" for c in columns for seed, v in zip(self.seeds, values[c])},
                              "paper_acc": paper[0] if paper else "", "paper_loss": paper[1] if paper else ""})
-        notes = (f"`music table1` with seeds {self.seeds} (mean ± std over seeds where more than one). Configs: "
+        notes = (f"`music table1` with seeds {self.seeds} ({spread_note([len(self.seeds)])}"
+                 f"{'' if len(self.seeds) > 1 else ': one seed, so the mean alone'}). Configs: "
                  f"pretrain {self.configs['pretrain']}, then sequential {self.configs['sequential']} and merged "
                  f"{self.configs['merged']}, both from the same pretrained snapshot. Test set: the dataset's full test "
                  "split. Precision, recall and F1 are macro averages; 'acc c' is the accuracy (recall) on class c. "
                  f"Machine: {machine(self.output.threads)}. Extra arguments: {self.output.trainer_args or 'none'}"
                  f"{'; quick (smoke) run' if self.output.quick else ''}. Wall time: {seconds:.0f} s.")
-        print(write_table(self.output.results, "table1", "Table I, as measured", notes, header, rows, csv_rows))
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        print(write_table(self.output.tables("table1"), "table1", "Table I, as measured", notes, header, rows, csv_rows))
