@@ -136,6 +136,8 @@ def test_music_continual_writes_the_table_and_reads_finished_runs_back(data_dir,
     table = (out / "out.md").read_text()
     assert "| EWC | 1 |" in table and "--data.iterations_per_epoch 2" in table and (out / "out.png").exists()
     assert "mean ± sample std (ddof=1) over 1 seed" in table
+    runs = (out / "out_runs.csv").read_text().splitlines()
+    assert runs[0].startswith("scenario,method,seed,final_accuracy") and len(runs) == 1 + 2
     assert list(out.glob("*/result.json")) and not list(out.glob("*/*/checkpoints"))  # deleted once scored
     csv_before = (out / "out.csv").read_text()
     run_experiment("continual", [*args, "--report_only", "true"])

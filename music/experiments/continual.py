@@ -188,9 +188,13 @@ class ContinualStudy:
                 table.append([scenario, method, len(runs), *(spread[m][0] for m in METRICS),
                               *(spread[m][1] for m in METRICS), float(np.median([r["seconds"] for r in runs]))])
         write_csv(self.table + ".csv", [[f"{v:.4f}" if isinstance(v, float) else v for v in row] for row in table], header)
+        # the runs themselves, so the table can be checked and rebuilt without their folders
+        write_csv(self.table + "_runs.csv", [{"scenario": r["scenario"], "method": r["method"], "seed": r["seed"],
+                                              **{m: f"{r[m]:.6f}" for m in METRICS}, "seconds": f"{r['seconds']:.1f}"}
+                                             for r in results])
         write_atomically(self.table + ".md", self.markdown(summary, results, seconds))
         self.plot(summary)
-        print(f"[continual] wrote {self.table}.md/.csv/.png", flush=True)
+        print(f"[continual] wrote {self.table}.md, .csv, _runs.csv, .png", flush=True)
         return {"table": table, "seconds": seconds}
 
     def markdown(self, summary: dict, results: list[dict], seconds: float) -> str:
