@@ -19,9 +19,9 @@ phases, learning rate and seed filled in:
 Cells are Dask tasks: each seed's pretraining is a task and its fine-tuning cells depend on it.
 By default they run on an in-process ``LocalCluster`` (one single-threaded worker process per
 core); ``--study.scheduler tcp://host:8786`` runs them on any Dask cluster, whose workers reach
-``study.runs_dir`` and ``data.data_dir`` at the same paths (a shared directory). A cell's files go to
-``<runs_dir>/seed_<s>/<cell>/`` (``--run_dir``: phase snapshots, ``phase_metrics.json``,
-accuracy matrix, ``config.yaml``, ``cell.log``); the logger (``study.logger``, any Lightning
+the study folder (``<output.root>/<output.name>``) and ``data.data_dir`` at the same paths (a
+shared directory). A cell's files go to ``<study folder>/seed_<s>/<cell>/`` (``--run_dir``: phase
+snapshots, ``phase_metrics.json``, accuracy matrix, ``config.yaml``, ``cell.log``); the logger (``study.logger``, any Lightning
 logger) only logs. A finished cell is a row in the study database (``study_db``), written in
 one transaction by the worker that ran it: a restarted grid skips the cells stored there and
 an interrupted cell resumes from its ``last.ckpt``. Each row holds a fingerprint of the
@@ -187,8 +187,8 @@ def check_stored(grid: Grid, cells: list[Cell], engine) -> set[tuple[int, str]]:
         recorded = stored.get((cell.seed, cell.name))
         if recorded is not None and recorded != fingerprint(grid, cell):
             raise ValueError(f"{cell.label} in {grid.db_url} was finished with other settings (fingerprint {recorded}, "
-                             f"this grid's {fingerprint(grid, cell)}): use another runs_dir/db, or delete that cell's "
-                             "rows to re-run it.")
+                             f"this grid's {fingerprint(grid, cell)}): use another output.root/output.name/study.db, or "
+                             "delete that cell's rows to re-run it.")
     return {key for key in stored if key in {(c.seed, c.name) for c in cells}}
 
 
