@@ -19,12 +19,10 @@ import sys
 import warnings
 from typing import Any
 
-from music.config import CONFIG_DIR, resolve_configs
+# BASE_CONFIG, shipped_config: music.merge and music.experiments.taskvectors still import them from here
+from music.config import BASE_CONFIG, CONFIG_DIR, resolve_configs, shipped_config  # noqa: F401
 from music.experiments import EXPERIMENTS, run_experiment
 from music.runner import LIGHTNING_SUBCOMMANDS, USER_ERRORS, UsageError, lightning
-
-# music.merge and music.experiments.taskvectors still import these from here
-from music.config import BASE_CONFIG, shipped_config  # noqa: E402,F401
 
 
 def quiet_upstream() -> None:

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from music.cli import main
 from music.experiments import study_db
 from music.experiments.common import Data
-from music.experiments.study import Grid, cell_dir, plan
+from music.experiments.study_grid import Grid, cell_dir, plan
 from music.experiments.study_report import load_cells
 
 TINY = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 1,
@@ -79,7 +79,8 @@ def test_plan_covers_the_grid_with_one_pretraining_per_seed():
 
 
 def test_a_method_axis_adds_cells_and_leaves_the_other_cells_fingerprints_alone():
-    from music.experiments.study import cell_config, fingerprint
+    from music.experiments.study import cell_config
+    from music.experiments.study_grid import fingerprint
 
     plain = Grid(seeds=[0, 1], lrs=[1e-3, 1e-4])
     with_methods = Grid(seeds=[0, 1], lrs=[1e-3, 1e-4], methods=["ewc", "replay"])

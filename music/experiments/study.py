@@ -55,8 +55,7 @@ from music.config import BASE_CONFIG
 from music.continual import accuracy_on
 from music.experiments import study_db
 from music.experiments.common import Data, Output
-from music.experiments.study_grid import (Cell, Grid, cell_dir, determinants, fingerprint, lr_tag, method_name,  # noqa: F401
-                                          plan, pretrained_checkpoint)
+from music.experiments.study_grid import Cell, Grid, cell_dir, determinants, fingerprint, plan, pretrained_checkpoint
 from music.experiments.study_report import write_report
 from music.runner import lightning
 from music.speed import plain_process_malloc
