@@ -222,10 +222,14 @@ def run(subcommand: str, configs: list[str], overrides: dict[str, Any] | None = 
         raise ValueError(f"subcommand={subcommand!r} is not allowed: choose one of {', '.join(LIGHTNING_SUBCOMMANDS)}.")
     cli = lightning([subcommand, *as_args(configs, overrides or {}), *map(str, user_args)])
     folder = Path(run_dir(cli.trainer))
-    metrics = folder / "phase_metrics.json"
-    phases = json.loads(metrics.read_text()) if metrics.exists() else {}
-    return RunResult(folder, cli.trainer, cli.model, cli.datamodule,
-                     dict(sorted(phases.items(), key=lambda item: item[1]["index"])))
+    phases = phase_metrics(folder) if (folder / "phase_metrics.json").exists() else {}
+    return RunResult(folder, cli.trainer, cli.model, cli.datamodule, phases)
+
+
+def phase_metrics(folder: str | Path) -> dict[str, dict]:
+    """A run's ``phase_metrics.json``, in phase order."""
+    records = json.loads((Path(folder) / "phase_metrics.json").read_text())
+    return dict(sorted(records.items(), key=lambda item: item[1]["index"]))
 
 
 def build(configs: list[str], overrides: dict[str, Any] | None = None) -> MusicCLI:

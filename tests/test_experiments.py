@@ -13,6 +13,8 @@ from conftest import SYNTHETIC
 from test_bad_input import fails_in_one_line
 
 from music.cli import main
+from music.experiments.common import fmt_mean_std, mean_std, mean_std_columns, spread_note
+from music.runner import as_args, run
 
 
 @pytest.fixture
@@ -103,3 +105,25 @@ def test_attention_pretrains_fine_tunes_both_modes_and_draws(tmp_path, data_dir)
     for mode in ("full", "lora"):  # both fine-tunes started from the pretrain snapshot
         config = yaml.safe_load(next((tmp_path / "logs" / "attention" / "vit_mnist" / mode).glob("*/config.yaml")).read_text())
         assert config["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
+
+
+def test_every_spread_is_the_sample_std_and_says_so():
+    mean, std, n = mean_std([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, std, n) == (2.0, 1.0, 3)  # ddof=1; the population std would be 0.816
+    assert fmt_mean_std([0.1, 0.3]) == "0.200 ± 0.141" and fmt_mean_std([0.5]) == "0.500" and fmt_mean_std([]) == "–"
+    means, stds = mean_std_columns([[1.0, 2.0], [3.0, 6.0]])
+    assert means.tolist() == [2.0, 4.0] and stds.tolist() == pytest.approx([2 ** 0.5, 2 * 2 ** 0.5])
+    assert mean_std_columns([[1.0, 2.0]])[1].tolist() == [0.0, 0.0]  # one run: no error bar
+    assert spread_note([5]) == "mean ± sample std (ddof=1) over 5 seeds"
+    assert spread_note([1], "cells") == "mean ± sample std (ddof=1) over 1 cell"
+
+
+def test_runs_take_python_values_as_settings():
+    assert as_args(["seq", "lora"], {"data.download": False, "seed_everything": 3, "model.init_from": None,
+                                     "data.held_out_classes": [2, 5], "data.data_dir": "/d"}) == [
+        "--config", "seq", "--config", "lora", "--data.download", "false", "--seed_everything", "3",
+        "--model.init_from", "null", "--data.held_out_classes", "[2, 5]", "--data.data_dir", "/d"]
+    with pytest.raises(ValueError, match="override key '--seed' is not allowed"):
+        as_args([], {"--seed": 1})
+    with pytest.raises(ValueError, match="subcommand='train' is not allowed"):
+        run("train", ["seq"])

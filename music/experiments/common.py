@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
@@ -23,7 +22,7 @@ import torch
 
 from music.checkpoint import write_atomically
 from music.dashboard import markdown_table
-from music.runner import RunResult, run
+from music.runner import RunResult, phase_metrics, run
 
 
 @dataclass
@@ -93,15 +92,9 @@ def fit(configs: Sequence[str], name: str, data: Data, output: Output, experimen
     return run("fit", list(configs), settings | (overrides or {}), output.trainer_args)
 
 
-def phases(run_dir: Path) -> dict[str, dict]:
-    """The run's ``phase_metrics.json``, in phase order."""
-    records = json.loads((Path(run_dir) / "phase_metrics.json").read_text())
-    return dict(sorted(records.items(), key=lambda item: item[1]["index"]))
-
-
 def final_phase(run_dir: Path) -> tuple[str, dict, Path]:
     """Name, test metrics and snapshot of a run's last phase."""
-    name, record = list(phases(run_dir).items())[-1]
+    name, record = list(phase_metrics(run_dir).items())[-1]
     return name, record, Path(run_dir) / "checkpoints" / f"phase-{record['index']}-{name}.ckpt"
 
 

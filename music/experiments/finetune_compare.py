@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 from music.checkpoint import load_state_dict
-from music.experiments.common import Data, Output, final_phase, fit, machine, phases, write_table
+from music.experiments.common import Data, Output, final_phase, fit, machine, write_table
 from music.finetuning import merged_state_dict
 from music.module import Classifier
+from music.runner import phase_metrics
 from music.task_vector import TaskVector
 
 
@@ -52,7 +53,7 @@ class FineTuneCompare:
         return {"study": study, "mode": mode, "acc": metrics["acc"], "f1": metrics["f1"],
                 **{f"acc_{c}": metrics[f"recall/{c}"] for c in held_out},
                 "trainable_params": costs[last]["trainable_params"],
-                "train_seconds": sum(costs[p]["train_seconds"] for p in phases(run_dir)),
+                "train_seconds": sum(costs[p]["train_seconds"] for p in phase_metrics(run_dir)),
                 "task_vector_norm": TaskVector.from_state_dicts(base, merged).norm(), "run_dir": str(run_dir)}
 
     def run(self) -> list[dict]:

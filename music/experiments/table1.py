@@ -6,9 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from music.experiments.common import (Data, Output, final_phase, fit, fmt_mean_std, machine, mean_std, phases,
-                                      spread_note, write_table)
+from music.experiments.common import (Data, Output, final_phase, fit, fmt_mean_std, machine, mean_std, spread_note,
+                                      write_table)
 from music.figures import save_run_figures
+from music.runner import phase_metrics
 
 # The paper's reported accuracy / loss, shown only as a labelled reference column.
 PAPER = {"pretrained": (0.92, 0.38), "merged": (0.70, 2.1), "sequential (after 7)": (0.88, 0.60)}
@@ -50,7 +51,7 @@ class Table1:
         pretrain_dir = run("pretrain")
         _, pretrained, snapshot = final_phase(pretrain_dir)
         sequential_dir, merged_dir = (run(stage, **{"model.init_from": str(snapshot)}) for stage in ("sequential", "merged"))
-        sequential, merged = phases(sequential_dir), final_phase(merged_dir)[1]
+        sequential, merged = phase_metrics(sequential_dir), final_phase(merged_dir)[1]
         if seed == self.seeds[0]:  # the first seed's confusion and accuracy matrices, as in TensorBoard
             for stage, run_dir in (("pretrain", pretrain_dir), ("sequential", sequential_dir), ("merged", merged_dir)):
                 save_run_figures(run_dir, self.output.tables("table1") / "table1_figures", f"seed{seed}_{stage}")
