@@ -10,6 +10,7 @@ from conftest import merged_config, run
 
 from music.callbacks import Phase, SequentialFineTuning
 from music.data import MusicDataModule, task_split_classes
+from music.experiments import study_db
 from music.experiments.continual import score
 
 
@@ -138,7 +139,12 @@ def test_music_continual_writes_the_table_and_reads_finished_runs_back(data_dir,
     assert "mean ± sample std (ddof=1) over 1 seed" in table
     runs = (out / "out_runs.csv").read_text().splitlines()
     assert runs[0].startswith("scenario,method,seed,final_accuracy") and len(runs) == 1 + 2
-    assert list(out.glob("*/result.json")) and not list(out.glob("*/*/checkpoints"))  # deleted once scored
+    assert not list(out.glob("*/*/checkpoints"))  # deleted once scored
+    engine = study_db.connect(f"sqlite:///{out / 'results.db'}")
+    stored = study_db.stored_run(engine, "continual", "ewc-task-seed0")
+    assert json.loads(stored["settings"])["configs"] == ["split_mnist", "ewc"] and len(json.loads(stored["result"])["rows"]) == 6
     csv_before = (out / "out.csv").read_text()
     run_experiment("continual", [*args, "--report_only", "true"])
     assert (out / "out.csv").read_text().splitlines()[1:] == csv_before.splitlines()[1:]
+    with pytest.raises(ValueError, match="'none-task-seed0' .* was finished with other settings"):
+        run_experiment("continual", [*args[:-4], "--overrides", "{data.iterations_per_epoch: 3}", *args[-4:]])

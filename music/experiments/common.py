@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import platform
+import socket
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy.engine import Engine
 
 from music.checkpoint import write_atomically
 from music.dashboard import markdown_table
+from music.experiments import study_db
 from music.runner import RunResult, phase_metrics, run
 
 
@@ -76,6 +81,35 @@ class Output:
     def tables(self, experiment: str) -> Path:
         """Where the tables and figures go: ``results`` if set, else the experiment's folder."""
         return Path(self.results) if self.results else self.folder(experiment)
+
+
+def results_db(output: Output, experiment: str) -> Engine:
+    """The experiment's results store: the study database's schema, in ``<folder>/results.db``
+    (``music study`` keeps its grid in ``<folder>/study.db``)."""
+    folder = output.folder(experiment).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return study_db.connect(f"sqlite:///{folder / 'results.db'}")
+
+
+def reuse_or_run(engine: Engine, experiment: str, name: str, settings: dict[str, Any],
+                 work: Callable[[], tuple[dict[str, Any], Path, float]]) -> dict[str, Any]:
+    """The one "reuse if done" rule: a run is done when its result is in the database (written
+    in one transaction once it finished); a done run with the same ``settings`` is read back,
+    one with other settings is refused, and anything else runs (``work`` returns its result,
+    run directory and seconds) and is stored."""
+    stored = study_db.stored_run(engine, experiment, name)
+    if stored is not None:
+        if stored["fingerprint"] != study_db.fingerprint(settings):
+            raise ValueError(f"{experiment} run {name!r} in {engine.url} was finished with other settings "
+                             f"({stored['settings']}): use another output.root/output.name, or delete its row to re-run it.")
+        return json.loads(stored["result"])
+    result, folder, seconds = work()
+    study_db.record_run(engine, {"experiment": experiment, "name": name, "fingerprint": study_db.fingerprint(settings),
+                                 "settings": study_db.dumps(settings), "result": study_db.dumps(result),
+                                 "wall_seconds": seconds, "host": socket.gethostname(),
+                                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "run_dir": str(Path(folder).resolve())})
+    return result
 
 
 def fit(configs: Sequence[str], name: str, data: Data, output: Output, experiment: str,

@@ -2,8 +2,8 @@
 
 Every run is an ordinary ``music fit`` of shipped configs: the protocol (e.g. ``split_mnist``),
 one method delta (``ewc``, ``si``, ...; none for naive fine-tuning) and ``--model.scenario``.
-The experiment reads each run's test confusion matrices (one per phase, plus the initial
-evaluation), scores them on the protocol's tasks and writes one table (Markdown + CSV) of
+The experiment stores each run's test confusion matrices (one per phase, plus the initial
+evaluation) in its results database (``common.reuse_or_run``), scores them on the protocol's tasks and writes one table (Markdown + CSV) of
 mean ± sample std over seeds and a plot of the average accuracy over the tasks so far.
 """
 
@@ -15,18 +15,21 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy.engine import Engine
 
 from music.callbacks import SequentialFineTuning
 from music.checkpoint import write_atomically
 from music.config import _config_path
 from music.continual import accuracy_on, average_incremental_accuracy, backward_transfer, forward_transfer
 from music.dashboard import markdown_table
+from music.experiments import study_db
 from music.experiments.common import (Data, Output, fit, fmt_mean_std, machine, mean_std, mean_std_columns,
-                                      spread_note, write_csv)
+                                      results_db, reuse_or_run, spread_note, write_csv)
 from music.module import SCENARIOS
 from music.plots import pyplot
 from music.runner import RunResult
@@ -83,9 +86,10 @@ class ContinualStudy:
             ``{data.iterations_per_epoch: 500}``); the table lists them, so a deviation from the
             protocol is stated where it is reported.
         data: where the dataset is (``--data.data_dir``), as for every experiment.
-        output: where it writes: the runs in ``<root>/<name>/<run>/`` (a run whose ``result.json``
-            exists is not run again), the table ``<name>.md``, ``.csv`` and ``.png`` beside them
-            or in ``results`` when set; torch threads.
+        output: where it writes: the runs in ``<root>/<name>/<run>/`` and their results in
+            ``<root>/<name>/results.db`` (a run stored there is read back, not run again), the
+            table ``<name>.md``, ``.csv``, ``_runs.csv`` and ``.png`` beside them or in ``results``
+            when set; torch threads.
         title: the table's heading.
         keep_checkpoints: keep each run's checkpoints (they are deleted once scored otherwise).
         pretrain: configs of a pretraining run made once per seed; every run then starts from its
@@ -128,9 +132,17 @@ class ContinualStudy:
     def run(self) -> dict:
         torch.set_num_threads(self.output.threads)
         started = time.perf_counter()
-        results = [self.run_one(run) for run in self.runs()
-                   if not self.report_only or os.path.exists(os.path.join(self.runs_dir, run.name, "result.json"))]
+        engine = results_db(self.output, "continual")
+        results = [self.run_one(engine, run) for run in self.runs()
+                   if not self.report_only or study_db.stored_run(engine, "continual", run.name) is not None]
         return self.write(results, time.perf_counter() - started)
+
+    def settings(self, run: Run) -> dict[str, Any]:
+        """What determines a run's result (not where files go), for the results store."""
+        return {"configs": [*self.protocol, *self.methods[run.method]], "scenario": run.scenario, "seed": run.seed,
+                "overrides": self.overrides, "quick": self.output.quick, "trainer_args": self.output.trainer_args,
+                "pretrain": {"configs": self.pretrain, "overrides": self.pretrain_overrides,
+                             "on": self.pretrained_on} if self.pretrain else None}
 
     def fit(self, configs: list[str], name: str, seed: int, overrides: dict[str, Any]) -> RunResult:
         print(f"[continual] {name}", flush=True)
@@ -150,27 +162,25 @@ class ContinualStudy:
             shutil.rmtree(result.run_dir / "checkpoints", ignore_errors=True)
         return {"model.init_from": path, "model.pretrained_on": self.pretrained_on}
 
-    def run_one(self, run: Run) -> dict:
-        path = os.path.join(self.runs_dir, run.name, "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                result = json.load(f)
-            return result | score(result["rows"], self.tasks)  # scored anew from the stored evaluations
-        init = self.pretrained(run.seed)
-        start = time.perf_counter()
-        fitted = self.fit([*self.protocol, *self.methods[run.method]], run.name, run.seed,
-                          {"model.scenario": run.scenario, **init})
-        seconds = time.perf_counter() - start
-        schedule = next(c for c in fitted.trainer.callbacks if isinstance(c, SequentialFineTuning))
-        if schedule.epoch != schedule.ends[-1]:  # e.g. stopped by a signal: never record a cut-short run
-            raise RuntimeError(f"{run.name} stopped at epoch {schedule.epoch} of {schedule.ends[-1]}; not recorded.")
-        rows = list(schedule.rows.values())
-        result = {"method": run.method, "scenario": run.scenario, "seed": run.seed, "seconds": seconds,
-                  "rows": rows, "row_names": list(schedule.rows)} | score(rows, self.tasks)
-        if not self.keep_checkpoints:
-            shutil.rmtree(fitted.run_dir / "checkpoints", ignore_errors=True)
-        write_atomically(path, json.dumps(result))
-        return result
+    def run_one(self, engine: Engine, run: Run) -> dict:
+        """The run's test confusion matrices, from the results store or from training it, scored
+        anew on ``tasks``."""
+        def train() -> tuple[dict, Path, float]:
+            init = self.pretrained(run.seed)
+            start = time.perf_counter()
+            fitted = self.fit([*self.protocol, *self.methods[run.method]], run.name, run.seed,
+                              {"model.scenario": run.scenario, **init})
+            seconds = time.perf_counter() - start
+            schedule = next(c for c in fitted.trainer.callbacks if isinstance(c, SequentialFineTuning))
+            if schedule.epoch != schedule.ends[-1]:  # e.g. stopped by a signal: never record a cut-short run
+                raise RuntimeError(f"{run.name} stopped at epoch {schedule.epoch} of {schedule.ends[-1]}; not recorded.")
+            if not self.keep_checkpoints:
+                shutil.rmtree(fitted.run_dir / "checkpoints", ignore_errors=True)
+            return ({"method": run.method, "scenario": run.scenario, "seed": run.seed, "seconds": seconds,
+                     "rows": list(schedule.rows.values()), "row_names": list(schedule.rows)}, fitted.run_dir, seconds)
+
+        result = reuse_or_run(engine, "continual", run.name, self.settings(run), train)
+        return result | score(result["rows"], self.tasks)
 
     # -- the table and the plot ------------------------------------------------------------------
 
@@ -234,8 +244,9 @@ class ContinualStudy:
                   f"this invocation took {seconds / 60:.1f} min (runs already done are read back, not re-run).",
                   "s / run is the median wall time of a run: jobs sharing the machine slow it, so it is no speed "
                   "measurement (`docs/speed.md` has those).",
-                  "", "Generated by `music continual`; per-run results (confusion matrices per evaluation) go to "
-                  f"`{self.runs_dir}/<run>/result.json` on the machine that ran them.", ""]
+                  "", "Generated by `music continual`; per-run results (confusion matrices per evaluation) are in "
+                  f"`{self.runs_dir}/results.db` (table `experiment_runs`) on the machine that ran them, every run's "
+                  f"metrics in `{self.name}_runs.csv`.", ""]
         return "\n".join(lines)
 
     def plot(self, summary: dict) -> None:

@@ -5,14 +5,13 @@ result what it is (``fingerprint``). Running the grid (``study``) and reporting 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from music.config import _config_path
+from music.experiments import study_db
 
 
 @dataclass
@@ -227,4 +226,4 @@ def determinants(grid: Grid, cell: Cell) -> dict:
 
 
 def fingerprint(grid: Grid, cell: Cell) -> str:
-    return hashlib.sha256(json.dumps(determinants(grid, cell), sort_keys=True).encode()).hexdigest()[:16]
+    return study_db.fingerprint(determinants(grid, cell))
