@@ -60,6 +60,12 @@ def test_table1_writes_every_stage_from_one_pretrained_model_and_nothing_outside
     assert "paper acc / loss (reference)" in markdown and "1 torch thread," in markdown
     assert "mean ± sample std (ddof=1) over 2 seeds" in markdown
     assert torch.get_num_threads() == 1  # reproducible by default
+    # done runs are read back from the results store: nothing trains, the same table comes out
+    monkeypatch.setattr("music.experiments.table1.fit", lambda *a, **k: pytest.fail("a stored stage was trained again"))
+    before = (out / "table1.csv").read_text()
+    main(["table1", "--seeds", "[0, 1]", "--pretrain", f"[pretrain, {synthetic}]", "--sequential",
+          f"[seq_finetune, {synthetic}]", "--merged", f"[merged_finetune, {synthetic}]", "--output.quick", "true"])
+    assert (out / "table1.csv").read_text() == before
 
 
 def test_finetune_compare_writes_a_row_per_study_and_mode(tmp_path, synthetic):

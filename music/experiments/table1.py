@@ -6,10 +6,11 @@ import json
 import time
 from pathlib import Path
 
-from music.experiments.common import (Data, Output, final_phase, fit, fmt_mean_std, machine, mean_std, spread_note,
-                                      write_table)
+from sqlalchemy.engine import Engine
+
+from music.experiments.common import (Data, Output, final_phase, fit, fmt_mean_std, machine, mean_std, results_db,
+                                      reuse_or_run, spread_note, write_table)
 from music.figures import save_run_figures
-from music.runner import phase_metrics
 
 # The paper's reported accuracy / loss, shown only as a labelled reference column.
 PAPER = {"pretrained": (0.92, 0.38), "merged": (0.70, 2.1), "sequential (after 7)": (0.88, 0.60)}
@@ -21,7 +22,9 @@ class Table1:
     held-out class) and merged (all held-out samples at once); every stage is evaluated on the
     full test set. Writes ``table1.md`` and ``table1.csv`` (mean ± sample std over seeds) and
     the first seed's confusion and accuracy matrices as PNGs in ``table1_figures/``, in
-    ``<output.root>/table1/`` beside the runs, or in ``output.results`` when it is set.
+    ``<output.root>/table1/`` beside the runs, or in ``output.results`` when it is set. Every
+    stage's result is stored in ``<output.root>/table1/results.db`` once it has finished, and
+    read back instead of trained again while its settings stay the same.
 
     Args:
         seeds: training seeds (``seed_everything``); the held-out samples stay those of
@@ -41,31 +44,44 @@ class Table1:
         self.seeds, self.data, self.output = seeds, data, output
         self.configs = {"pretrain": pretrain, "sequential": sequential, "merged": merged}
 
-    def one_seed(self, seed: int) -> tuple[dict[str, dict], list[int]]:
+    def stage(self, engine: Engine, seed: int, stage: str, pretrained: dict | None = None) -> dict:
+        """One stage's run of ``seed`` (its test metrics after every phase, held-out classes,
+        final snapshot and folder), from the results store or from training it; ``pretrained``:
+        the pretraining stage it starts from."""
+        settings = {"configs": self.configs[stage], "seed": seed, "quick": self.output.quick,
+                    "trainer_args": self.output.trainer_args, "from": pretrained and pretrained["settings"]}
+
+        def train() -> tuple[dict, Path, float]:
+            start = time.perf_counter()
+            overrides = {"seed_everything": seed} | ({"model.init_from": pretrained["snapshot"]} if pretrained else {})
+            run = fit(self.configs[stage], f"seed_{seed}/{stage}", self.data, self.output, "table1", overrides)
+            held_out = json.loads((run.run_dir / "split_manifest.json").read_text())["held_out_classes"]
+            return ({"phases": run.phases, "held_out": held_out, "snapshot": str(final_phase(run.run_dir)[2].resolve()),
+                     "run_dir": str(run.run_dir.resolve()), "settings": settings}, run.run_dir, time.perf_counter() - start)
+
+        return reuse_or_run(engine, "table1", f"seed_{seed}/{stage}", settings, train)
+
+    def one_seed(self, engine: Engine, seed: int) -> tuple[dict[str, dict], list[int]]:
         start = time.perf_counter()
-
-        def run(stage: str, **overrides) -> Path:
-            return fit(self.configs[stage], f"seed_{seed}/{stage}", self.data, self.output, "table1",
-                       {"seed_everything": seed, **overrides}).run_dir
-
-        pretrain_dir = run("pretrain")
-        _, pretrained, snapshot = final_phase(pretrain_dir)
-        sequential_dir, merged_dir = (run(stage, **{"model.init_from": str(snapshot)}) for stage in ("sequential", "merged"))
-        sequential, merged = phase_metrics(sequential_dir), final_phase(merged_dir)[1]
+        pretrain = self.stage(engine, seed, "pretrain")
+        runs = {"pretrain": pretrain, **{s: self.stage(engine, seed, s, pretrain) for s in ("sequential", "merged")}}
         if seed == self.seeds[0]:  # the first seed's confusion and accuracy matrices, as in TensorBoard
-            for stage, run_dir in (("pretrain", pretrain_dir), ("sequential", sequential_dir), ("merged", merged_dir)):
-                save_run_figures(run_dir, self.output.tables("table1") / "table1_figures", f"seed{seed}_{stage}")
-        held_out = json.loads((pretrain_dir / "split_manifest.json").read_text())["held_out_classes"]
+            for stage, run in runs.items():
+                if Path(run["run_dir"]).is_dir():  # a stored run's folder may be gone: its numbers are not
+                    save_run_figures(run["run_dir"], self.output.tables("table1") / "table1_figures", f"seed{seed}_{stage}")
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s")
-        rows = {"pretrained": pretrained, "merged": merged}
-        rows |= {f"sequential (after {name.removeprefix('class_')})": phase for name, phase in sequential.items()}
-        return rows, held_out
+        # in phase order: the store keeps JSON objects with sorted keys
+        phases = {stage: sorted(run["phases"].items(), key=lambda item: item[1]["index"]) for stage, run in runs.items()}
+        rows = {"pretrained": phases["pretrain"][-1][1], "merged": phases["merged"][-1][1]}
+        rows |= {f"sequential (after {name.removeprefix('class_')})": phase for name, phase in phases["sequential"]}
+        return rows, pretrain["held_out"]
 
     def run(self) -> dict[str, dict[str, list[float]]]:
         start = time.perf_counter()
         per_seed, held_out = [], []
+        engine = results_db(self.output, "table1")
         for seed in self.seeds:
-            rows, held_out = self.one_seed(seed)
+            rows, held_out = self.one_seed(engine, seed)
             per_seed.append(rows)
         columns = METRICS + [f"recall/{c}" for c in held_out]
         table = {stage: {c: [rows[stage][c] for rows in per_seed] for c in columns} for stage in per_seed[0]}
