@@ -2,9 +2,9 @@
 
 Any SQLAlchemy URL works: the default is a SQLite file in the study folder
 (``sqlite:///<output.root>/<output.name>/study.db``); a team that runs one grid from several
-machines points ``--study.db`` at one PostgreSQL (``postgresql://user@host/db``, with a driver such as
-``psycopg2`` installed). A cell is written in ONE transaction by the worker that ran it, so
-the database holds a cell completely or not at all, and holding it is what "finished" means.
+machines points ``--study.db`` at one PostgreSQL (``postgresql://user@host/db``, with a driver
+such as ``psycopg2`` installed). A cell is written in ONE transaction by the worker that ran it,
+so the database holds a cell completely or not at all, and holding it is what "finished" means.
 
 Schema (documented in ``docs/study.md``, queried by ``study_report.py``):
 
