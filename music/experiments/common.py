@@ -1,7 +1,9 @@
-"""What the experiments share: where data and outputs go, fitting a shipped config, and tables.
+"""What the experiments share: where data and outputs go, fitting a shipped config, the results
+store with its one reuse rule, the one spread statistic, and the table writer.
 
 Every experiment trains through ``music fit`` with the shipped configs (the same entry point a
-user runs), so an experiment is a plan of runs plus a table, never a second training loop.
+user runs), so an experiment is a plan of runs plus a table, never a second training loop; and
+every experiment states its spread the same way, so tables compare.
 """
 
 from __future__ import annotations
