@@ -121,7 +121,7 @@ class MusicDataModule(LightningDataModule):
             ``split_seed``) mixed into every training loader of a held-out split (``class_<c>``,
             ``merged``): the simplest guard against forgetting, as a baseline. 0: no replay.
         log_eda: log class counts per split and sample grids (TensorBoard, MLflow, W&B) when fitting starts
-            (see ``music.eda``), so a run documents the data it saw.
+            (``music.eda.LogEDA``, which ``music fit`` installs), so a run documents the data it saw.
         image_folder: read a class-per-folder image dataset under ``data_dir`` instead of
             ``dataset`` (see ``music.imagefolder``); the splits work the same.
     """
@@ -266,10 +266,6 @@ class MusicDataModule(LightningDataModule):
             if manifest != self._manifest_written:  # setup runs once per stage, and the EDA figures call it
                 self.write_manifest(manifest)
                 self._manifest_written = manifest
-            if self.log_eda and stage == "fit" and self.trainer.is_global_zero:
-                from music.eda import log_eda  # figures only when asked for
-
-                log_eda(self, self.trainer.loggers)
 
     def _load(self, train: bool) -> tuple[Tensor | None, Tensor]:
         if self.image_folder is not None:  # labels only; images are read per split in dataset()

@@ -2,16 +2,21 @@
 class every split holds, and what random samples of each split look like.
 
 The figures come from the data module itself (its manifest and its splits), so they show
-exactly what a run trains and tests on. ``music eda`` writes them as PNG; a data module
-with ``log_eda: true`` logs them to TensorBoard when fitting starts.
+exactly what a run trains and tests on. ``music eda`` writes them as PNG; for a data module
+with ``log_eda: true`` the ``LogEDA`` callback (which ``music fit`` installs) logs them to
+TensorBoard when fitting starts. The data module only says that it wants them, so it does not
+depend on the figures drawn from it.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from music.data import MusicDataModule
-from music.plots import labelled_grid, pyplot, titled
+from music.plots import image_loggers, labelled_grid, log_figure, pyplot, titled
 
 
 def class_counts(datamodule: MusicDataModule) -> dict[str, list[int]]:
@@ -88,8 +93,6 @@ def figures(datamodule: MusicDataModule):
 def log_eda(datamodule: MusicDataModule, loggers) -> None:
     """Class counts and a sample grid per split, under ``eda/``, to every logger that takes
     images (``music.plots.log_figure``: TensorBoard's Images tab, MLflow, W&B)."""
-    from music.plots import image_loggers, log_figure
-
     loggers = image_loggers(loggers)
     if loggers:  # nothing is drawn for a run whose loggers take no images
         for name, image in figures(datamodule):
@@ -98,8 +101,6 @@ def log_eda(datamodule: MusicDataModule, loggers) -> None:
 
 def write_pngs(datamodule: MusicDataModule, out_dir: str) -> list[str]:
     """The same figures as PNG files in ``out_dir`` (``samples_<split>.png``); returns their paths."""
-    import os
-
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, fig in figures(datamodule):
@@ -109,3 +110,13 @@ def write_pngs(datamodule: MusicDataModule, out_dir: str) -> list[str]:
         else:
             fig.save(paths[-1])
     return paths
+
+
+class LogEDA(Callback):
+    """``log_eda`` for a data module that asks for it (``data.log_eda: true``), once, when
+    fitting starts, on the main process."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if getattr(datamodule, "log_eda", False) and trainer.is_global_zero:
+            log_eda(datamodule, trainer.loggers)

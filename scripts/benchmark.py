@@ -225,7 +225,7 @@ def tricks(args: argparse.Namespace) -> dict[str, float]:
     """Per trick, the median block time without it over with it (wall and CPU), in this process."""
     import torch
 
-    from music.cli import lightning
+    from music.runner import lightning
 
     if args.threads:
         torch.set_num_threads(args.threads)

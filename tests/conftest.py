@@ -15,11 +15,13 @@ import pytest
 import torch
 import yaml
 
-from music.cli import lightning
-from music.config import CONFIG_DIR, shipped_config  # noqa: F401  (CONFIG_DIR for the tests)
+from music.cli import quiet_upstream
+from music.config import CONFIG_DIR, shipped_config  # noqa: F401  (for the tests)
+from music.runner import lightning
 from music.data import MusicDataModule
 
 REPO = Path(__file__).resolve().parents[1]
+quiet_upstream()  # what `music` silences for its process; pytest's own filters (pyproject) come on top
 DATA_DIR = REPO.parent / "shared" / "data"
 
 

@@ -13,6 +13,8 @@ from conftest import SYNTHETIC
 from test_bad_input import fails_in_one_line
 
 from music.cli import main
+from music.experiments.common import fmt_mean_std, mean_std, mean_std_columns, spread_note
+from music.runner import as_args, run
 
 
 @pytest.fixture
@@ -24,25 +26,46 @@ def synthetic(tmp_path: Path) -> str:
 
 
 def outputs(tmp_path: Path) -> list[str]:
-    return ["--output.quick", "true", "--output.log_dir", str(tmp_path / "logs"), "--output.results", str(tmp_path / "results")]
+    """A smoke run that publishes its tables to ``<tmp_path>/results``, its runs under ``<tmp_path>/logs``."""
+    return ["--output.quick", "true", "--output.root", str(tmp_path / "logs"), "--output.results", str(tmp_path / "results")]
 
 
-def test_table1_writes_every_stage_from_one_pretrained_model(tmp_path, synthetic):
-    main(["table1", "--pretrain", f"[pretrain, {synthetic}]", "--sequential", f"[seq_finetune, {synthetic}]",
-          "--merged", f"[merged_finetune, {synthetic}]", *outputs(tmp_path)])
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_table1_writes_every_stage_from_one_pretrained_model_and_nothing_outside_its_folder(tmp_path, synthetic,
+                                                                                            monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # the defaults, as on a fresh clone: results/ is not touched
+    main(["table1", "--seeds", "[0, 1]", "--pretrain", f"[pretrain, {synthetic}]", "--sequential",
+          f"[seq_finetune, {synthetic}]", "--merged", f"[merged_finetune, {synthetic}]", "--output.quick", "true"])
+    assert {f.split("/")[0] for f in files_under(cwd)} == {"lightning_logs"}
+    out = cwd / "lightning_logs" / "table1"
+    assert {f.split("/")[0] for f in files_under(cwd / "lightning_logs")} == {"table1"}
     stages = ["pretrained", "merged", "sequential (after 3)", "sequential (after 4)", "sequential (after 7)"]
-    rows = list(csv.DictReader(open(tmp_path / "results" / "table1.csv")))
+    rows = list(csv.DictReader(open(out / "table1.csv")))
     assert [r["stage"] for r in rows] == stages
     for row in rows:
         assert 0.0 <= float(row["acc_mean"]) <= 1.0 and float(row["loss_mean"]) > 0 and "recall/7_mean" in row
+        seeds = [float(row["acc_seed0"]), float(row["acc_seed1"])]  # the std is the sample std of the seeds' values
+        assert float(row["acc_std"]) == pytest.approx(abs(seeds[0] - seeds[1]) / 2 ** 0.5, abs=1e-4)
     for stage in ("sequential", "merged"):  # both fine-tunes started from the pretrain run's snapshot
-        config = yaml.safe_load(next((tmp_path / "logs" / "table1" / "seed_0" / stage).glob("*/config.yaml")).read_text())
+        config = yaml.safe_load(next((out / "seed_0" / stage).glob("*/config.yaml")).read_text())
         assert config["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
-    figures = sorted(p.name for p in (tmp_path / "results" / "table1_figures").glob("*.png"))
+    figures = sorted(p.name for p in (out / "table1_figures").glob("*.png"))
     assert "seed0_sequential_confusion_class_7.png" in figures and "seed0_merged_accuracy_matrix.png" in figures
-    markdown = (tmp_path / "results" / "table1.md").read_text()
+    markdown = (out / "table1.md").read_text()
     assert "paper acc / loss (reference)" in markdown and "1 torch thread," in markdown
+    assert "mean ± sample std (ddof=1) over 2 seeds" in markdown
     assert torch.get_num_threads() == 1  # reproducible by default
+    # done runs are read back from the results store: nothing trains, the same table comes out
+    monkeypatch.setattr("music.experiments.table1.fit", lambda *a, **k: pytest.fail("a stored stage was trained again"))
+    before = (out / "table1.csv").read_text()
+    main(["table1", "--seeds", "[0, 1]", "--pretrain", f"[pretrain, {synthetic}]", "--sequential",
+          f"[seq_finetune, {synthetic}]", "--merged", f"[merged_finetune, {synthetic}]", "--output.quick", "true"])
+    assert (out / "table1.csv").read_text() == before
 
 
 def test_finetune_compare_writes_a_row_per_study_and_mode(tmp_path, synthetic):
@@ -58,7 +81,7 @@ def test_finetune_compare_writes_a_row_per_study_and_mode(tmp_path, synthetic):
 
 
 def test_eda_draws_the_splits_a_config_trains_on(tmp_path, synthetic):
-    main(["eda", "--configs", f"[seq, {synthetic}]", "--out", str(tmp_path / "eda")])
+    main(["eda", "--configs", f"[seq, {synthetic}]", "--output.root", str(tmp_path)])
     names = sorted(p.name for p in (tmp_path / "eda").glob("*.png"))
     assert names == ["class_counts.png", *(f"samples_{s}.png" for s in
                      ("class_3", "class_4", "class_7", "merged", "remaining", "test", "train"))]
@@ -81,10 +104,32 @@ def test_bad_experiment_settings_end_in_one_line(args, message, capsys):
 def test_attention_pretrains_fine_tunes_both_modes_and_draws(tmp_path, data_dir):
     main(["attention", "--data.data_dir", data_dir, *outputs(tmp_path)])
     assert (tmp_path / "results" / "attention_vit_mnist.png").stat().st_size > 0
-    assert list((tmp_path / "logs" / "vit_mnist" / "attention").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "logs" / "attention" / "vit_mnist" / "attention").glob("events.out.tfevents.*"))
     rows = list(csv.DictReader(open(tmp_path / "results" / "vit_vit_mnist.csv")))
     assert {r["model"]: int(r["trainable_params"]) for r in rows} == {
         "pretrained": 5_353_738, "full": 5_353_738, "lora": 177_418}  # LoRA r8 qkv+fc1, LayerNorms, head
     for mode in ("full", "lora"):  # both fine-tunes started from the pretrain snapshot
-        config = yaml.safe_load(next((tmp_path / "logs" / "vit_mnist" / mode).glob("*/config.yaml")).read_text())
+        config = yaml.safe_load(next((tmp_path / "logs" / "attention" / "vit_mnist" / mode).glob("*/config.yaml")).read_text())
         assert config["model"]["init_from"].endswith("phase-0-pretrain.ckpt")
+
+
+def test_every_spread_is_the_sample_std_and_says_so():
+    mean, std, n = mean_std([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, std, n) == (2.0, 1.0, 3)  # ddof=1; the population std would be 0.816
+    assert fmt_mean_std([0.1, 0.3]) == "0.200 ± 0.141" and fmt_mean_std([0.5]) == "0.500" and fmt_mean_std([]) == "–"
+    means, stds = mean_std_columns([[1.0, 2.0], [3.0, 6.0]])
+    assert means.tolist() == [2.0, 4.0] and stds.tolist() == pytest.approx([2 ** 0.5, 2 * 2 ** 0.5])
+    assert mean_std_columns([[1.0, 2.0]])[1].tolist() == [0.0, 0.0]  # one run: no error bar
+    assert spread_note([5]) == "mean ± sample std (ddof=1) over 5 seeds"
+    assert spread_note([1], "cells") == "mean ± sample std (ddof=1) over 1 cell"
+
+
+def test_runs_take_python_values_as_settings():
+    assert as_args(["seq", "lora"], {"data.download": False, "seed_everything": 3, "model.init_from": None,
+                                     "data.held_out_classes": [2, 5], "data.data_dir": "/d"}) == [
+        "--config", "seq", "--config", "lora", "--data.download", "false", "--seed_everything", "3",
+        "--model.init_from", "null", "--data.held_out_classes", "[2, 5]", "--data.data_dir", "/d"]
+    with pytest.raises(ValueError, match="override key '--seed' is not allowed"):
+        as_args([], {"--seed": 1})
+    with pytest.raises(ValueError, match="subcommand='train' is not allowed"):
+        run("train", ["seq"])

@@ -10,6 +10,7 @@ from conftest import CONFIG_DIR, merged_config, run
 
 from music.callbacks import Phase, SequentialFineTuning
 from music.data import MusicDataModule, task_split_classes
+from music.experiments import study_db
 from music.experiments.continual import score
 
 
@@ -130,12 +131,20 @@ def test_music_continual_writes_the_table_and_reads_finished_runs_back(data_dir,
     from music.experiments import run_experiment
 
     args = ["--data.data_dir", data_dir, "--seeds", "[0]", "--scenarios", "[task]", "--methods", "{None: [], EWC: [ewc]}",
-            "--overrides", '[--data.iterations_per_epoch, "2"]', "--runs_dir", str(tmp_path / "runs"),
-            "--output", str(tmp_path / "out")]
+            "--overrides", "{data.iterations_per_epoch: 2}", "--output.root", str(tmp_path), "--output.name", "out"]
     run_experiment("continual", args)
-    table = (tmp_path / "out.md").read_text()
-    assert "| EWC | 1 |" in table and "--data.iterations_per_epoch 2" in table and (tmp_path / "out.png").exists()
-    assert not list((tmp_path / "runs").glob("*/*/checkpoints"))  # deleted once scored
-    csv_before = (tmp_path / "out.csv").read_text()
+    out = tmp_path / "out"
+    table = (out / "out.md").read_text()
+    assert "| EWC | 1 |" in table and "--data.iterations_per_epoch 2" in table and (out / "out.png").exists()
+    assert "mean ± sample std (ddof=1) over 1 seed" in table
+    runs = (out / "out_runs.csv").read_text().splitlines()
+    assert runs[0].startswith("scenario,method,seed,final_accuracy") and len(runs) == 1 + 2
+    assert not list(out.glob("*/*/checkpoints"))  # deleted once scored
+    engine = study_db.connect(f"sqlite:///{out / 'results.db'}")
+    stored = study_db.stored_run(engine, "continual", "ewc-task-seed0")
+    assert json.loads(stored["settings"])["configs"] == ["split_mnist", "ewc"] and len(json.loads(stored["result"])["rows"]) == 6
+    csv_before = (out / "out.csv").read_text()
     run_experiment("continual", [*args, "--report_only", "true"])
-    assert (tmp_path / "out.csv").read_text().splitlines()[1:] == csv_before.splitlines()[1:]
+    assert (out / "out.csv").read_text().splitlines()[1:] == csv_before.splitlines()[1:]
+    with pytest.raises(ValueError, match="'none-task-seed0' .* was finished with other settings"):
+        run_experiment("continual", [*args[:-4], "--overrides", "{data.iterations_per_epoch: 3}", *args[-4:]])

@@ -9,7 +9,7 @@ from conftest import run
 from lightning.pytorch import Callback
 from torch import nn
 
-from music.cli import lightning
+from music.runner import lightning
 from music.module import Classifier
 from music.speed import STEP_HOOKS
 

@@ -12,7 +12,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loops.optimization.manual import _ManualOptimization
 from lightning.pytorch.profilers import SimpleProfiler
 
-from music.cli import PROGRESS_BAR_REFRESH_RATE, lightning
+from music.runner import PROGRESS_BAR_REFRESH_RATE, lightning
 from music.module import Classifier
 from music.speed import CHECKED_LIGHTNING, runtime_cuda_check, steps_are_plain
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,15 @@ from sqlalchemy import func, select
 from music.cli import main
 from music.experiments import study_db
 from music.experiments.common import Data
-from music.experiments.study import Grid, cell_dir, plan
+from music.experiments.study_grid import Grid, cell_dir, plan
 from music.experiments.study_report import load_cells
 
 TINY = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 1,
         "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2, "methods": ["lwf"]}
 
 
-def study_args(data_dir: str, **settings) -> list[str]:
-    args = ["study", "--data.data_dir", data_dir, "--data.download", "false"]
+def study_args(data_dir: str, root: Path, **settings) -> list[str]:
+    args = ["study", "--data.data_dir", data_dir, "--data.download", "false", "--output.root", str(root)]
     for key, value in settings.items():
         if value is None:  # the default
             continue
@@ -35,8 +36,14 @@ def study_args(data_dir: str, **settings) -> list[str]:
     return args
 
 
-def tiny_grid(tmp: Path, **more) -> dict:
-    return TINY | {"runs_dir": str(tmp / "runs"), "out": str(tmp / "report")} | more
+def placed(settings: dict, root: Path) -> Grid:
+    """The grid ``music study --output.root <root>`` runs: in ``<root>/study``, report included."""
+    return Grid(**settings).placed(root / "study", root / "study")
+
+
+def grid_settings(grid: Grid) -> dict:
+    """The ``--study.*`` settings of a grid (not where it writes: that is ``--output``)."""
+    return {f.name: getattr(grid, f.name) for f in fields(Grid) if f.init}
 
 
 def stored(grid: Grid) -> dict[tuple[int, str], list[float]]:
@@ -58,9 +65,9 @@ def digest(path: Path) -> str:
 def local_grid(tmp_path_factory, data_dir) -> Grid:
     """The tiny grid (pretrain, joint, one sequential ordering, merged, that ordering with LwF) run once by
     ``music study`` on its default local Dask cluster of 2 worker processes."""
-    settings = tiny_grid(tmp_path_factory.mktemp("local"), workers=2)
-    main(study_args(data_dir, **settings))
-    return Grid(**settings)
+    settings, root = TINY | {"workers": 2}, tmp_path_factory.mktemp("local")
+    main(study_args(data_dir, root, **settings))
+    return placed(settings, root)
 
 
 def test_plan_covers_the_grid_with_one_pretraining_per_seed():
@@ -72,7 +79,8 @@ def test_plan_covers_the_grid_with_one_pretraining_per_seed():
 
 
 def test_a_method_axis_adds_cells_and_leaves_the_other_cells_fingerprints_alone():
-    from music.experiments.study import cell_config, fingerprint
+    from music.experiments.study import cell_config
+    from music.experiments.study_grid import fingerprint
 
     plain = Grid(seeds=[0, 1], lrs=[1e-3, 1e-4])
     with_methods = Grid(seeds=[0, 1], lrs=[1e-3, 1e-4], methods=["ewc", "replay"])
@@ -142,7 +150,7 @@ def test_grid_stores_every_cell_once_and_reports_from_the_database(local_grid):
 @pytest.mark.mnist
 def test_restart_runs_only_what_is_not_stored(local_grid, data_dir, tmp_path, capsys):
     before = stored(local_grid)
-    main(study_args(data_dir, **vars(local_grid)))  # nothing to run
+    main(study_args(data_dir, Path(local_grid.runs_dir).parent, **grid_settings(local_grid)))  # nothing to run
     assert cell_count(local_grid) == 5 and stored(local_grid) == before
     # a cell whose rows are gone (never stored) runs again, resuming its finished run from last.ckpt
     engine = study_db.connect(local_grid.db_url)
@@ -151,7 +159,7 @@ def test_restart_runs_only_what_is_not_stored(local_grid, data_dir, tmp_path, ca
         for table in (study_db.class_results, study_db.phases):
             conn.execute(table.delete().where(table.c.cell_id == cell_id))
         conn.execute(study_db.cells.delete().where(study_db.cells.c.id == cell_id))
-    main(study_args(data_dir, **vars(local_grid)))
+    main(study_args(data_dir, Path(local_grid.runs_dir).parent, **grid_settings(local_grid)))
     assert stored(local_grid) == before
     runs = study_db.load(engine)[3]
     assert [(r["ran"], r["skipped"]) for r in runs[-2:]] == [(0, 5), (1, 4)]
@@ -159,7 +167,7 @@ def test_restart_runs_only_what_is_not_stored(local_grid, data_dir, tmp_path, ca
 
 @pytest.mark.mnist
 def test_query_prints_the_answer(local_grid, capsys):
-    main(["study", "--study.runs_dir", local_grid.runs_dir, "--query",
+    main(["study", "--output.root", str(Path(local_grid.runs_dir).parent), "--query",
           "SELECT ordering, AVG(final_acc) AS acc FROM cells WHERE kind = 'seq' GROUP BY ordering"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "ordering\tacc" and lines[1].startswith("3-4-7\t0.")
@@ -176,11 +184,11 @@ def free_port() -> int:
 def test_bad_input_is_one_line_before_any_cell_runs(bad, local_grid, data_dir, tmp_path, capsys):
     db = Path(local_grid.runs_dir) / "study.db"
     before = digest(db)
-    settings = vars(local_grid) | {"scheduler": {"scheduler": f"tcp://127.0.0.1:{free_port()}"},
+    settings = grid_settings(local_grid) | {"scheduler": {"scheduler": f"tcp://127.0.0.1:{free_port()}"},
                  "db": {"db": f"sqlite:///{tmp_path}/missing/folder/study.db"},
                  "fingerprint": {"finetune_epochs": 2}}[bad]
     with pytest.raises(SystemExit) as exit_:
-        main(study_args(data_dir, **settings))
+        main(study_args(data_dir, Path(local_grid.runs_dir).parent, **settings))
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
     assert {"scheduler": "no Dask scheduler answers", "db": "cannot be opened",
@@ -210,8 +218,8 @@ def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tm
     address = f"tcp://127.0.0.1:{port}"
     processes = {"scheduler": start(["-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
                                      "--no-dashboard"], tmp_path / "scheduler.log")}
-    settings = tiny_grid(tmp_path, scheduler=address)
-    grid = Grid(**settings)
+    settings = TINY | {"scheduler": address}
+    grid = placed(settings, tmp_path)
     try:
         for name in ("w1", "w2"):
             processes[name] = start(["-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
@@ -220,7 +228,7 @@ def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tm
         deadline = time.monotonic() + 120
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=60)
-            processes["study"] = start(["-m", "music", *study_args(data_dir, **settings)], tmp_path / "study.log")
+            processes["study"] = start(["-m", "music", *study_args(data_dir, tmp_path, **settings)], tmp_path / "study.log")
             killed = None
             while killed is None and processes["study"].poll() is None and time.monotonic() < deadline:
                 names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}

@@ -21,7 +21,7 @@ FIT_ARGS = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches",
 
 
 def study(data_dir, work, **overrides) -> TaskVectors:
-    output = Output(log_dir=str(work / "work"), results=str(work / "out"), trainer_args=FIT_ARGS)
+    output = Output(root=str(work / "work"), results=str(work / "out"), trainer_args=FIT_ARGS)
     return TaskVectors(**TINY | {"data": Data(data_dir=data_dir, download=False), "output": output,
                                  "recipes": ["merge/negation_3"]} | overrides)
 

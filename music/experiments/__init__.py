@@ -13,7 +13,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+
 from music.config import shipped_config
+from music.runner import UsageError
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,6 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 def parser_for(name: str):
     """The jsonargparse parser of ``music <name>``: the experiment's constructor arguments."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     experiment = EXPERIMENTS[name]
     cls = experiment.load()
     defaults = [str(shipped_config(experiment.default_config))] if experiment.default_config else []
@@ -72,10 +73,6 @@ def _description(cls: type) -> str:
 
 def run_experiment(name: str, args: list[str]) -> Any:
     """Parse ``args`` for experiment ``name``, build it and ``run()`` it; returns what it returns."""
-    from jsonargparse import ArgumentError
-
-    from music.cli import UsageError
-
     parser, cls = parser_for(name)
     try:
         config = parser.parse_args(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -10,17 +11,21 @@ from pathlib import Path
 import torch
 
 from music.attention import attention_figure, cls_attention
+from torch.utils.tensorboard import SummaryWriter
+
 from music.experiments.common import Data, Output, final_phase, fit, machine, write_table
 from music.finetuning import merged_state_dict
 from music.module import Classifier
+from music.runner import build
 
 
 class AttentionMaps:
     """Pretrains a ViT with ``configs`` (unless ``pretrained`` is given or ``pretrain`` is off),
     fine-tunes that checkpoint once per mode on ``split`` for ``epochs``, then draws the last
     block's CLS attention of every model over the same test images:
-    ``<results>/attention_<name>.png`` (also in TensorBoard as ``attention/last_block``) and
-    ``<results>/vit_<name>.md`` with test accuracy, F1, trainable parameters and train time.
+    ``attention_<name>.png`` (also in TensorBoard as ``attention/last_block``) and ``vit_<name>.md``
+    with test accuracy, F1, trainable parameters and train time, in ``<output.root>/attention/``
+    beside the runs, or in ``output.results`` when it is set.
 
     Args:
         configs: configs of the ViT run (``vit_mnist``: a small-input ViT-Tiny from scratch;
@@ -53,16 +58,17 @@ class AttentionMaps:
         rows, snapshots = {}, {}
         init = Path(self.pretrained) if self.pretrained else None
         if init is None and self.pretrain:
-            run_dir = fit(self.configs, f"{self.name}/pretrain", self.data, self.output)
+            run_dir = fit(self.configs, f"{self.name}/pretrain", self.data, self.output, "attention").run_dir
             rows["pretrained"] = _row(run_dir)
             init = final_phase(run_dir)[2]
         phases = [{"name": self.split, "split": self.split, "epochs": self.epochs}]
         for mode, finetune in self.modes.items():
-            extra = ["--model.finetune", json.dumps(finetune), "--schedule.phases", json.dumps(phases)]
+            overrides = {"model.finetune": finetune, "schedule.phases": phases}
             if not self.output.quick:
-                extra += ["--trainer.limit_train_batches", "null"]
-            run_dir = fit(self.configs, f"{self.name}/{mode}", self.data, self.output, *extra,
-                          *(["--model.init_from", str(init)] if init else []))
+                overrides["trainer.limit_train_batches"] = None
+            if init:
+                overrides["model.init_from"] = str(init)
+            run_dir = fit(self.configs, f"{self.name}/{mode}", self.data, self.output, "attention", overrides).run_dir
             rows[mode], snapshots[mode] = _row(run_dir), final_phase(run_dir)[2]
         if init is not None:
             snapshots = {"pretrained": init} | snapshots
@@ -71,10 +77,7 @@ class AttentionMaps:
         return rows
 
     def draw(self, snapshots: dict[str, Path]) -> None:
-        from music.cli import lightning
-
-        cli = lightning(["fit", *(a for c in self.configs for a in ("--config", c)), "--data.data_dir", self.data.data_dir,
-                         "--data.download", str(self.data.download).lower()], run=False)
+        cli = build(self.configs, {"data.data_dir": self.data.data_dir, "data.download": self.data.download})
         cli.datamodule.setup()
         test = cli.datamodule.dataset("test")
         pick = torch.linspace(0, len(test) - 1, self.images).long().tolist()
@@ -84,11 +87,10 @@ class AttentionMaps:
         with torch.no_grad():
             predictions = {mode: model(images).argmax(1) for mode, model in models.items()}
         fig = attention_figure(images, maps, labels, predictions)
-        Path(self.output.results).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(self.output.results) / f"attention_{self.name}.png", dpi=110)
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(str(Path(self.output.log_dir) / self.name / "attention")) as writer:
+        tables = self.output.tables("attention")
+        tables.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tables / f"attention_{self.name}.png", dpi=110)
+        with SummaryWriter(str(self.output.folder("attention") / self.name / "attention")) as writer:
             writer.add_figure("attention/last_block", fig)
 
     def write(self, rows: dict[str, dict], seconds: float) -> None:
@@ -98,7 +100,7 @@ class AttentionMaps:
         notes = (f"`music attention` with configs {self.configs}: fine-tuned on `{self.split}` for {self.epochs} epoch(s) "
                  f"per mode, modes {self.modes}. Machine: {machine(self.output.threads)}"
                  f"{'; quick (smoke) run' if self.output.quick else ''}. Total wall time {seconds:.0f} s.")
-        print(write_table(self.output.results, f"vit_{self.name}", f"ViT ({self.name}), as measured", notes, header,
+        print(write_table(self.output.tables("attention"), f"vit_{self.name}", f"ViT ({self.name}), as measured", notes, header,
                           display, [{"model": name, **r} for name, r in rows.items()]))
 
 
@@ -111,7 +113,6 @@ def _row(run_dir: Path) -> dict:
 def _plain_backbone(snapshot: Path, like: torch.nn.Module) -> torch.nn.Module:
     """The snapshot's network with LoRA merged into plain weights, in a fresh copy of ``like``
     (the config's backbone, attention materialised)."""
-    import copy
 
     with warnings.catch_warnings():  # "random weights": they are replaced from the snapshot
         warnings.simplefilter("ignore")

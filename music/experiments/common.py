@@ -1,7 +1,9 @@
-"""What the experiments share: where data and outputs go, fitting a shipped config, and tables.
+"""What the experiments share: where data and outputs go, fitting a shipped config, the results
+store with its one reuse rule, the one spread statistic, and the table writer.
 
 Every experiment trains through ``music fit`` with the shipped configs (the same entry point a
-user runs), so an experiment is a plan of runs plus a table, never a second training loop.
+user runs), so an experiment is a plan of runs plus a table, never a second training loop; and
+every experiment states its spread the same way, so tables compare.
 """
 
 from __future__ import annotations
@@ -9,16 +11,25 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
-from collections.abc import Sequence
+import socket
+import statistics
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from sqlalchemy.engine import Engine
 
 from music.checkpoint import write_atomically
+from music.dashboard import markdown_table
+from music.experiments import study_db
+from music.runner import RunResult, phase_metrics, run
 
 
 @dataclass
@@ -36,19 +47,25 @@ class Data:
 
 @dataclass
 class Output:
-    """Where an experiment writes.
+    """Where an experiment writes, and how its runs train. Every experiment writes under
+    ``<root>/<name>/`` (run directories, its database, tables and figures); the committed
+    ``results/`` folder changes only when ``results`` names it.
 
     Args:
-        log_dir: run directories (checkpoints, TensorBoard events, metrics), one per run.
-        results: the tables and figures it produces.
-        threads: torch CPU threads. Results are bitwise reproducible only at the same seed,
-            thread count and CPU; the committed results use 1.
+        root: the folder of every experiment's outputs, one subfolder each.
+        name: this experiment's subfolder of ``root`` (and a continual study's table name);
+            null: the command's name (``table1``, ``study``, ``continual``, ...).
+        results: publish the tables and figures to this folder instead of ``<root>/<name>``,
+            e.g. ``results`` to regenerate the committed ones; null: keep them under ``root``.
+        threads: torch CPU threads (a study grid: per cell). Results are bitwise reproducible
+            only at the same seed, thread count and CPU; the committed results use 1.
         quick: a smoke run: 5 loader steps an epoch (numbers meaningless, plumbing exercised).
         trainer_args: extra ``music fit`` arguments for every run, e.g. ``["--trainer.accelerator", "cpu"]``.
     """
 
-    log_dir: str = "lightning_logs"
-    results: str = "results"
+    root: str = "lightning_logs"
+    name: str | None = None
+    results: str | None = None
     threads: int = 1
     quick: bool = False
     trainer_args: list[str] = field(default_factory=list)
@@ -56,32 +73,64 @@ class Output:
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError(f"output.threads={self.threads} is not allowed: it must be an integer >= 1.")
+        if self.name is not None and (not self.name or Path(self.name).is_absolute() or ".." in Path(self.name).parts):
+            raise ValueError(f"output.name={self.name!r} is not allowed: give a folder name relative to output.root.")
+
+    def folder(self, experiment: str) -> Path:
+        """``<root>/<name>``: the experiment's runs, database, and (unpublished) tables."""
+        return Path(self.root) / (self.name or experiment)
+
+    def tables(self, experiment: str) -> Path:
+        """Where the tables and figures go: ``results`` if set, else the experiment's folder."""
+        return Path(self.results) if self.results else self.folder(experiment)
 
 
-def fit(configs: Sequence[str], name: str, data: Data, output: Output, *overrides: str) -> Path:
-    """``music fit --config <configs...>`` into ``<log_dir>/<name>``, quietly; returns the run directory."""
-    from music.cli import lightning
+def results_db(output: Output, experiment: str) -> Engine:
+    """The experiment's results store: the study database's schema, in ``<folder>/results.db``
+    (``music study`` keeps its grid in ``<folder>/study.db``)."""
+    folder = output.folder(experiment).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return study_db.connect(f"sqlite:///{folder / 'results.db'}")
 
+
+def reuse_or_run(engine: Engine, experiment: str, name: str, settings: dict[str, Any],
+                 work: Callable[[], tuple[dict[str, Any], Path, float]]) -> dict[str, Any]:
+    """The one "reuse if done" rule: a run is done when its result is in the database (written
+    in one transaction once it finished); a done run with the same ``settings`` is read back,
+    one with other settings is refused, and anything else runs (``work`` returns its result,
+    run directory and seconds) and is stored."""
+    stored = study_db.stored_run(engine, experiment, name)
+    if stored is not None:
+        if stored["fingerprint"] != study_db.fingerprint(settings):
+            raise ValueError(f"{experiment} run {name!r} in {engine.url} was finished with other settings "
+                             f"({stored['settings']}): use another output.root/output.name, or delete its row to re-run it.")
+        return json.loads(stored["result"])
+    result, folder, seconds = work()
+    study_db.record_run(engine, {"experiment": experiment, "name": name, "fingerprint": study_db.fingerprint(settings),
+                                 "settings": study_db.dumps(settings), "result": study_db.dumps(result),
+                                 "wall_seconds": seconds, "host": socket.gethostname(),
+                                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "run_dir": str(Path(folder).resolve())})
+    return result
+
+
+def fit(configs: Sequence[str], name: str, data: Data, output: Output, experiment: str,
+        overrides: dict[str, Any] | None = None) -> RunResult:
+    """``music fit --config <configs...>`` logged as ``name`` under the experiment's folder
+    (``<root>/<experiment>/<name>/version_N``), quietly."""
     torch.set_num_threads(output.threads)
-    args = ["fit", *(a for c in configs for a in ("--config", c)),
-            "--data.data_dir", data.data_dir, "--data.download", str(data.download).lower(),
-            "--trainer.logger.init_args.save_dir", output.log_dir, "--trainer.logger.init_args.name", name,
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    settings = {"data.data_dir": data.data_dir, "data.download": data.download,
+                "trainer.logger.init_args.save_dir": str(output.folder(experiment)),
+                "trainer.logger.init_args.name": name,
+                "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
     if output.quick:
-        args += ["--trainer.limit_train_batches", "5"]
-    cli = lightning([*args, *overrides, *output.trainer_args])
-    return Path(cli.trainer.log_dir)
-
-
-def phases(run_dir: Path) -> dict[str, dict]:
-    """The run's ``phase_metrics.json``, in phase order."""
-    records = json.loads((Path(run_dir) / "phase_metrics.json").read_text())
-    return dict(sorted(records.items(), key=lambda item: item[1]["index"]))
+        settings["trainer.limit_train_batches"] = 5
+    return run("fit", list(configs), settings | (overrides or {}), output.trainer_args)
 
 
 def final_phase(run_dir: Path) -> tuple[str, dict, Path]:
     """Name, test metrics and snapshot of a run's last phase."""
-    name, record = list(phases(run_dir).items())[-1]
+    name, record = list(phase_metrics(run_dir).items())[-1]
     return name, record, Path(run_dir) / "checkpoints" / f"phase-{record['index']}-{name}.ckpt"
 
 
@@ -95,22 +144,61 @@ def machine(threads: int | None = None) -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {threads} torch thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
-def write_table(out_dir: str | Path, name: str, title: str, notes: str, header: Sequence[str],
-                rows: Sequence[Sequence[Any]], csv_rows: Sequence[dict[str, Any]] | None = None) -> str:
-    """``<out_dir>/<name>.md`` (title, notes, a Markdown table of the display ``rows``) and
-    ``<out_dir>/<name>.csv`` (``csv_rows`` at full precision, or the display rows); returns the Markdown."""
-    lines = [f"# {title}", "", notes, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    markdown = "\n".join(lines) + "\n"
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1) and count of the values that are not NaN: the
+    one spread every table and error bar reports. The deviation of fewer than two values is NaN."""
+    values = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
+
+
+def mean_std_columns(rows: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and sample standard deviation (ddof=1; 0 for a single row, drawn as no
+    error bar) of a 2-D array of runs × points, for curves and error bars."""
+    rows = np.asarray(rows, dtype=float)
+    std = rows.std(0, ddof=1) if len(rows) > 1 else np.zeros(rows.shape[1:])
+    return rows.mean(0), std
+
+
+def fmt_mean_std(values: Iterable[float], digits: int = 3, scale: float = 1.0) -> str:
+    """``mean ± std`` (sample std), the mean alone for one value, ``–`` for none."""
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "–"
+    return f"{scale * mean:.{digits}f}" + ("" if n == 1 else f" ± {scale * std:.{digits}f}")
+
+
+def spread_note(counts: Iterable[int], unit: str = "seeds") -> str:
+    """The sentence every table states its spread with: ``mean ± sample std (ddof=1) over 5 seeds``."""
+    counts = sorted(set(counts))
+    if len(counts) == 1:
+        return f"mean ± sample std (ddof=1) over {counts[0]} {unit.removesuffix('s') if counts[0] == 1 else unit}"
+    return f"mean ± sample std (ddof=1) over {counts[0]}–{counts[-1]} {unit}"
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, Any]] | Sequence[Sequence[Any]],
+              header: Sequence[str] | None = None) -> None:
+    """One CSV file, written atomically: dict rows (their keys are the header) or plain rows under ``header``."""
     out = io.StringIO(newline="")
-    if csv_rows:
-        writer = csv.DictWriter(out, fieldnames=list(csv_rows[0]))
+    if rows and isinstance(rows[0], dict):
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(csv_rows)
     else:
         writer = csv.writer(out)
-        writer.writerow(header)
-        writer.writerows(rows)
+        if header is not None:
+            writer.writerow(header)
+    writer.writerows(rows)
+    write_atomically(Path(path), out.getvalue())
+
+
+def write_table(out_dir: str | Path, name: str, title: str, notes: str, header: Sequence[str],
+                rows: Sequence[Sequence[Any]], csv_rows: Sequence[dict[str, Any]] | None = None,
+                body: str | None = None) -> str:
+    """``<out_dir>/<name>.md`` (title, notes, then ``body`` or a Markdown table of the display
+    ``rows``) and ``<out_dir>/<name>.csv`` (``csv_rows`` at full precision, or the display rows);
+    returns the Markdown."""
+    markdown = f"# {title}\n\n{notes}\n\n" + (body if body is not None else markdown_table(header, rows) + "\n")
     write_atomically(Path(out_dir) / f"{name}.md", markdown)
-    write_atomically(Path(out_dir) / f"{name}.csv", out.getvalue())
+    write_csv(Path(out_dir) / f"{name}.csv", csv_rows or rows, None if csv_rows else header)
     return markdown

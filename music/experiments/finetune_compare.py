@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 from music.checkpoint import load_state_dict
-from music.experiments.common import Data, Output, final_phase, fit, machine, phases, write_table
+from music.experiments.common import Data, Output, final_phase, fit, machine, write_table
 from music.finetuning import merged_state_dict
 from music.module import Classifier
+from music.runner import phase_metrics
 from music.task_vector import TaskVector
 
 
@@ -18,7 +19,8 @@ class FineTuneCompare:
     each study's configs plus a mode delta (``full``: none; ``lora``; ``head_only``). Each final
     model is merged back to plain weights and turned into a task vector against the pretrained
     weights, which shows that a LoRA fine-tune is an ordinary state_dict for task arithmetic.
-    Writes ``<results>/finetuning.md`` and ``finetuning.csv``.
+    Writes ``finetuning.md`` and ``finetuning.csv`` in ``<output.root>/finetune-compare/``
+    beside the runs, or in ``output.results`` when it is set.
 
     Args:
         pretrained: a pretrain snapshot to start from; ``None`` pretrains with ``pretrain`` first.
@@ -39,8 +41,8 @@ class FineTuneCompare:
         self.data, self.output = data, output
 
     def run_mode(self, study: str, mode: str, init: Path) -> dict:
-        run_dir = fit([*self.studies[study], *self.modes[mode]], f"finetuning/{study}_{mode}", self.data,
-                      self.output, "--model.init_from", str(init))
+        run_dir = fit([*self.studies[study], *self.modes[mode]], f"{study}_{mode}", self.data, self.output,
+                      "finetune-compare", {"model.init_from": str(init)}).run_dir
         last, metrics, snapshot = final_phase(run_dir)
         costs = json.loads((run_dir / "phase_costs.json").read_text())
         model = Classifier.load_from_checkpoint(snapshot, weights_only=True)
@@ -51,13 +53,13 @@ class FineTuneCompare:
         return {"study": study, "mode": mode, "acc": metrics["acc"], "f1": metrics["f1"],
                 **{f"acc_{c}": metrics[f"recall/{c}"] for c in held_out},
                 "trainable_params": costs[last]["trainable_params"],
-                "train_seconds": sum(costs[p]["train_seconds"] for p in phases(run_dir)),
+                "train_seconds": sum(costs[p]["train_seconds"] for p in phase_metrics(run_dir)),
                 "task_vector_norm": TaskVector.from_state_dicts(base, merged).norm(), "run_dir": str(run_dir)}
 
     def run(self) -> list[dict]:
         start = time.perf_counter()
-        init = Path(self.pretrained) if self.pretrained else final_phase(fit(self.pretrain, "finetuning/pretrain",
-                                                                             self.data, self.output))[2]
+        init = Path(self.pretrained) if self.pretrained else final_phase(fit(self.pretrain, "pretrain", self.data,
+                                                                             self.output, "finetune-compare").run_dir)[2]
         if not init.is_file():
             raise FileNotFoundError(f"pretrained={str(init)!r} does not exist: give a pretrain snapshot (.ckpt).")
         _, pretrained, _ = final_phase(init.parent.parent)
@@ -79,5 +81,5 @@ class FineTuneCompare:
                  f"merged keys equal the base keys in every mode). Machine: {machine(self.output.threads)}. "
                  f"Extra arguments: {self.output.trainer_args or 'none'}{'; quick (smoke) run' if self.output.quick else ''}. "
                  f"Total wall time {seconds:.0f} s.")
-        print(write_table(self.output.results, "finetuning", "Full fine-tuning vs LoRA vs head-only, as measured",
+        print(write_table(self.output.tables("finetune-compare"), "finetuning", "Full fine-tuning vs LoRA vs head-only, as measured",
                           notes, header, display, rows))

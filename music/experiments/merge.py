@@ -29,7 +29,7 @@ from jsonargparse import lazy_instance
 from torch import Tensor
 
 from music.checkpoint import load_state_dict, write_atomically
-from music.cli import lightning
+from music.runner import lightning
 from music.config import BASE_CONFIG
 from music.continual import per_class_accuracy
 from music.merging import MergeMethod, Recipe, Source, TaskArithmetic

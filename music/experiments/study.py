@@ -19,9 +19,9 @@ phases, learning rate and seed filled in:
 Cells are Dask tasks: each seed's pretraining is a task and its fine-tuning cells depend on it.
 By default they run on an in-process ``LocalCluster`` (one single-threaded worker process per
 core); ``--study.scheduler tcp://host:8786`` runs them on any Dask cluster, whose workers reach
-``study.runs_dir`` and ``data.data_dir`` at the same paths (a shared directory). A cell's files go to
-``<runs_dir>/seed_<s>/<cell>/`` (``--run_dir``: phase snapshots, ``phase_metrics.json``,
-accuracy matrix, ``config.yaml``, ``cell.log``); the logger (``study.logger``, any Lightning
+the study folder (``<output.root>/<output.name>``) and ``data.data_dir`` at the same paths (a
+shared directory). A cell's files go to ``<study folder>/seed_<s>/<cell>/`` (``--run_dir``: phase
+snapshots, ``phase_metrics.json``, accuracy matrix, ``config.yaml``, ``cell.log``); the logger (``study.logger``, any Lightning
 logger) only logs. A finished cell is a row in the study database (``study_db``), written in
 one transaction by the worker that ran it: a restarted grid skips the cells stored there and
 an interrupted cell resumes from its ``last.ckpt``. Each row holds a fingerprint of the
@@ -32,230 +32,33 @@ cell runs. The report (``study_report``) is made by queries on that database.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import csv
 import importlib
 import inspect
-import itertools
 import json
 import os
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import dask
+import torch
 import yaml
+from distributed import Client, LocalCluster, as_completed
 
 from music.callbacks import START
-from music.config import BASE_CONFIG, config_path
+from music.config import BASE_CONFIG
+from music.continual import accuracy_on
 from music.experiments import study_db
-from music.experiments.common import Data
-
-
-@dataclass
-class Cell:
-    """One run of the grid. ``kind`` is pretrain, joint, seq, merged, replay or method;
-    ``config`` the shipped config it is built on, ``method`` the method config added to it."""
-
-    seed: int
-    kind: str
-    name: str
-    config: str
-    phases: list[dict]
-    lr: float
-    ordering: list[int] | None = None
-    replay_size: int = 0
-    method: str | None = None
-
-    @property
-    def needs_pretrained(self) -> bool:
-        return self.kind in ("seq", "merged", "replay", "method")
-
-    @property
-    def label(self) -> str:
-        return f"seed_{self.seed}/{self.name}"
-
-
-@dataclass
-class Grid:
-    """The grid and where it runs.
-
-    Args:
-        seeds: one replicate per seed: its own pretrained model (and held-out samples, with
-            ``split_seed_follows_seed``).
-        held_out_classes: the classes fine-tuned on, one phase each in sequential cells.
-        orderings: the sequential orderings; null: every permutation of ``held_out_classes``.
-        lrs: the fine-tuning learning rates.
-        pretrain_lr: learning rate of pretraining and of the joint model.
-        pretrain_epochs: epochs of pretraining on ``remaining``.
-        finetune_epochs: epochs of every fine-tuning phase.
-        joint_epochs: epochs of the joint model; null: as many as ``pretrain_epochs``.
-        replay_size: ``remaining`` samples mixed into every phase of the replay cells (0: none).
-        methods: continual-learning method configs (shipped names such as ``ewc``, ``si``,
-            ``lwf``, ``replay``, ``online_ewc``, or paths); each adds one cell per learning rate,
-            sequential in the first ordering. ``[]``: no method cells.
-        samples_per_class: held-out samples per class (``data.samples_per_class``); null: the
-            data config's; ``all``: every training sample of the held-out classes, so that
-            ``remaining`` has none and each task is a class the pretrained model never saw.
-        split_seed_follows_seed: each seed also draws its own held-out samples.
-        limit_train_batches: batches per epoch (smoke grids); null: all.
-        runs_dir: the study folder: run directories and the default database. Remote workers
-            must see it at the same path (a shared directory, e.g. NFS).
-        out: where the report (``REPORT.md``, figures, CSV files) goes.
-        workers: worker processes of the default ``LocalCluster``; null: one per core.
-        threads: torch threads per cell (the grid, not the cell, is the parallelism).
-        scheduler: a Dask scheduler address (``tcp://host:8786``); null: a ``LocalCluster``
-            in this process.
-        db: an SQLAlchemy URL of the results database; null: ``sqlite:///<runs_dir>/study.db``.
-        logger: the Lightning logger of every cell (``{class_path: ..., init_args: {...}}``);
-            null: the shipped configs' TensorBoard logger. ``save_dir`` defaults to the cell's run
-            directory, ``run_name`` (MLflow) to ``seed_<s>/<cell>``, ``tags`` to the cell's.
-        accelerator: the cells' Lightning accelerator. With ``gpu`` every cell asks its Dask
-            worker for the resource ``GPU=1``: only workers started with ``--resources GPU=1``
-            take it.
-    """
-
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    held_out_classes: list[int] = field(default_factory=lambda: [3, 4, 7])
-    orderings: list[list[int]] | None = None
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
-    pretrain_lr: float = 1e-3
-    pretrain_epochs: int = 5
-    finetune_epochs: int = 10
-    joint_epochs: int | None = None
-    replay_size: int = 300
-    methods: list[str] = field(default_factory=list)
-    samples_per_class: int | Literal["all"] | None = None
-    split_seed_follows_seed: bool = True
-    limit_train_batches: int | None = None
-    runs_dir: str = "study_runs"
-    out: str = "results"
-    workers: int | None = None
-    threads: int = 1
-    scheduler: str | None = None
-    db: str | None = None
-    logger: dict | None = None
-    accelerator: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if not self.seeds:
-            raise ValueError("seeds is empty: give at least one seed.")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds} repeats a seed: each seed is one replicate.")
-        if not self.lrs or any(not lr > 0 for lr in self.lrs):
-            raise ValueError(f"lrs={self.lrs} is not allowed: give at least one learning rate, each > 0.")
-        for name in ("pretrain_epochs", "finetune_epochs", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is not allowed: it must be >= 1.")
-        if self.joint_epochs is not None and self.joint_epochs < 1:
-            raise ValueError(f"joint_epochs={self.joint_epochs} is not allowed: it must be >= 1 (or null).")
-        if self.replay_size < 0:
-            raise ValueError(f"replay_size={self.replay_size} is not allowed: it must be >= 0 (0: no replay cells).")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers={self.workers} is not allowed: it must be >= 1 (or null for one per core).")
-        if self.scheduler is not None and "://" not in self.scheduler:
-            raise ValueError(f"scheduler={self.scheduler!r} is not a Dask scheduler address: give e.g. tcp://host:8786.")
-        if self.logger is not None and "class_path" not in self.logger:
-            raise ValueError(f"logger={self.logger} has no class_path: give {{class_path: ..., init_args: {{...}}}}.")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods={self.methods} repeats a method.")
-        if self.methods:
-            for method in self.methods:
-                try:
-                    config_path(method)  # an unknown method config fails here, before any cell runs
-                except FileNotFoundError as err:
-                    raise ValueError(f"methods: {err}") from None
-        if self.samples_per_class is not None and self.samples_per_class != "all" and (
-                not isinstance(self.samples_per_class, int) or self.samples_per_class < 1):
-            raise ValueError(f"samples_per_class={self.samples_per_class!r} is not allowed: give an integer >= 1, "
-                             "'all', or null.")
-        if self.orderings is None:
-            self.orderings = [list(p) for p in itertools.permutations(self.held_out_classes)]
-        for ordering in self.orderings:
-            if sorted(ordering) != sorted(self.held_out_classes):
-                raise ValueError(f"ordering {ordering} is not a permutation of held_out_classes {self.held_out_classes}.")
-
-    @property
-    def db_url(self) -> str:
-        return self.db or f"sqlite:///{Path(self.runs_dir).resolve() / 'study.db'}"
-
-    def quick(self) -> Grid:
-        """A smoke version of the same grid: one seed, two orderings, one learning rate, one
-        epoch per phase of 5 batches, in ``<runs_dir>/quick`` with its database and report."""
-        return replace(self, seeds=self.seeds[:1], orderings=self.orderings[:2], lrs=self.lrs[:1], pretrain_epochs=1,
-                       finetune_epochs=1, joint_epochs=1, limit_train_batches=5,
-                       runs_dir=str(Path(self.runs_dir) / "quick"), out=str(Path(self.runs_dir) / "quick" / "report"),
-                       db=None)
-
-
-def lr_tag(lr: float) -> str:
-    return f"lr{lr:.0e}".replace("e-0", "e-")
-
-
-def method_name(method: str) -> str:
-    """A method config's name in cell names and tables: ``ewc`` for ``ewc`` or ``path/ewc.yaml``."""
-    return Path(method).stem
-
-
-def plan(grid: Grid) -> list[Cell]:
-    """Every cell of the grid, pretraining first."""
-    cells = []
-    fine = grid.finetune_epochs
-
-    def one_phase_per_class(ordering: list[int]) -> list[dict]:
-        return [{"name": f"class_{c}", "split": f"class_{c}", "epochs": fine} for c in ordering]
-
-    for seed in grid.seeds:
-        cells.append(Cell(seed, "pretrain", "pretrain", "pretrain",
-                          [{"name": "pretrain", "split": "remaining", "epochs": grid.pretrain_epochs}], grid.pretrain_lr))
-    for seed in grid.seeds:
-        cells.append(Cell(seed, "joint", "joint", "pretrain",
-                          [{"name": "joint", "split": "train", "epochs": grid.joint_epochs or grid.pretrain_epochs}],
-                          grid.pretrain_lr))
-        for lr in grid.lrs:
-            for ordering in grid.orderings:
-                cells.append(Cell(seed, "seq", f"seq_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
-                                  one_phase_per_class(ordering), lr, list(ordering)))
-            cells.append(Cell(seed, "merged", f"merged_{lr_tag(lr)}", "merged_finetune",
-                              [{"name": "merged", "split": "merged", "epochs": fine}], lr))
-            if grid.replay_size:
-                ordering = grid.orderings[0]
-                cells.append(Cell(seed, "replay", f"replay_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
-                                  one_phase_per_class(ordering), lr, list(ordering), grid.replay_size))
-            for method in grid.methods:
-                ordering = grid.orderings[0]
-                cells.append(Cell(seed, "method", f"method_{method_name(method)}_{'-'.join(map(str, ordering))}_{lr_tag(lr)}",
-                                  "seq_finetune", one_phase_per_class(ordering), lr, list(ordering), method=method))
-    return cells
-
-
-def cell_dir(grid: Grid, cell: Cell) -> Path:
-    return Path(grid.runs_dir) / f"seed_{cell.seed}" / cell.name
-
-
-def pretrained_checkpoint(grid: Grid, seed: int) -> Path:
-    return Path(grid.runs_dir) / f"seed_{seed}" / "pretrain" / "checkpoints" / "phase-0-pretrain.ckpt"
-
-
-def determinants(grid: Grid, cell: Cell) -> dict:
-    """What determines a cell's result (not where files live, nor how it is scheduled). Keys
-    of settings left at their defaults are left out, so the cells of a grid made without them
-    keep their fingerprints."""
-    described = asdict(cell)
-    if described["method"] is None:
-        del described["method"]
-    out = {"cell": described, "held_out": grid.held_out_classes, "limit": grid.limit_train_batches,
-           "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "accelerator": grid.accelerator,
-           "pretrain": [grid.pretrain_epochs, grid.pretrain_lr] if cell.needs_pretrained else None}
-    if grid.samples_per_class is not None:
-        out["samples_per_class"] = grid.samples_per_class
-    return out
-
-
-def fingerprint(grid: Grid, cell: Cell) -> str:
-    return hashlib.sha256(json.dumps(determinants(grid, cell), sort_keys=True).encode()).hexdigest()[:16]
+from music.experiments.common import Data, Output
+from music.experiments.study_grid import Cell, Grid, cell_dir, determinants, fingerprint, plan, pretrained_checkpoint
+from music.experiments.study_report import write_report
+from music.runner import lightning
+from music.speed import plain_process_malloc
 
 
 def cell_logger(grid: Grid, cell: Cell) -> dict:
@@ -318,11 +121,6 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
     """Run one cell (``music fit`` in this process) and store it in the database; a cell
     stored already is not run again, an interrupted one resumes from its ``last.ckpt``.
     ``after``: the results this cell waits for (its seed's pretraining)."""
-    import torch
-
-    from music.cli import lightning
-    from music.speed import plain_process_malloc
-
     engine = study_db.connect(grid.db_url)
     if study_db.has_cell(engine, cell.seed, cell.name):  # re-run after its worker died: stored once
         return {"cell": cell.label, "ran": False}
@@ -348,10 +146,6 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
 
 def read_cell(grid: Grid, cell: Cell, run_dir: Path, seconds: float, resumed: bool) -> tuple[dict, list, list]:
     """The database rows of a finished cell, from the files its run wrote."""
-    import csv
-
-    from music.continual import accuracy_on
-
     metrics = json.loads((run_dir / "continual_metrics.json").read_text())
     phase_metrics = json.loads((run_dir / "phase_metrics.json").read_text())
     costs = json.loads((run_dir / "phase_costs.json").read_text())
@@ -392,8 +186,8 @@ def check_stored(grid: Grid, cells: list[Cell], engine) -> set[tuple[int, str]]:
         recorded = stored.get((cell.seed, cell.name))
         if recorded is not None and recorded != fingerprint(grid, cell):
             raise ValueError(f"{cell.label} in {grid.db_url} was finished with other settings (fingerprint {recorded}, "
-                             f"this grid's {fingerprint(grid, cell)}): use another runs_dir/db, or delete that cell's "
-                             "rows to re-run it.")
+                             f"this grid's {fingerprint(grid, cell)}): use another output.root/output.name/study.db, or "
+                             "delete that cell's rows to re-run it.")
     return {key for key in stored if key in {(c.seed, c.name) for c in cells}}
 
 
@@ -401,9 +195,6 @@ def check_stored(grid: Grid, cells: list[Cell], engine) -> set[tuple[int, str]]:
 def dask_client(grid: Grid):
     """A client of ``grid.scheduler``, or of a ``LocalCluster`` of single-threaded worker
     processes started (and stopped) here. An unreachable scheduler is a ``ValueError``."""
-    import dask
-    from distributed import Client, LocalCluster
-
     if grid.scheduler is not None:
         try:
             client = Client(grid.scheduler, timeout="5s")
@@ -435,11 +226,9 @@ def priority(cell: Cell) -> int:
 def run_grid(grid: Grid, data: Data, log=print) -> dict:
     """Run every unfinished cell on Dask and return ``{"ran", "skipped", "failed", "seconds"}``.
     Bad settings, database or scheduler fail before any cell runs."""
-    from distributed import as_completed
-
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
-    grid = replace(grid, runs_dir=str(Path(grid.runs_dir).resolve()))
+    grid = grid.placed(Path(grid.runs_dir).resolve(), grid.out, grid.threads)
     data = replace(data, data_dir=str(Path(data.data_dir).resolve()))  # every worker reads it at this path
     cells = plan(grid)
     if grid.db is None:
@@ -490,16 +279,23 @@ class Study:
         study: the grid, its cluster and its database.
         data: where MNIST is (``--data.data_dir``; downloaded if missing and ``download``): a
             path every worker can read.
-        quick: run a smoke version of the grid instead (see ``Grid.quick``).
+        output: the study folder ``<root>/<name>`` (run directories, ``study.db``, the report
+            unless ``results`` is set; a shared directory for a multi-machine cluster), torch
+            threads per cell, and ``quick``: a smoke version of the grid in ``<study folder>/quick``
+            (see ``Grid.quick``). ``trainer_args`` are not used: a cell is its ``cell.yaml``.
         report_only: only (re)write the report from the database.
         query: an SQL query on the study database; its result is printed and nothing runs
             (e.g. ``SELECT ordering, AVG(final_acc) FROM cells WHERE kind='seq' AND lr=1e-4
             GROUP BY ordering``).
     """
 
-    def __init__(self, study: Grid, data: Data = Data(), quick: bool = False, report_only: bool = False,
+    def __init__(self, study: Grid, data: Data = Data(), output: Output = Output(), report_only: bool = False,
                  query: str | None = None) -> None:
-        self.grid = study.quick() if quick else study
+        if output.trainer_args:
+            raise ValueError(f"output.trainer_args={output.trainer_args} is not allowed for music study: a cell's settings "
+                             "are its cell.yaml; set them under study: (e.g. study.accelerator).")
+        grid = study.placed(output.folder("study"), output.tables("study"), output.threads)
+        self.grid = grid.quick() if output.quick else grid
         self.data = data
         self.report_only = report_only
         self.query = query
@@ -514,8 +310,6 @@ class Study:
         result = {"ran": [], "skipped": [], "failed": {}, "seconds": None}
         if not self.report_only:
             result = run_grid(self.grid, self.data)
-        from music.experiments.study_report import write_report
-
         print(f"report: {write_report(self.grid, self.data)}")
         if result["failed"]:
             print(f"{len(result['failed'])} cells failed:\n" + "\n".join(f"  {k}: {v}" for k, v in result["failed"].items()),

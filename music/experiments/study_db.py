@@ -1,10 +1,10 @@
 """The study database: one row per finished cell, its accuracy matrix and its metrics.
 
 Any SQLAlchemy URL works: the default is a SQLite file in the study folder
-(``sqlite:///<runs_dir>/study.db``); a team that runs one grid from several machines points
-``--study.db`` at one PostgreSQL (``postgresql://user@host/db``, with a driver such as
-``psycopg2`` installed). A cell is written in ONE transaction by the worker that ran it, so
-the database holds a cell completely or not at all, and holding it is what "finished" means.
+(``sqlite:///<output.root>/<output.name>/study.db``); a team that runs one grid from several
+machines points ``--study.db`` at one PostgreSQL (``postgresql://user@host/db``, with a driver
+such as ``psycopg2`` installed). A cell is written in ONE transaction by the worker that ran it,
+so the database holds a cell completely or not at all, and holding it is what "finished" means.
 
 Schema (documented in ``docs/study.md``, queried by ``study_report.py``):
 
@@ -25,10 +25,15 @@ Schema (documented in ``docs/study.md``, queried by ``study_report.py``):
   counts of that true class; NULL for row 0, which only the accuracy matrix keeps).
 - ``grid_runs``: one row per ``music study`` invocation — ``started_at``, ``seconds``,
   ``workers``, ``scheduler``, ``ran``, ``skipped``, ``failed``, ``host``.
+- ``experiment_runs``: one row per finished run of another experiment (``music table1``,
+  ``music continual``) — ``experiment``, ``name``, ``fingerprint``, ``settings`` (JSON),
+  ``result`` (JSON: what its table is made from), ``wall_seconds``, ``host``, ``finished_at``,
+  ``run_dir``. ``(experiment, name)`` is unique.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -99,6 +104,21 @@ grid_runs = Table(
     Column("skipped", Integer),
     Column("failed", Integer),
     Column("host", String(255)),
+)
+
+experiment_runs = Table(
+    "experiment_runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("experiment", String(100), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("settings", Text, nullable=False),
+    Column("result", Text, nullable=False),
+    Column("wall_seconds", Float),
+    Column("host", String(255)),
+    Column("finished_at", String(40)),
+    Column("run_dir", Text),
+    UniqueConstraint("experiment", "name", name="one_row_per_experiment_run"),
 )
 
 _engines: dict[str, Engine] = {}
@@ -202,3 +222,26 @@ def query(engine: Engine, sql: str) -> tuple[list[str], list[tuple]]:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def fingerprint(settings: Any) -> str:
+    """The hash a stored result is matched by: of the settings that determine it, as JSON."""
+    return hashlib.sha256(dumps(settings).encode()).hexdigest()[:16]
+
+
+def stored_run(engine: Engine, experiment: str, name: str) -> dict | None:
+    """The stored row of an experiment's run, or None if it has not finished."""
+    with engine.connect() as conn:
+        row = conn.execute(select(experiment_runs).where(experiment_runs.c.experiment == experiment,
+                                                         experiment_runs.c.name == name)).first()
+    return None if row is None else dict(row._mapping)
+
+
+def record_run(engine: Engine, row: dict[str, Any]) -> bool:
+    """Write a finished run in one transaction; False (and nothing written) if it is there already."""
+    with engine.begin() as conn:
+        if conn.execute(select(experiment_runs.c.id).where(experiment_runs.c.experiment == row["experiment"],
+                                                           experiment_runs.c.name == row["name"])).first():
+            return False
+        conn.execute(insert(experiment_runs).values(**row))
+    return True

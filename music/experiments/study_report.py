@@ -9,7 +9,6 @@ model's (same seed, same pretrained checkpoint, same learning rate).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -20,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from music.checkpoint import write_atomically
+from music.dashboard import markdown_table
+from music.data import MusicDataModule
+from music.eda import class_counts, write_pngs
 from music.experiments import study_db
-from music.experiments.common import Data
-from music.experiments.study import Cell, Grid as Settings, method_name, plan
+from music.experiments.common import Data, fmt_mean_std, mean_std, mean_std_columns, spread_note, write_csv
+from music.experiments.study_grid import Cell, Grid as Settings, method_name, plan
 from music.plots import pyplot
 
 METRICS = study_db.METRICS
@@ -58,16 +61,8 @@ def nan(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def mean_std(values: list[float]) -> tuple[float, float, int]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan, 0
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    mean, std, n = mean_std(values)
-    return "–" if n == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def fmt(values: list[float]) -> str:
+    return fmt_mean_std(values, 3)
 
 
 def order_name(cell: Cell) -> str:
@@ -112,19 +107,16 @@ def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict
 
 def reference_table(records: list[dict], settings: Settings) -> list[str]:
     columns = ["final_acc", "held_out_acc", "untouched_acc", "untouched_forgetting", "collapse_share"]
-    lines = ["| model | cells | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-    for name, rs in groups(records, settings):
-        lines.append(f"| {name} | {len(rs)} | " + " | ".join(fmt([nan(r['metrics'].get(c)) for r in rs]) for c in columns) + " |")
-    return lines
+    rows = [[name, len(rs), *(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns)]
+            for name, rs in groups(records, settings)]
+    return [markdown_table(["model", "cells", *(LABELS[c] for c in columns)], rows)]
 
 
 def continual_table(records: list[dict], settings: Settings) -> list[str]:
     columns = ["average_accuracy", "backward_transfer", "mean_forgetting", "untouched_forgetting", "collapse_share"]
-    lines = ["| model | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name, rs in groups(records, settings)[2:]:
-        if rs and rs[0]["cell"].kind in ("seq", "replay", "method"):
-            lines.append(f"| {name} | " + " | ".join(fmt([nan(r['metrics'].get(c)) for r in rs]) for c in columns) + " |")
-    return lines
+    rows = [[name, *(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns)]
+            for name, rs in groups(records, settings)[2:] if rs and rs[0]["cell"].kind in ("seq", "replay", "method")]
+    return [markdown_table(["model", *(LABELS[c] for c in columns)], rows)]
 
 
 def methods_table(records: list[dict], settings: Settings) -> list[str]:
@@ -132,19 +124,17 @@ def methods_table(records: list[dict], settings: Settings) -> list[str]:
     one, replay of `remaining` and merged: like with like (same seeds, checkpoints, phases)."""
     first = settings.orderings[0]
     columns = ["final_acc", "held_out_acc", "untouched_acc", "mean_forgetting", "untouched_forgetting", "backward_transfer"]
-    lines = ["| lr | fine-tuning | seeds | " + " | ".join(LABELS[c] for c in columns) + " |",
-             "|---|---|---:|" + "---:|" * len(columns)]
     rows = [("none (sequential)", lambda c: c.kind == "seq" and c.ordering == first)]
     if settings.replay_size:
         rows.append((f"replay of {settings.replay_size} `remaining` samples", lambda c: c.kind == "replay"))
     rows += [(method_name(m), lambda c, m=m: c.kind == "method" and c.method == m) for m in settings.methods]
     rows.append(("merged (all classes at once)", lambda c: c.kind == "merged"))
+    table = []
     for lr in settings.lrs:
         for label, chosen in rows:
             rs = [r for r in records if r["cell"].lr == lr and chosen(r["cell"])]
-            lines.append(f"| {lr:g} | {label} | {len(rs)} | "
-                         + " | ".join(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns) + " |")
-    return lines
+            table.append([f"{lr:g}", label, len(rs), *(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns)])
+    return [markdown_table(["lr", "fine-tuning", "seeds", *(LABELS[c] for c in columns)], table)]
 
 
 def comparisons(records: list[dict], settings: Settings) -> dict:
@@ -160,19 +150,18 @@ def comparisons(records: list[dict], settings: Settings) -> dict:
 
 def ordering_table(records: list[dict], settings: Settings) -> list[str]:
     diffs = comparisons(records, settings)
-    lines = ["| ordering | " + " | ".join(f"lr {lr:g}: test acc" for lr in settings.lrs) + " | "
-             + " | ".join(f"lr {lr:g}: wins vs merged" for lr in settings.lrs) + " |",
-             "|---|" + "---:|" * (2 * len(settings.lrs))]
+    rows = []
     for ordering in settings.orderings:
         name = arrow(ordering)
         accs = [fmt([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "seq" and r["cell"].lr == lr
                      and r["cell"].ordering == ordering]) for lr in settings.lrs]
         wins = [f"{sum(d > 0 for d in diffs[lr].get(name, []))}/{len(diffs[lr].get(name, []))}" for lr in settings.lrs]
-        lines.append(f"| {name} | " + " | ".join(accs) + " | " + " | ".join(wins) + " |")
+        rows.append([name, *accs, *wins])
     merged = [fmt([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "merged" and r["cell"].lr == lr])
               for lr in settings.lrs]
-    lines.append("| merged | " + " | ".join(merged) + " |" + " |" * len(settings.lrs))
-    return lines
+    rows.append(["merged", *merged, *([""] * len(settings.lrs))])
+    return [markdown_table(["ordering", *(f"lr {lr:g}: test acc" for lr in settings.lrs),
+                            *(f"lr {lr:g}: wins vs merged" for lr in settings.lrs)], rows)]
 
 
 def statement(records: list[dict], settings: Settings, train_size: int) -> list[str]:
@@ -190,7 +179,7 @@ def statement(records: list[dict], settings: Settings, train_size: int) -> list[
                    else f"beat merged in {wins} of {n} cells")
         lines.append(
             f"- **lr {lr:g}**: sequential {verdict} ({wins}/{n} seed × ordering cells); the final test accuracy "
-            f"of sequential minus merged is {mean:+.3f} ± {std:.3f} (mean ± std over cells). "
+            f"of sequential minus merged is {mean:+.3f}{'' if n == 1 else f' ± {std:.3f}'} ({spread_note([n], 'cells')}). "
             + (f"Orderings better than merged on average: {', '.join(better)}." if better
                else "No ordering is better than merged on average.")
         )
@@ -242,19 +231,20 @@ def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
                 continue
             acc = np.array([[float(row["acc"]) for row in r["rows"]] for r in rs])
             label = arrow(ordering) + (f" + replay {settings.replay_size}" if kind == "replay" else "")
-            line, = ax.plot(range(acc.shape[1]), acc.mean(0), marker="o", label=label,
+            mean, std = mean_std_columns(acc)
+            line, = ax.plot(range(acc.shape[1]), mean, marker="o", label=label,
                             linestyle="--" if kind == "replay" else "-", linewidth=2.5 if kind == "replay" else 1.5)
-            ax.fill_between(range(acc.shape[1]), acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0),
-                            color=line.get_color(), alpha=0.15)
+            ax.fill_between(range(acc.shape[1]), mean - std, mean + std, color=line.get_color(), alpha=0.15)
         merged = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "merged" and r["cell"].lr == lr]
         if merged:
-            ax.errorbar([len(settings.held_out_classes)], [np.mean(merged)], [np.std(merged)], fmt="ks", label="merged")
+            mean, std = mean_std_columns(np.array(merged)[:, None])
+            ax.errorbar([len(settings.held_out_classes)], mean, std, fmt="ks", label="merged")
         for kind, style in (("pretrain", ":"), ("joint", "-.")):
             if reference[kind]:
                 ax.axhline(np.mean(reference[kind]), color="grey", linestyle=style, label="pretrained" if kind == "pretrain" else "joint")
         ax.set(title=f"fine-tuning lr {lr:g}", xlabel="after phase (0: pretrained)", xticks=range(len(settings.held_out_classes) + 1))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
+    axes[0][0].set_ylabel("test accuracy (mean ± sample std over seeds)")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -274,11 +264,12 @@ def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None
             drop = np.array([[float(r["rows"][0][f"acc_{c}"]) - float(r["rows"][-1][f"acc_{c}"])
                               for c in range(len(r["confusion"]))] for r in rs])
             x = np.arange(drop.shape[1]) + (i - (len(kinds) - 1) / 2) * 0.8 / len(kinds)
-            ax.bar(x, drop.mean(0), 0.8 / len(kinds), yerr=drop.std(0), label=kind, capsize=2)
+            mean, std = mean_std_columns(drop)
+            ax.bar(x, mean, 0.8 / len(kinds), yerr=std, label=kind, capsize=2)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(title=f"lr {lr:g}", xlabel="class", xticks=range(10))
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("pretrained acc − final acc")
+    axes[0][0].set_ylabel("pretrained acc − final acc (mean ± sample std)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Forgetting per class (negative: the class was learned)")
     fig.tight_layout()
@@ -293,9 +284,9 @@ def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
         for kind, label in (("seq", "sequential (all orderings)"), ("merged", "merged"), ("replay", f"sequential + replay {settings.replay_size}")):
             points = [(lr, [nan(r["metrics"].get(metric)) for r in records if r["cell"].kind == kind and r["cell"].lr == lr])
                       for lr in settings.lrs]
-            points = [(lr, v) for lr, v in points if v]
+            points = [(lr, mean_std(v)) for lr, v in points if v]
             if points:
-                ax.errorbar([p[0] for p in points], [np.mean(p[1]) for p in points], [np.std(p[1]) for p in points],
+                ax.errorbar([p[0] for p in points], [p[1][0] for p in points], [_bar(p[1][1]) for p in points],
                             marker="o", capsize=3, label=label)
         for kind, style in (("pretrain", ":"), ("joint", "-.")):
             values = [nan(r["metrics"].get(metric)) for r in records if r["cell"].kind == kind]
@@ -303,7 +294,7 @@ def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
                 ax.axhline(np.nanmean(values), color="grey", linestyle=style, label="pretrained" if kind == "pretrain" else "joint")
         ax.set(xscale="log", xlabel="fine-tuning learning rate", title=LABELS[metric])
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean ± std over cells")
+    axes[0][0].set_ylabel("mean ± sample std over cells")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -349,21 +340,15 @@ def _num(value) -> str:
 
 
 def write_csvs(records: list[dict], out: Path) -> None:
-    with open(out / "study_cells.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["seed", "kind", "method", "cell", "lr", "ordering", "replay_size", *METRICS, "seconds"])
-        for r in records:
-            c = r["cell"]
-            writer.writerow([c.seed, c.kind, c.method or "", c.name, c.lr, order_name(c), c.replay_size,
-                             *(f"{nan(r['metrics'].get(m)):.4f}" for m in METRICS), f"{r['seconds']:.1f}"])
-    with open(out / "study_accuracy_matrices.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        header = ["seed", "cell", "row", "phase", *(f"acc_{c}" for c in range(10)), "acc"]
-        writer.writerow(header)
-        for r in records:
-            for row in r["rows"]:
-                writer.writerow([r["cell"].seed, r["cell"].name, row["row"], row["phase"],
-                                 *(_num(row.get(f"acc_{c}")) for c in range(10)), _num(row["acc"])])
+    write_csv(out / "study_cells.csv",
+              [[r["cell"].seed, r["cell"].kind, r["cell"].method or "", r["cell"].name, r["cell"].lr,
+                order_name(r["cell"]), r["cell"].replay_size, *(f"{nan(r['metrics'].get(m)):.4f}" for m in METRICS),
+                f"{r['seconds']:.1f}"] for r in records],
+              ["seed", "kind", "method", "cell", "lr", "ordering", "replay_size", *METRICS, "seconds"])
+    write_csv(out / "study_accuracy_matrices.csv",
+              [[r["cell"].seed, r["cell"].name, row["row"], row["phase"], *(_num(row.get(f"acc_{c}")) for c in range(10)),
+                _num(row["acc"])] for r in records for row in r["rows"]],
+              ["seed", "cell", "row", "phase", *(f"acc_{c}" for c in range(10)), "acc"])
 
 
 def write_report(settings: Settings, data: Data) -> Path:
@@ -377,7 +362,7 @@ def write_report(settings: Settings, data: Data) -> Path:
     write_csvs(records, out)
     grid = Path(settings.runs_dir) / "grid.json"
     if grid.exists():  # the settings and cell list travel with the report (run directories do not)
-        (out / "study_grid.json").write_text(grid.read_text())
+        write_atomically(out / "study_grid.json", grid.read_text())
     plot_phases(records, settings, figures / "accuracy_after_each_phase.png")
     plot_forgetting(records, settings, figures / "forgetting_per_class.png")
     plot_lr(records, settings, figures / "accuracy_vs_lr.png")
@@ -425,7 +410,7 @@ def write_report(settings: Settings, data: Data) -> Path:
         "",
         *statement(records, settings, train_size),
         "",
-        "## Reference points (mean ± std over cells)",
+        f"## Reference points ({spread_note([len(rs) for _, rs in groups(records, s) if rs], 'cells')})",
         "",
         *reference_table(records, settings),
         "",
@@ -433,11 +418,11 @@ def write_report(settings: Settings, data: Data) -> Path:
         "'share predicted as last class' is the share of all test predictions equal to the last phase's class "
         "(≈0.10 for a healthy model; 1.0 is total collapse).",
         "",
-        "## Sequential per ordering vs merged (final test accuracy, mean ± std over seeds)",
+        f"## Sequential per ordering vs merged (final test accuracy, {spread_note([len(s.seeds)])})",
         "",
         *ordering_table(records, settings),
         "",
-        *([f"## What keeps forgetting down ({arrow(s.orderings[0])}, mean ± std over seeds)",
+        *([f"## What keeps forgetting down ({arrow(s.orderings[0])}, {spread_note([len(s.seeds)])})",
            "",
            "Each method is a config delta over the sequential cells (`music fit --config seq_finetune --config "
            "<method>`), told that the model was pretrained on `remaining`, so that it protects pretraining as an "
@@ -446,7 +431,7 @@ def write_report(settings: Settings, data: Data) -> Path:
            "",
            *methods_table(records, settings),
            ""] if s.methods else []),
-        "## Continual-learning metrics (sequential cells)",
+        f"## Continual-learning metrics (sequential cells; {spread_note([len(s.seeds)])} and orderings)",
         "",
         "Average accuracy: mean final accuracy on the fine-tuning tasks (classes); BWT: final minus just-learned "
         "accuracy, averaged over all tasks but the last (Lopez-Paz & Ranzato 2017); forgetting (tasks): best earlier "
@@ -469,9 +454,8 @@ def write_report(settings: Settings, data: Data) -> Path:
         "",
         f"Splits of seed {s.seeds[0]} (`music eda` makes the same figures for any data config):",
         "",
-        "| split | samples | per class (0–9) |",
-        "|---|---:|---|",
-        *(f"| {name} | {sum(counts):,} | {' '.join(map(str, counts))} |" for name, counts in eda.items()),
+        markdown_table(["split", "samples", "per class (0–9)"],
+                       [[name, f"{sum(counts):,}", " ".join(map(str, counts))] for name, counts in eda.items()]),
         "",
         "![class counts](study_eda/class_counts.png)",
         "",
@@ -480,17 +464,19 @@ def write_report(settings: Settings, data: Data) -> Path:
         "![merged samples](study_eda/samples_merged.png)",
         "",
     ]
-    (out / "REPORT.md").write_text("\n".join(text))
+    write_atomically(out / "REPORT.md", "\n".join(text))
     return out / "REPORT.md"
 
 
 def _eda(settings: Settings, data: Data, out: Path) -> dict[str, list[int]]:
-    from music.data import MusicDataModule
-    from music.eda import class_counts, write_pngs
-
     datamodule = MusicDataModule(data_dir=data.data_dir, download=False, held_out_classes=settings.held_out_classes,
                                  split_seed=settings.seeds[0] if settings.split_seed_follows_seed else 0,
                                  replay_size=settings.replay_size,
                                  **({} if settings.samples_per_class is None else {"samples_per_class": settings.samples_per_class}))
     write_pngs(datamodule, str(out))
     return class_counts(datamodule)
+
+
+def _bar(std: float) -> float:
+    """An error bar's half-length: none for a single value (whose sample std is undefined)."""
+    return 0.0 if math.isnan(std) else std

@@ -3,9 +3,9 @@
 Every model is a ``music fit`` of a shipped config (``pretrain``, ``merged_finetune``,
 ``seq_finetune``) and every edit is a shipped merge recipe (``merge_*.yaml``) run by the same
 code as ``music merge``: this experiment only trains the stages the recipes name and collects
-their tables into ``<output.results>/task_vectors.md``.
+their tables into ``task_vectors.md`` (``Output.tables``).
 
-Stages (``<output.log_dir>/taskvectors/stages/<name>.safetensors``, with the fit arguments that made them in
+Stages (``<output.root>/taskvectors/stages/<name>.safetensors``, with the fit arguments that made them in
 their metadata; a stage whose file holds the same arguments is reused, one with other arguments
 is refused, so a stale model never feeds a new study):
 
@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from music.checkpoint import write_atomically
-from music.cli import lightning
+from music.runner import lightning
 from music.config import BASE_CONFIG, resolve_configs, shipped_config
 from music.experiments import instantiate, parser_for
 from music.experiments.common import Data, Output
@@ -57,9 +57,9 @@ class TaskVectors:
         pretrain_epochs: epochs of the pretraining phases (``null``: as the shipped config says).
         finetune_epochs: epochs of every fine-tuning phase (``null``: as the shipped configs say).
         recipes: the merge recipes run after training (shipped names or paths), paths in them
-            relative to ``<output.log_dir>/taskvectors``.
+            relative to ``<output.root>/taskvectors``.
         output: runs (stages, their training logs and the merge outputs go to
-            ``<log_dir>/taskvectors``), results (``task_vectors.md``, its CSVs and PNGs), torch
+            ``<root>/taskvectors``), results (``task_vectors.md``, its CSVs and PNGs), torch
             threads, smoke mode, extra ``music fit`` arguments for every stage.
     """
 
@@ -88,7 +88,7 @@ class TaskVectors:
         self.pretrain_epochs, self.finetune_epochs = pretrain_epochs, finetune_epochs
         quick = ["--trainer.limit_train_batches", "5"] if output.quick else []
         self.recipes, self.fit_args = list(recipes), [*quick, *(str(a) for a in output.trainer_args)]
-        self.work_dir, self.out_dir, self.threads = Path(output.log_dir) / "taskvectors", Path(output.results), output.threads
+        self.work_dir, self.out_dir, self.threads = output.folder("taskvectors"), output.tables("taskvectors"), output.threads
         self.trained: list[str] = []
 
     # -- stages -------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class TaskVectors:
                 saved = json.loads((f.metadata() or {}).get("fit_args", "null"))
             if saved != spec:
                 raise ValueError(f"{path} was trained with {saved}, not {spec}: delete it or choose another "
-                                 "output.log_dir (a stale model would silently feed the study).")
+                                 "output.root (a stale model would silently feed the study).")
             return path
         start = time.perf_counter()
         logs = ["--trainer.logger.init_args.save_dir", str(self.work_dir / "logs"),

@@ -1,0 +1,229 @@
+"""The study grid as data: its settings (``Grid``), its cells (``plan``) and what makes a cell's
+result what it is (``fingerprint``). Running the grid (``study``) and reporting on it
+(``study_report``) both start from here, so neither needs the other.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from music.config import config_path
+from music.experiments import study_db
+
+
+@dataclass
+class Cell:
+    """One run of the grid. ``kind`` is pretrain, joint, seq, merged, replay or method;
+    ``config`` the shipped config it is built on, ``method`` the method config added to it."""
+
+    seed: int
+    kind: str
+    name: str
+    config: str
+    phases: list[dict]
+    lr: float
+    ordering: list[int] | None = None
+    replay_size: int = 0
+    method: str | None = None
+
+    @property
+    def needs_pretrained(self) -> bool:
+        return self.kind in ("seq", "merged", "replay", "method")
+
+    @property
+    def label(self) -> str:
+        return f"seed_{self.seed}/{self.name}"
+
+
+@dataclass
+class Grid:
+    """The grid and where it runs. Where its files go is not a setting of the grid but the
+    experiment's ``output`` (``Study``), placed on it with ``placed``: ``runs_dir`` (run
+    directories and the default database; remote workers must see it at the same path, e.g.
+    NFS), ``out`` (the report) and ``threads`` (torch threads per cell: the grid, not the cell,
+    is the parallelism).
+
+    Args:
+        seeds: one replicate per seed: its own pretrained model (and held-out samples, with
+            ``split_seed_follows_seed``).
+        held_out_classes: the classes fine-tuned on, one phase each in sequential cells.
+        orderings: the sequential orderings; null: every permutation of ``held_out_classes``.
+        lrs: the fine-tuning learning rates.
+        pretrain_lr: learning rate of pretraining and of the joint model.
+        pretrain_epochs: epochs of pretraining on ``remaining``.
+        finetune_epochs: epochs of every fine-tuning phase.
+        joint_epochs: epochs of the joint model; null: as many as ``pretrain_epochs``.
+        replay_size: ``remaining`` samples mixed into every phase of the replay cells (0: none).
+        methods: continual-learning method configs (shipped names such as ``ewc``, ``si``,
+            ``lwf``, ``replay``, ``online_ewc``, or paths); each adds one cell per learning rate,
+            sequential in the first ordering. ``[]``: no method cells.
+        samples_per_class: held-out samples per class (``data.samples_per_class``); null: the
+            data config's; ``all``: every training sample of the held-out classes, so that
+            ``remaining`` has none and each task is a class the pretrained model never saw.
+        split_seed_follows_seed: each seed also draws its own held-out samples.
+        limit_train_batches: batches per epoch (smoke grids); null: all.
+        workers: worker processes of the default ``LocalCluster``; null: one per core.
+        scheduler: a Dask scheduler address (``tcp://host:8786``); null: a ``LocalCluster``
+            in this process.
+        db: an SQLAlchemy URL of the results database; null: ``sqlite:///<study folder>/study.db``.
+        logger: the Lightning logger of every cell (``{class_path: ..., init_args: {...}}``);
+            null: the shipped configs' TensorBoard logger. ``save_dir`` defaults to the cell's run
+            directory, ``run_name`` (MLflow) to ``seed_<s>/<cell>``, ``tags`` to the cell's.
+        accelerator: the cells' Lightning accelerator. With ``gpu`` every cell asks its Dask
+            worker for the resource ``GPU=1``: only workers started with ``--resources GPU=1``
+            take it.
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    held_out_classes: list[int] = field(default_factory=lambda: [3, 4, 7])
+    orderings: list[list[int]] | None = None
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
+    pretrain_lr: float = 1e-3
+    pretrain_epochs: int = 5
+    finetune_epochs: int = 10
+    joint_epochs: int | None = None
+    replay_size: int = 300
+    methods: list[str] = field(default_factory=list)
+    samples_per_class: int | Literal["all"] | None = None
+    split_seed_follows_seed: bool = True
+    limit_train_batches: int | None = None
+    workers: int | None = None
+    scheduler: str | None = None
+    db: str | None = None
+    logger: dict | None = None
+    accelerator: str = "cpu"
+    runs_dir: str = field(default="", init=False)
+    out: str = field(default="", init=False)
+    threads: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} repeats a seed: each seed is one replicate.")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs={self.lrs} is not allowed: give at least one learning rate, each > 0.")
+        for name in ("pretrain_epochs", "finetune_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not allowed: it must be >= 1.")
+        if self.joint_epochs is not None and self.joint_epochs < 1:
+            raise ValueError(f"joint_epochs={self.joint_epochs} is not allowed: it must be >= 1 (or null).")
+        if self.replay_size < 0:
+            raise ValueError(f"replay_size={self.replay_size} is not allowed: it must be >= 0 (0: no replay cells).")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers={self.workers} is not allowed: it must be >= 1 (or null for one per core).")
+        if self.scheduler is not None and "://" not in self.scheduler:
+            raise ValueError(f"scheduler={self.scheduler!r} is not a Dask scheduler address: give e.g. tcp://host:8786.")
+        if self.logger is not None and "class_path" not in self.logger:
+            raise ValueError(f"logger={self.logger} has no class_path: give {{class_path: ..., init_args: {{...}}}}.")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods={self.methods} repeats a method.")
+        if self.methods:
+            for method in self.methods:
+                try:
+                    config_path(method)  # an unknown method config fails here, before any cell runs
+                except FileNotFoundError as err:
+                    raise ValueError(f"methods: {err}") from None
+        if self.samples_per_class is not None and self.samples_per_class != "all" and (
+                not isinstance(self.samples_per_class, int) or self.samples_per_class < 1):
+            raise ValueError(f"samples_per_class={self.samples_per_class!r} is not allowed: give an integer >= 1, "
+                             "'all', or null.")
+        if self.orderings is None:
+            self.orderings = [list(p) for p in itertools.permutations(self.held_out_classes)]
+        for ordering in self.orderings:
+            if sorted(ordering) != sorted(self.held_out_classes):
+                raise ValueError(f"ordering {ordering} is not a permutation of held_out_classes {self.held_out_classes}.")
+
+    def placed(self, runs_dir: str | Path, out: str | Path, threads: int = 1, **changes) -> Grid:
+        """This grid (with ``changes`` to its settings) writing to ``runs_dir`` and ``out``, its
+        cells on ``threads`` torch threads each."""
+        if threads < 1:
+            raise ValueError(f"threads={threads} is not allowed: it must be >= 1.")
+        grid = replace(self, **changes)
+        grid.runs_dir, grid.out, grid.threads = str(runs_dir), str(out), threads
+        return grid
+
+    @property
+    def db_url(self) -> str:
+        if not self.runs_dir and self.db is None:
+            raise ValueError("this grid has no study folder: place it with Grid.placed(runs_dir, out) first.")
+        return self.db or f"sqlite:///{Path(self.runs_dir).resolve() / 'study.db'}"
+
+    def quick(self) -> Grid:
+        """A smoke version of the same grid: one seed, two orderings, one learning rate, one
+        epoch per phase of 5 batches, in ``<runs_dir>/quick`` with its database and report."""
+        quick = Path(self.runs_dir) / "quick"
+        return self.placed(quick, quick / "report", self.threads, seeds=self.seeds[:1], orderings=self.orderings[:2],
+                           lrs=self.lrs[:1], pretrain_epochs=1, finetune_epochs=1, joint_epochs=1,
+                           limit_train_batches=5, db=None)
+
+
+def lr_tag(lr: float) -> str:
+    return f"lr{lr:.0e}".replace("e-0", "e-")
+
+
+def method_name(method: str) -> str:
+    """A method config's name in cell names and tables: ``ewc`` for ``ewc`` or ``path/ewc.yaml``."""
+    return Path(method).stem
+
+
+def plan(grid: Grid) -> list[Cell]:
+    """Every cell of the grid, pretraining first."""
+    cells = []
+    fine = grid.finetune_epochs
+
+    def one_phase_per_class(ordering: list[int]) -> list[dict]:
+        return [{"name": f"class_{c}", "split": f"class_{c}", "epochs": fine} for c in ordering]
+
+    for seed in grid.seeds:
+        cells.append(Cell(seed, "pretrain", "pretrain", "pretrain",
+                          [{"name": "pretrain", "split": "remaining", "epochs": grid.pretrain_epochs}], grid.pretrain_lr))
+    for seed in grid.seeds:
+        cells.append(Cell(seed, "joint", "joint", "pretrain",
+                          [{"name": "joint", "split": "train", "epochs": grid.joint_epochs or grid.pretrain_epochs}],
+                          grid.pretrain_lr))
+        for lr in grid.lrs:
+            for ordering in grid.orderings:
+                cells.append(Cell(seed, "seq", f"seq_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
+                                  one_phase_per_class(ordering), lr, list(ordering)))
+            cells.append(Cell(seed, "merged", f"merged_{lr_tag(lr)}", "merged_finetune",
+                              [{"name": "merged", "split": "merged", "epochs": fine}], lr))
+            if grid.replay_size:
+                ordering = grid.orderings[0]
+                cells.append(Cell(seed, "replay", f"replay_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
+                                  one_phase_per_class(ordering), lr, list(ordering), grid.replay_size))
+            for method in grid.methods:
+                ordering = grid.orderings[0]
+                cells.append(Cell(seed, "method", f"method_{method_name(method)}_{'-'.join(map(str, ordering))}_{lr_tag(lr)}",
+                                  "seq_finetune", one_phase_per_class(ordering), lr, list(ordering), method=method))
+    return cells
+
+
+def cell_dir(grid: Grid, cell: Cell) -> Path:
+    return Path(grid.runs_dir) / f"seed_{cell.seed}" / cell.name
+
+
+def pretrained_checkpoint(grid: Grid, seed: int) -> Path:
+    return Path(grid.runs_dir) / f"seed_{seed}" / "pretrain" / "checkpoints" / "phase-0-pretrain.ckpt"
+
+
+def determinants(grid: Grid, cell: Cell) -> dict:
+    """What determines a cell's result (not where files live, nor how it is scheduled). Keys
+    of settings left at their defaults are left out, so the cells of a grid made without them
+    keep their fingerprints."""
+    described = asdict(cell)
+    if described["method"] is None:
+        del described["method"]
+    out = {"cell": described, "held_out": grid.held_out_classes, "limit": grid.limit_train_batches,
+           "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "accelerator": grid.accelerator,
+           "pretrain": [grid.pretrain_epochs, grid.pretrain_lr] if cell.needs_pretrained else None}
+    if grid.samples_per_class is not None:
+        out["samples_per_class"] = grid.samples_per_class
+    return out
+
+
+def fingerprint(grid: Grid, cell: Cell) -> str:
+    return study_db.fingerprint(determinants(grid, cell))
