@@ -46,7 +46,7 @@ CASES = [
     ("task asks remaining for a class held out entirely",
      ["--data.samples_per_class", "all", "--schedule.phases", "[{name: a, classes: [2, 3], epochs: 1}]"],
      r"Split 'classes_2_3' asks `remaining` for classes \[3\], but samples_per_class=all"),
-    ("model lr <= 0", ["--model.lr", "-1"], r"lr=-1.0.*must be > 0"),
+    ("model lr <= 0", ["--model.lr", "-1"], r"lr=-1.0.*must be a finite number > 0"),
     ("init_from file missing", ["--model.init_from", "nope.ckpt"], "nope.ckpt"),
     ("batches_per_block < 1", ["--data.batches_per_block", "0"], r"batches_per_block=0.*>= 1"),
     ("gradient clipping with blocks", ["--trainer.gradient_clip_val", "1.0"],
