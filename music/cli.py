@@ -41,6 +41,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EVALUATIONS = ("validate", "test", "predict")
+# --ckpt_path values Lightning resolves itself rather than as a file
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 # The shell's convention for a process ended by a signal: 128 + its number.
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 # What a value refused by the parser's type check must be, in the user's terms.
@@ -204,6 +206,15 @@ class MusicCLI(LightningCLI):
         if self.subcommand is not None:  # a run, not objects built for a caller to drive
             _own_run_directories(config, self.subcommand)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters before anything else, and a file
+        it cannot read ends there in a traceback: read it the safe way first, naming what is wrong."""
+        config = self.config.get(self.config.get("subcommand") or "") or {}
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Checks that need the built model, then the run; a run stopped by SIGTERM or
         SIGINT exits with the shell's code for it, so `music fit ... && music test ...` does
@@ -243,7 +254,7 @@ def _check_model(model: Classifier, config) -> None:
     if model.init_from:
         check_fits(model.init_from, load_state_dict(model.init_from), model.backbone.state_dict())
     ckpt_path = config.get("ckpt_path")
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and config.get("weights_only") is not False:
+    if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
         check_fits(ckpt_path, read_checkpoint(ckpt_path), model.state_dict(), require_common=False)
 
 
