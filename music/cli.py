@@ -308,7 +308,7 @@ def _own_run_directories(config, subcommand: str) -> None:
                                  "give --ckpt_path <file.ckpt>.")
             config.ckpt_path = os.path.join(root, f"version_{latest}", "checkpoints", "last.ckpt")
         elif latest is not None:  # keep writing where the run was
-            _hold(os.path.join(root, f"version_{latest}"), f"--ckpt_path last: version_{latest} of")
+            _hold(os.path.join(root, f"version_{latest}"), "--ckpt_path last: the run")
             init_args.version = latest
             os.environ["MUSIC_RUN_VERSION"] = str(latest)
             return
