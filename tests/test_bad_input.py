@@ -177,3 +177,25 @@ def test_debug_shows_the_traceback(shrink, monkeypatch):
 def test_a_block_given_to_a_model_built_without_blocks_is_named():
     with pytest.raises(ValueError, match=r"block of 3 batches but the model has batches_per_block=1"):
         Classifier().training_step(Block(torch.zeros(5, 784), torch.zeros(5, dtype=torch.long), 2), 0)
+
+
+STUDY_CASES = [
+    ("query on a missing database", ["--query", "SELECT 1", "--study.db", "sqlite:///{tmp}/missing.db"],
+     r"no database at '{tmp}/missing.db'; run the grid first"),
+    ("query on a database music did not make", ["--query", "SELECT 1", "--study.db", "sqlite:///{tmp}/other.db"],
+     r"study.db='sqlite:///{tmp}/other.db' is not a MUSIC study database \(it has cells, and no music_schema"),
+    ("report on a database music did not make", ["--report_only", "true", "--study.db", "sqlite:///{tmp}/other.db",
+                                                 "--study.runs_dir", "{tmp}/runs"], r"other.db' is not a MUSIC study database"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), [c[1:] for c in STUDY_CASES], ids=[c[0] for c in STUDY_CASES])
+def test_study_database_refusals_are_one_line_and_change_nothing(args, message, tmp_path, capsys):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "other.db") as conn:  # someone else's file with a `cells` table
+        conn.execute("CREATE TABLE cells (id INTEGER PRIMARY KEY, sheet TEXT)")
+    before = (tmp_path / "other.db").read_bytes()
+    line = fails_in_one_line(["study", *(a.replace("{tmp}", str(tmp_path)) for a in args)], capsys)
+    assert re.search(message.replace("{tmp}", re.escape(str(tmp_path))), line), line
+    assert (tmp_path / "other.db").read_bytes() == before and not (tmp_path / "missing.db").exists()
