@@ -17,11 +17,12 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any, Optional
 
 import yaml
-from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
@@ -35,7 +36,7 @@ from music.callbacks import SequentialFineTuning
 from music.rundir import RunDirectory, RunLock, latest_resumable, make_dir, reserve_version, run_dir
 from music.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_state_dict, read_checkpoint
 from music.data import MusicDataModule
-from music.module import Classifier
+from music.module import MAX_LR, Classifier
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -46,11 +47,21 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 # The shell's convention for a process ended by a signal: 128 + its number.
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 # What a value refused by the parser's type check must be, in the user's terms.
-ALLOWED = {"model.lr": "the learning rate must be a finite number > 0"}
-# Run directories this process holds (``RunLock``) for the run under way, and the version
-# folders it created for it; released when ``lightning`` returns.
-_HELD: list[RunLock] = []
-_CREATED: list[str] = []
+ALLOWED = {"model.lr": f"the learning rate must be a finite number > 0 and <= {MAX_LR:g}"}
+# Per thread (a Dask worker may run cells in threads): the run directories held (``RunLock``)
+# for the run under way and the version folders created for it; released when ``lightning`` returns.
+_runs = threading.local()
+
+
+def _held() -> list[RunLock]:
+    if not hasattr(_runs, "held"):
+        _runs.held, _runs.created = [], []
+    return _runs.held
+
+
+def _created() -> list[str]:
+    _held()
+    return _runs.created
 # Errors that mean "the input is wrong", reported in one line; anything else is a bug and
 # keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, MisconfigurationException)
@@ -234,7 +245,8 @@ class MusicCLI(LightningCLI):
             if "Error(s) in loading state_dict" not in str(err):
                 raise
             path = self.config[subcommand].get("ckpt_path")
-            raise CheckpointError(f"{path} does not fit the model: {str(err).splitlines()[1].strip()} "
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            raise CheckpointError(f"{path} does not fit the model: {detail} "
                                   "(saved from another architecture? see --model.backbone)") from None
 
 
@@ -263,7 +275,7 @@ def _rank() -> int:
 
 
 def _hold(path: str, what: str) -> None:
-    _HELD.append(RunLock(path, what))
+    _held().append(RunLock(path, what))
 
 
 def _own_run_directories(config, subcommand: str) -> None:
@@ -313,8 +325,8 @@ def _own_run_directories(config, subcommand: str) -> None:
             os.environ["MUSIC_RUN_VERSION"] = str(latest)
             return
     version, lock = reserve_version(root, "trainer.logger.init_args.save_dir")
-    _HELD.append(lock)
-    _CREATED.append(lock.path)
+    _held().append(lock)
+    _created().append(lock.path)
     init_args.version = version
     os.environ["MUSIC_RUN_VERSION"] = str(version)
 
@@ -369,7 +381,7 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     asked = args[0] if run and args and args[0] in LIGHTNING_SUBCOMMANDS else None
     subcommands = [asked] if asked else list(LIGHTNING_SUBCOMMANDS)
     cli = MusicCLI.only(asked) if asked else MusicCLI
-    held, created = len(_HELD), len(_CREATED)
+    held, created = len(_held()), len(_created())
     failed = True
     try:
         built = cli(
@@ -386,12 +398,12 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     except ArgumentError as err:  # the parser's own errors: unknown keys, wrong types, bad class paths
         raise UsageError(f"{_allowed(str(err))} (see `music {args[0] if args else 'fit'} --help`)") from err
     finally:
-        for lock in _HELD[held:]:
+        for lock in _held()[held:]:
             lock.release()
-        for path in _CREATED[created:]:
+        for path in _created()[created:]:
             if failed and os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)  # reserved for a run that never wrote anything
-        del _HELD[held:], _CREATED[created:]
+        del _held()[held:], _created()[created:]
         os.environ.pop("MUSIC_RUN_VERSION", None)
 
 
