@@ -127,3 +127,15 @@ def test_the_lock_goes_with_the_run(shrink, tmp_path):
     run("fit", "--config", config, "--trainer.limit_train_batches", "2", "--run_dir", str(folder))
     RunLock(str(folder), "test").release()
     assert sorted(p.name for p in (tmp_path / "logs" / "pretrain").iterdir()) == ["version_0"]
+
+
+def test_test_ckpt_path_last_scores_the_newest_run_with_a_last_checkpoint(shrink, tmp_path):
+    """As ``fit --ckpt_path last`` finds it; the evaluation logs to a version of its own, so the
+    trained run's files (its config.yaml) stay as the run wrote them."""
+    config = shrink("pretrain")
+    run("fit", "--config", config, "--trainer.limit_train_batches", "2")
+    trained = tmp_path / "logs" / "pretrain" / "version_0"
+    written = (trained / "config.yaml").read_text()
+    tested = run("test", "--config", config, "--ckpt_path", "last")
+    assert tested.trainer.ckpt_path == str(trained / "checkpoints" / "last.ckpt")
+    assert run_dir(tested.trainer).endswith("version_1") and (trained / "config.yaml").read_text() == written
