@@ -40,17 +40,13 @@ def load_state_dict(path: PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"No weights file at {str(path)!r}: give a .ckpt, .pt/.pth or .safetensors file.")
     if path.suffix == ".safetensors":
-        raw: object = load_file(str(path))
-    else:
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refused to load {path}: not a plain weights file (its pickle needs objects "
-                "that torch.load(weights_only=True) does not allow, and unpickling them could "
-                "run code)") from e
-        except (RuntimeError, EOFError) as e:
-            raise CheckpointError(f"could not read {path} as a torch file ({e}); is it truncated?") from e
+            raw: object = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type, or OSError, for a bad header
+            raise CheckpointError(f"could not read {path} as a safetensors file ({_first_line(e)}): "
+                                  "its header is corrupt or the file is truncated") from None
+    else:
+        raw = _torch_load(path)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
@@ -58,6 +54,61 @@ def load_state_dict(path: PathLike) -> dict[str, Tensor]:
     if raw and all(k.startswith(_PREFIX) for k in raw):
         return {k.removeprefix(_PREFIX): v for k, v in raw.items()}
     return dict(raw)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)`` with every way a file can be wrong said in one line:
+    code in its pickle (refused, never retried unsafely), or no torch file at all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # not a pickle at all: text, or another format
+            raise CheckpointError(f"could not read {path} as a torch file ({_first_line(e)}): it is not a "
+                                  "checkpoint saved by torch.save, or it is truncated") from None
+        raise CheckpointError(
+            f"refused to load {path}: not a plain weights file (its pickle needs objects "
+            "that torch.load(weights_only=True) does not allow, and unpickling them could "
+            "run code)") from None
+    except Exception as e:  # zip reader errors (truncated), EOFError, KeyError from a stray byte...
+        raise CheckpointError(f"could not read {path} as a torch file ({type(e).__name__}: {_first_line(e)}): "
+                              "is it truncated, or not a checkpoint?") from None
+
+
+def read_checkpoint(path: PathLike) -> dict[str, Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint given as ``--ckpt_path``, read the safe way
+    before Lightning reads it, so a bad file is named in one line rather than a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {str(path)!r} does not exist: give a .ckpt file written by music fit, "
+                                "or `last`.")
+    raw = _torch_load(path)
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("state_dict"), Mapping):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict' in it): --ckpt_path takes a "
+                              ".ckpt written by music fit; plain weights go to --model.init_from.")
+    return dict(raw["state_dict"])
+
+
+def check_fits(path: PathLike, weights: Mapping[str, Tensor], model: Mapping[str, Tensor],
+               require_common: bool = True) -> None:
+    """Refuse weights of another architecture before they are loaded: every tensor the file
+    and the model both name must have the model's shape, and (``require_common``) they must
+    share a name at all -- not asked of a training checkpoint, whose LoRA keys the model only
+    has once ``configure_model`` has run."""
+    common = [k for k in weights if k in model]
+    if require_common and weights and not common:
+        raise CheckpointError(f"{path} does not fit the model: none of its {len(weights)} tensors (e.g. "
+                              f"{next(iter(weights))!r}) is one of the model's (e.g. {next(iter(model), None)!r}); "
+                              "it was saved from another architecture (see --model.backbone)")
+    for key in common:
+        if tuple(weights[key].shape) != tuple(model[key].shape):
+            raise CheckpointError(f"{path} does not fit the model: {key} is {list(weights[key].shape)} in the file "
+                                  f"but {list(model[key].shape)} in the model; it was saved from another "
+                                  "architecture or size (see --model.backbone)")
 
 
 def write_atomically(path: PathLike, data: str | bytes) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from music.config import CONFIG_DIR, GROUPS, resolve_configs, shipped_names
 from music.experiments import EXPERIMENTS, run_experiment
-from music.runner import LIGHTNING_SUBCOMMANDS, USER_ERRORS, UsageError, lightning
+from music.runner import LIGHTNING_SUBCOMMANDS, USER_ERRORS, UsageError, lightning, user_message
 
 
 def quiet_upstream() -> None:
@@ -90,7 +90,7 @@ def main(args: list[str] | None = None) -> None:
     except UsageError as err:
         _fail(str(err), err.code)
     except USER_ERRORS as err:
-        _fail(str(err), 2)
+        _fail(user_message(str(err)), 2)
 
 
 def _fail(message: str, code: int) -> None:

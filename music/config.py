@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 _PACKAGE = Path(__file__).resolve().parent
 # a wheel installs them into the package; a checkout (plain or editable) keeps them beside it
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs" / "base.yaml").is_file() else _PACKAGE.parent / "configs"
@@ -59,7 +61,15 @@ def shipped_config(name: str) -> Path:
 
 
 def config_path(value: str) -> str:
-    """The file (or inline YAML) a ``--config`` value stands for."""
+    """The file (or inline YAML) a ``--config`` value stands for; a file that is no YAML
+    mapping is refused here, naming it."""
+    path = _locate(value)
+    if os.path.isfile(path):
+        check_yaml(path)
+    return path
+
+
+def _locate(value: str) -> str:
     if "\n" in value or ":" in value:  # inline YAML
         return value
     if os.path.isabs(value) or value.startswith(_EXPLICIT_PREFIXES):
@@ -75,6 +85,26 @@ def config_path(value: str) -> str:
     if os.path.exists(value):
         return value
     return str(shipped_config(value))
+
+
+def check_yaml(path: str) -> None:
+    """A config file that is empty, not YAML or not a mapping, refused naming the file: the
+    parser would report it as ``<unicode string>`` or an empty "Unexpected config"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"--config {path} is not valid YAML: {problem}{where}.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path} cannot be read: {err}.") from None
+    if not isinstance(content, dict):
+        what = "empty" if content is None else f"a {type(content).__name__}, not a mapping"
+        raise ValueError(f"--config {path} is {what}: a config is a YAML mapping of settings, "
+                         "e.g. `model: {lr: 0.001}`.")
+
 
 
 def resolve_configs(args: list[str]) -> list[str]:

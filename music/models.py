@@ -18,6 +18,10 @@ class SimpleNN(nn.Module):
 
     def __init__(self, in_features: int = 784, hidden: tuple[int, int] = (128, 64), num_classes: int = 10) -> None:
         super().__init__()
+        sizes = {"in_features": in_features, "hidden": list(hidden), "num_classes": num_classes}
+        if len(hidden) != 2 or not all(isinstance(n, int) and n >= 1 for n in (in_features, *hidden, num_classes)):
+            raise ValueError(f"SimpleNN({', '.join(f'{k}={v}' for k, v in sizes.items())}) is not allowed: "
+                             "hidden is two layer widths, and every width must be an integer >= 1.")
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(in_features, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])

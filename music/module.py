@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from music.methods import Method
 
 SCENARIOS = ("class", "task")
+# Adam's first step is lr / (1 - beta1), up to 1e4 x lr for betas in use; float32 overflows above 3.4e38.
+MAX_LR = 1e34
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -110,8 +112,8 @@ class Classifier(LightningModule):
         super().__init__()
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario={scenario!r} is not allowed: choose one of {list(SCENARIOS)}.")
-        if not lr > 0:
-            raise ValueError(f"lr={lr} is not allowed: the learning rate must be > 0.")
+        if not 0 < lr <= MAX_LR:  # False for nan too
+            raise ValueError(f"lr={lr} is not allowed: the learning rate must be a finite number > 0 and <= {MAX_LR:g}.")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is not allowed: a classifier needs >= 2 classes.")
         if log_every_n_steps < 0:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,17 +24,40 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from torch import nn
 
 from music.callbacks import SequentialFineTuning
-from music.checkpoint import AtomicCheckpointIO
+from music.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, load_state_dict, read_checkpoint
 from music.config import BASE_CONFIG, resolve_configs
 from music.data import MusicDataModule
 from music.eda import LogEDA
-from music.module import Classifier
-from music.rundir import RunDirectory, run_dir
+from music.module import MAX_LR, Classifier
+from music.rundir import RunDirectory, RunLock, latest_resumable, make_dir, reserve_version, run_dir
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EVALUATIONS = ("validate", "test", "predict")
+# --ckpt_path values Lightning resolves itself rather than as a file
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+# The shell's convention for a process ended by a signal: 128 + its number.
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+# What a value refused by the parser's type check must be, in the user's terms.
+ALLOWED = {"model.lr": f"the learning rate must be a finite number > 0 and <= {MAX_LR:g}"}
+# Per thread (a Dask worker may run cells in threads): the run directories held (``RunLock``)
+# for the run under way and the version folders created for it; released when ``lightning`` returns.
+_runs = threading.local()
+
+
+def _held() -> list[RunLock]:
+    if not hasattr(_runs, "held"):
+        _runs.held, _runs.created = [], []
+    return _runs.held
+
+
+def _created() -> list[str]:
+    _held()
+    return _runs.created
 # Errors that mean "the input is wrong", reported in one line; anything else is a bug and
 # keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, MisconfigurationException)
@@ -78,6 +103,10 @@ class MusicCLI(LightningCLI):
                             help="The run's folder for MUSIC's files (phase snapshots, phase_metrics.json, accuracy "
                                  "matrix, split manifest) and checkpoints/ (music.rundir.RunDirectory). Default: "
                                  "the folder Lightning's ModelCheckpoint picks for the logger, e.g. TensorBoard's version_N.")
+        parser.add_argument("--untrained", type=bool, default=False,
+                            help="validate/test/predict a model that was never trained (no --ckpt_path or "
+                                 "--model.init_from): refused unless set, so a forgotten checkpoint is not scored "
+                                 "as if it were one.")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.batches_per_block", "model.batches_per_block")
 
@@ -113,8 +142,133 @@ class MusicCLI(LightningCLI):
         if config.get("run_dir") is not None:
             if config.get("checkpoint") is not None and config.checkpoint.get("dirpath") is None:
                 config.checkpoint.dirpath = os.path.join(config.run_dir, "checkpoints")  # --ckpt_path last looks there
-        elif self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            _resume_in_latest_version(config.trainer.logger)
+        if self.subcommand in EVALUATIONS and not (config.get("ckpt_path") or config.get("model.init_from")
+                                                   or config.get("untrained")):
+            raise ValueError(f"music {self.subcommand} needs weights: give --ckpt_path <file.ckpt|last> or "
+                             "--model.init_from <.ckpt/.pt/.safetensors>, or --untrained true to evaluate an "
+                             "untrained model on purpose.")
+        if self.subcommand is not None:  # a run, not objects built for a caller to drive
+            _own_run_directories(config, self.subcommand)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters before anything else, and a file
+        it cannot read ends there in a traceback: read it the safe way first, naming what is wrong."""
+        config = self.config.get(self.config.get("subcommand") or "") or {}
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Checks that need the built model, then the run; a run stopped by SIGTERM or
+        SIGINT exits with the shell's code for it, so `music fit ... && music test ...` does
+        not go on as if it had finished."""
+        _check_model(self.model, self.config[subcommand])
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:  # Lightning stops at the end of a batch and exits 0 by itself
+            _stopped("SIGTERM", subcommand)
+            raise SystemExit(EXIT_SIGTERM) from None
+        except SystemExit as exit_:
+            if exit_.code == 1 and self.trainer.state.status == TrainerStatus.INTERRUPTED:  # Lightning's Ctrl-C
+                _stopped("SIGINT", subcommand)
+                raise SystemExit(EXIT_SIGINT) from None
+            raise
+        except RuntimeError as err:  # strict loading of a --ckpt_path the shape check could not see into
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            path = self.config[subcommand].get("ckpt_path")
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            raise CheckpointError(f"{path} does not fit the model: {detail} "
+                                  "(saved from another architecture? see --model.backbone)") from None
+
+
+def _stopped(signal_name: str, subcommand: str) -> None:
+    resume = " Resume with --ckpt_path last (last.ckpt holds the last finished epoch)." if subcommand == "fit" else ""
+    print(f"music {subcommand} stopped by {signal_name} before it finished.{resume}", file=sys.stderr)
+
+
+def _check_model(model: Classifier, config) -> None:
+    """Weights and head that cannot fit the model, named before Lightning trips over them
+    mid-run: a size mismatch on loading, or a target index out of the head's range."""
+    head = model.backbone.get_classifier() if hasattr(model.backbone, "get_classifier") else \
+        next((m for m in reversed(list(model.backbone.modules())) if isinstance(m, nn.Linear)), None)
+    if isinstance(head, nn.Linear) and head.out_features != model.num_classes:
+        raise ValueError(f"model.backbone outputs {head.out_features} classes but the dataset has "
+                         f"{model.num_classes}: set --model.backbone.init_args.num_classes {model.num_classes}.")
+    if model.init_from:
+        check_fits(model.init_from, load_state_dict(model.init_from), model.backbone.state_dict())
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
+        check_fits(ckpt_path, read_checkpoint(ckpt_path), model.state_dict(), require_common=False)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
+
+
+def _hold(path: str, what: str) -> None:
+    _held().append(RunLock(path, what))
+
+
+def _own_run_directories(config, subcommand: str) -> None:
+    """Every folder the run writes into is its own for as long as it runs: ``--run_dir``
+    and a pinned logger version are locked, and a logger with numbered versions gets a
+    ``version_N`` created for this run alone (``music.rundir.reserve_version``), so two runs
+    started at once never share one. ``--ckpt_path last`` resumes the newest version with a
+    ``last.ckpt`` (fit) or evaluates it (validate, test, predict)."""
+    resume = config.get("ckpt_path") == "last"
+    if config.get("run_dir") is not None:
+        make_dir(config.run_dir, "--run_dir")
+        if _rank() == 0:
+            _hold(config.run_dir, "--run_dir")
+        if resume and subcommand != "fit":
+            config.ckpt_path = _last_checkpoint(os.path.join(config.run_dir, "checkpoints"), f"--run_dir {config.run_dir}")
+    logger = config.get("trainer.logger")
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or "version" not in init_args or not init_args.get("save_dir"):
+        if resume and subcommand != "fit" and config.get("run_dir") is None:
+            raise ValueError("--ckpt_path last needs --run_dir or a logger with numbered versions (TensorBoard, CSV) "
+                             "to find the run: give --ckpt_path <file.ckpt>.")
+        return  # a logger without version folders (MLflow, W&B): its runs are told apart by the server
+    save_dir = str(init_args.save_dir)
+    make_dir(save_dir, "trainer.logger.init_args.save_dir")
+    name = init_args.get("name", "lightning_logs")
+    root = os.path.join(save_dir, name) if name else save_dir
+    if _rank() != 0:  # a DDP process started by rank zero: rank zero's version, passed down
+        if init_args.get("version") is None and os.environ.get("MUSIC_RUN_VERSION"):
+            init_args.version = int(os.environ["MUSIC_RUN_VERSION"])
+        return
+    if init_args.get("version") is not None:
+        version = init_args.version
+        path = os.path.join(root, version if isinstance(version, str) else f"version_{version}")
+        make_dir(path, "trainer.logger.init_args.version")
+        _hold(path, "trainer.logger.init_args.version")
+        return
+    if resume and config.get("run_dir") is None:
+        latest = latest_resumable(root)
+        if subcommand != "fit":
+            if latest is None:
+                raise ValueError(f"--ckpt_path last: no run under {root!r} has checkpoints/last.ckpt; "
+                                 "give --ckpt_path <file.ckpt>.")
+            config.ckpt_path = os.path.join(root, f"version_{latest}", "checkpoints", "last.ckpt")
+        elif latest is not None:  # keep writing where the run was
+            _hold(os.path.join(root, f"version_{latest}"), "--ckpt_path last: the run")
+            init_args.version = latest
+            os.environ["MUSIC_RUN_VERSION"] = str(latest)
+            return
+    version, lock = reserve_version(root, "trainer.logger.init_args.save_dir")
+    _held().append(lock)
+    _created().append(lock.path)
+    init_args.version = version
+    os.environ["MUSIC_RUN_VERSION"] = str(version)
+
+
+def _last_checkpoint(folder: str, where: str) -> str:
+    path = os.path.join(folder, "last.ckpt")
+    if not os.path.isfile(path):
+        raise ValueError(f"--ckpt_path last: {where} has no checkpoints/last.ckpt; give --ckpt_path <file.ckpt>.")
+    return path
 
 
 def _check_blocks(config) -> None:
@@ -148,20 +302,6 @@ def _size_trainer(config, subcommand: str | None) -> None:
             config.trainer.num_sanity_val_steps = 0
 
 
-def _resume_in_latest_version(logger) -> None:
-    """Point a logger with numbered versions (TensorBoard, CSV) and no fixed version at the
-    newest ``version_N`` that holds ``checkpoints/last.ckpt``, so "last" finds it and the run
-    keeps writing where it was. Runs with ``--run_dir`` resume from ``<run_dir>/checkpoints``."""
-    init_args = getattr(logger, "init_args", None)
-    if init_args is None or init_args.get("version") is not None:
-        return
-    root = os.path.join(init_args.get("save_dir") or "lightning_logs", init_args.get("name") or "lightning_logs")
-    versions = [d for d in os.listdir(root) if re.fullmatch(r"version_\d+", d)] if os.path.isdir(root) else []
-    resumable = [d for d in versions if os.path.exists(os.path.join(root, d, "checkpoints", "last.ckpt"))]
-    if resumable:
-        init_args.version = max(resumable, key=lambda d: int(d.split("_")[1]))
-
-
 def lightning(args: list[str], run: bool = True) -> MusicCLI:
     """``music fit|validate|test|predict ...`` in-process; returns the CLI (``.trainer``, ...).
     With ``run=False`` nothing runs and the subcommand may be left out: the objects are built
@@ -172,8 +312,10 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     asked = args[0] if run and args and args[0] in LIGHTNING_SUBCOMMANDS else None
     subcommands = [asked] if asked else list(LIGHTNING_SUBCOMMANDS)
     cli = MusicCLI.only(asked) if asked else MusicCLI
+    held, created = len(_held()), len(_created())
+    failed = True
     try:
-        return cli(
+        built = cli(
             Classifier,
             MusicDataModule,
             save_config_callback=SaveConfigToRunDir,
@@ -183,8 +325,29 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
             args=resolve_configs(args),
             run=run,
         )
+        failed = False
+        return built
     except ArgumentError as err:  # the parser's own errors: unknown keys, wrong types, bad class paths
-        raise UsageError(f"{err} (see `music {args[0] if args else 'fit'} --help`)") from err
+        raise UsageError(f"{user_message(str(err))} (see `music {args[0] if args else 'fit'} --help`)") from err
+    finally:
+        for lock in _held()[held:]:
+            lock.release()
+        for path in _created()[created:]:
+            if failed and os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)  # reserved for a run that never wrote anything
+        del _held()[held:], _created()[created:]
+        os.environ.pop("MUSIC_RUN_VERSION", None)
+
+
+def user_message(message: str) -> str:
+    """The parser's "Expected a <class 'float'>" for a key with a rule of its own, said as the rule."""
+    match = re.search(r'Parser key "([\w.]+)":.*Got value: (\S+)', message, re.S)
+    if match and match.group(1) in ALLOWED:
+        return f"{match.group(1)}={match.group(2)} is not allowed: {ALLOWED[match.group(1)]}."
+    # a class's own ValueError, raised while the parser tries the types of a Union (e.g. a backbone)
+    refused = re.search(r"Errors:\s*- (.+? is not allowed: .+?\.)\s*(?:- |$)", message, re.S)
+    return refused.group(1) if refused else message
+
 
 
 @dataclass

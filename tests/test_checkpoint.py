@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from music.checkpoint import AtomicCheckpointIO, CheckpointError, load_state_dict, write_atomically
+from music.checkpoint import (AtomicCheckpointIO, CheckpointError, check_fits, load_state_dict, read_checkpoint,
+                              write_atomically)
 from music.task_vector import TaskVector
 
 
@@ -80,3 +81,34 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_fails(tmp_path):
     with pytest.raises(Exception):
         io.save_checkpoint({"state_dict": {"w": lambda: None}}, path)  # unpicklable: fails mid-save
     assert torch.equal(load_state_dict(path)["w"], torch.ones(1))
+
+
+def test_unreadable_files_are_named_with_what_is_wrong(tmp_path):
+    """Each is a ``CheckpointError`` (one line at the CLI), never the reader's own exception."""
+    save_file({"fc1.weight": torch.randn(3, 4)}, str(tmp_path / "m.safetensors"))
+    whole = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) - 8])
+    (tmp_path / "header.safetensors").write_bytes(b"\xff" * 8 + whole[8:])
+    torch.save({"w": torch.randn(100)}, tmp_path / "m.pt")
+    pt = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(pt[: len(pt) // 2])
+    (tmp_path / "notes.ckpt").write_text("epoch: 3\n")
+    cases = {"cut.safetensors": "as a safetensors file", "header.safetensors": "as a safetensors file",
+             "cut.pt": "as a torch file", "notes.ckpt": "as a torch file"}
+    for name, what in cases.items():
+        with pytest.raises(CheckpointError, match=re.escape(f"could not read {tmp_path / name} {what}")):
+            load_state_dict(tmp_path / name)
+    with pytest.raises(CheckpointError, match="as a torch file"):
+        read_checkpoint(tmp_path / "notes.ckpt")
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        read_checkpoint(tmp_path / "m.pt")
+
+
+def test_weights_of_another_shape_or_architecture_are_refused_before_loading():
+    model = {"fc1.weight": torch.zeros(128, 784), "fc1.bias": torch.zeros(128)}
+    check_fits("same.pt", {"fc1.weight": torch.ones(128, 784)}, model)
+    with pytest.raises(CheckpointError, match=re.escape("fc1.weight is [32, 784] in the file but [128, 784]")):
+        check_fits("small.pt", {"fc1.weight": torch.ones(32, 784)}, model)
+    with pytest.raises(CheckpointError, match="none of its 1 tensors"):
+        check_fits("vit.pt", {"blocks.0.attn.qkv.weight": torch.ones(3, 3)}, model)
+    check_fits("lora.ckpt", {"blocks.0.lora_A": torch.ones(3, 3)}, model, require_common=False)

@@ -101,7 +101,7 @@ def test_init_from_initialises_every_stage(shrink, tmp_path):
     pretrained = json.loads((Path(fitted.trainer.log_dir) / "phase_metrics.json").read_text())["pretrain"]
     tested = run("test", "--config", config, "--model.init_from", snapshot)
     assert tested.trainer.callback_metrics["test/acc"].item() == pytest.approx(pretrained["acc"], abs=1e-7)
-    random = run("test", "--config", config)
+    random = run("test", "--config", config, "--untrained", "true")
     assert random.trainer.callback_metrics["test/acc"].item() != pytest.approx(pretrained["acc"], abs=1e-3)
     validated = run("validate", "--config", config, "--model.init_from", snapshot)
     from_ckpt = run("validate", "--config", config, "--ckpt_path", snapshot)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,28 @@ def test_ddp_two_processes_run_the_sequential_study(shrink):
     metrics = json.loads((log_dir / "phase_metrics.json").read_text())
     for phase in metrics.values():  # synced over both ranks: every test image counted once
         assert sum(map(sum, phase["confusion_matrix"])) == 10 * TEST_PER_CLASS
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_run_exits_non_zero_and_resumes(shrink, tmp_path, signum, code):
+    """Stopped once its first ``last.ckpt`` is on disk, the run must not exit 0 (``music fit
+    ... && music test ...`` would go on), and ``--ckpt_path last`` must finish it."""
+    config = shrink("pretrain", epochs=8)  # epochs enough for the signal to arrive mid-run
+    last = tmp_path / "logs" / "pretrain" / "version_0" / "checkpoints" / "last.ckpt"
+    env = os.environ | {"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen([sys.executable, "-m", "music", "fit", "--config", str(config),
+                                "--trainer.limit_train_batches", "1"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored as in `&`
+    try:
+        while not last.exists() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, err[-2000:]
+    assert "before it finished. Resume with --ckpt_path last" in err
+    assert torch.load(last, weights_only=True)["epoch"] < 7
+    cli = run("fit", "--config", config, "--trainer.limit_train_batches", 1, "--ckpt_path", "last")
+    assert cli.trainer.ckpt_path == str(last) and cli.trainer.current_epoch == 8  # finished from the checkpoint
+    assert sorted(p.name for p in last.parents[2].iterdir()) == ["version_0"]

@@ -3,13 +3,19 @@ every run writes its snapshots, ``phase_metrics.json``, accuracy matrix, manifes
 into a folder of its own, and resumes from it."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import run
+import yaml
+from conftest import REPO, run
+from test_bad_input import fails_in_one_line
 
-from music.rundir import run_dir
+from music.rundir import RunLock, run_dir
 
 LOGGERS = {
     "tensorboard": lambda tmp: ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
@@ -72,3 +78,64 @@ def test_mlflow_run_keeps_params_metrics_and_figures(shrink, tmp_path):
     eda = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eda")}
     assert eda == {"eda/class_counts", "eda/samples"}, eda
     assert client.list_artifacts(runs[0].info.run_id, "eda/samples/train")
+
+
+def test_two_runs_started_at_once_get_whole_folders_of_their_own(shrink, tmp_path):
+    """Both start before either has a folder; each must end with its own complete run."""
+    config = shrink("pretrain")
+    env = os.environ | {"PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    runs = [subprocess.Popen([sys.executable, "-m", "music", "fit", "--config", str(config), "--trainer.limit_train_batches",
+                              "2", "--seed_everything", str(seed)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+            for seed in (0, 1)]
+    for process in runs:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+    folders = sorted((tmp_path / "logs" / "pretrain").iterdir())
+    assert [f.name for f in folders] == ["version_0", "version_1"]
+    seeds = set()
+    for folder in folders:
+        for name in ("phase_metrics.json", "config.yaml", "split_manifest.json", "checkpoints/last.ckpt",
+                     "checkpoints/phase-0-pretrain.ckpt"):
+            assert (folder / name).exists(), (folder, name)
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+        assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+        seeds.add(yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"])
+    assert seeds == {0, 1}
+
+
+def test_a_run_directory_held_by_a_live_run_is_refused_in_one_line(shrink, tmp_path, capsys):
+    config = shrink("pretrain")
+    version = tmp_path / "logs" / "pretrain" / "version_0"
+    (version / "checkpoints").mkdir(parents=True)
+    (version / "checkpoints" / "last.ckpt").write_bytes(b"a live run's checkpoint")
+    held = RunLock(str(version), "test")  # as the live run holds it
+    try:
+        line = fails_in_one_line(["fit", "--config", config, "--ckpt_path", "last"], capsys)
+        assert re.search(r"--ckpt_path last: the run '.*version_0' is in use by another running music process", line), line
+        line = fails_in_one_line(["fit", "--config", config, "--run_dir", version], capsys)
+        assert "--run_dir" in line and "is in use by another running music process" in line
+    finally:
+        held.release()
+    assert (version / "checkpoints" / "last.ckpt").read_bytes() == b"a live run's checkpoint"
+    assert sorted(p.name for p in version.parent.iterdir()) == ["version_0"]
+
+
+def test_the_lock_goes_with_the_run(shrink, tmp_path):
+    """A run in this process releases its folder when it ends, so the next one may take it."""
+    folder = tmp_path / "run"
+    config = shrink("pretrain")
+    run("fit", "--config", config, "--trainer.limit_train_batches", "2", "--run_dir", str(folder))
+    RunLock(str(folder), "test").release()
+    assert sorted(p.name for p in (tmp_path / "logs" / "pretrain").iterdir()) == ["version_0"]
+
+
+def test_test_ckpt_path_last_scores_the_newest_run_with_a_last_checkpoint(shrink, tmp_path):
+    """As ``fit --ckpt_path last`` finds it; the evaluation logs to a version of its own, so the
+    trained run's files (its config.yaml) stay as the run wrote them."""
+    config = shrink("pretrain")
+    run("fit", "--config", config, "--trainer.limit_train_batches", "2")
+    trained = tmp_path / "logs" / "pretrain" / "version_0"
+    written = (trained / "config.yaml").read_text()
+    tested = run("test", "--config", config, "--ckpt_path", "last")
+    assert tested.trainer.ckpt_path == str(trained / "checkpoints" / "last.ckpt")
+    assert run_dir(tested.trainer).endswith("version_1") and (trained / "config.yaml").read_text() == written

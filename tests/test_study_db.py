@@ -81,3 +81,57 @@ def test_a_database_made_without_the_method_column_gains_it_and_keeps_its_cells(
     assert study_db.fingerprints(engine) == {(0, "seq"): "f"}
     with engine.connect() as conn:
         assert conn.execute(select(study_db.cells.c.method)).scalar() is None
+
+
+def unrelated(tmp_path):
+    """Someone else's SQLite file that happens to have a ``cells`` table."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE cells (id INTEGER PRIMARY KEY, sheet TEXT, value TEXT)")
+        conn.execute("INSERT INTO cells (sheet, value) VALUES ('a', '1')")
+    return path
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["query", "grid"])
+def test_a_database_music_did_not_make_is_refused_untouched(tmp_path, read_only):
+    path = unrelated(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"is not a MUSIC study database \(it has cells, and no music_schema") as error:
+        study_db.connect(f"sqlite:///{path}", read_only=read_only)
+    assert str(path) in str(error.value)
+    assert path.read_bytes() == before
+
+
+def test_reading_a_missing_database_refuses_and_creates_nothing(tmp_path):
+    path = tmp_path / "nothing.db"
+    with pytest.raises(ValueError, match=r"no database at .*nothing.db.*run the grid first"):
+        study_db.connect(f"sqlite:///{path}", read_only=True)
+    assert not path.exists()
+
+
+def test_a_new_database_is_stamped_and_read_only_access_cannot_write(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study_db.record_cell(study_db.connect(url), cell_row(), phase_rows(), class_rows())
+    with study_db.connect(url).connect() as conn:
+        assert conn.execute(select(study_db.schema.c.version)).scalars().all() == [study_db.SCHEMA_VERSION]
+    reader = study_db.connect(url, read_only=True)
+    with pytest.raises(ValueError, match="(?i)query failed.*readonly"):
+        study_db.query(reader, "DELETE FROM cells")
+    assert count(reader, study_db.cells) == 1
+
+
+def test_a_database_from_before_the_schema_table_is_read_as_it_is(tmp_path):
+    """Recognised by MUSIC's ``cells`` columns; read-only, nothing is added to it."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE cells (id INTEGER PRIMARY KEY, seed INTEGER NOT NULL, name VARCHAR(200) NOT NULL, "
+                     "kind VARCHAR(20) NOT NULL, lr FLOAT NOT NULL, fingerprint VARCHAR(64) NOT NULL)")
+        conn.execute("INSERT INTO cells (seed, name, kind, lr, fingerprint) VALUES (0, 'seq', 'seq', 0.001, 'f')")
+    before = path.read_bytes()
+    cells, phases, _, runs = study_db.load(study_db.connect(f"sqlite:///{path}", read_only=True))
+    assert [(c["seed"], c["name"], c["method"]) for c in cells] == [(0, "seq", None)] and phases == {} and runs == []
+    assert path.read_bytes() == before

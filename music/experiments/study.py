@@ -302,7 +302,7 @@ class Study:
 
     def run(self) -> dict:
         if self.query is not None:
-            columns, rows = study_db.query(study_db.connect(self.grid.db_url), self.query)
+            columns, rows = study_db.query(study_db.connect(self.grid.db_url, read_only=True), self.query)
             print("\t".join(columns))
             for row in rows:
                 print("\t".join("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))

@@ -29,17 +29,24 @@ Schema (documented in ``docs/study.md``, queried by ``study_report.py``):
   ``music continual``) — ``experiment``, ``name``, ``fingerprint``, ``settings`` (JSON),
   ``result`` (JSON: what its table is made from), ``wall_seconds``, ``host``, ``finished_at``,
   ``run_dir``. ``(experiment, name)`` is unique.
+- ``music_schema``: one row, ``version`` (``SCHEMA_VERSION``), written when MUSIC creates the
+  database: what tells a MUSIC study database from any other.
+
+A grid writes only into a database MUSIC made (or an empty one, which it makes MUSIC's);
+``--query`` and ``--report_only`` open it read-only and never create one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint, create_engine, event, insert, select)
-from sqlalchemy.engine import Engine
+                        UniqueConstraint, create_engine, event, insert, inspect, select, text)
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 METRICS = ["final_acc", "held_out_acc", "untouched_acc", "average_accuracy", "backward_transfer",
@@ -121,41 +128,114 @@ experiment_runs = Table(
     UniqueConstraint("experiment", "name", name="one_row_per_experiment_run"),
 )
 
-_engines: dict[str, Engine] = {}
+schema = Table("music_schema", metadata, Column("version", Integer, nullable=False))
+
+# The schema this release writes; a database stamped with a later one is refused.
+SCHEMA_VERSION = 1
+# Databases made before ``music_schema`` existed are recognised by their ``cells`` columns.
+IDENTIFYING_COLUMNS = {"seed", "name", "kind", "lr", "fingerprint"}
+
+_engines: dict[tuple[str, bool], Engine] = {}
 
 
-def connect(url: str) -> Engine:
-    """An engine on ``url`` with the tables created; one per URL and process. A URL that
-    cannot be opened is a ``ValueError`` naming it, raised before anything is written."""
-    if url in _engines:
-        return _engines[url]
+class NotAStudyDatabase(ValueError):
+    """The URL names a database that MUSIC did not make, or a missing one where one must exist."""
+
+
+def connect(url: str, read_only: bool = False) -> Engine:
+    """An engine on ``url``; one per URL, mode and process. A URL that cannot be opened is a
+    ``ValueError`` naming it, raised before anything is written.
+
+    Writable (a grid): an empty database is made MUSIC's (tables and ``music_schema``); one
+    with tables is used only if it is MUSIC's. Read-only (``--query``, ``--report_only``): the
+    database must exist and be MUSIC's, and SQLite files are opened with ``mode=ro``, so nothing
+    can change them."""
+    if (url, read_only) in _engines:
+        return _engines[(url, read_only)]
     try:
         sqlite = url.startswith("sqlite")
-        engine = create_engine(url, connect_args={"timeout": 120} if sqlite else {})
+        engine = create_engine(_read_only_url(url) if sqlite and read_only else url,
+                               connect_args={"timeout": 120} if sqlite else {},
+                               **({"execution_options": {"postgresql_readonly": True}}
+                                  if read_only and url.startswith("postgresql") else {}))
         if sqlite:  # several workers write one file: wait for the lock instead of failing
             event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout = 120000"))
-        with engine.begin() as conn:
-            metadata.create_all(conn)
-            _add_missing_columns(conn)
+        if read_only:
+            with engine.connect() as conn:
+                _check_ours(conn, url, inspect(conn).get_table_names())
+        else:
+            with engine.begin() as conn:
+                present = inspect(conn).get_table_names()
+                if present:
+                    _check_ours(conn, url, present)
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
+                if conn.execute(select(schema.c.version)).first() is None:
+                    conn.execute(insert(schema).values(version=SCHEMA_VERSION))
+    except NotAStudyDatabase:
+        raise
     except (SQLAlchemyError, ImportError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"study.db={url!r} cannot be opened: {first}. Give an SQLAlchemy URL such as "
                          "sqlite:////abs/path/study.db or postgresql://user@host/db.") from None
-    _engines[url] = engine
+    _engines[(url, read_only)] = engine
     return engine
+
+
+def _read_only_url(url: str) -> str:
+    """The SQLite URL opened with ``mode=ro``: a missing file is refused here, since SQLite
+    would otherwise create an empty database for a query to find nothing in."""
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise NotAStudyDatabase(f"study.db={url!r} is an in-memory database: there is no study in it to read.")
+    if not os.path.isfile(database):
+        raise NotAStudyDatabase(f"study.db={url!r}: no database at {database!r}; run the grid first "
+                                "(music study) or give the --study.db it wrote to.")
+    return f"sqlite:///file:{quote(os.path.abspath(database))}?mode=ro&uri=true"
+
+
+def _check_ours(conn, url: str, present: list[str]) -> None:
+    """Refuse a database MUSIC did not make. Ours: it has ``music_schema`` at a version this
+    release knows, or -- made before that table existed -- only MUSIC's tables, with a
+    ``cells`` table that has MUSIC's identifying columns."""
+    if schema.name in present:
+        version = conn.execute(select(schema.c.version)).scalar()
+        if version is not None and version > SCHEMA_VERSION:
+            raise NotAStudyDatabase(f"study.db={url!r} has MUSIC schema version {version}, newer than this "
+                                    f"release's {SCHEMA_VERSION}: use the MUSIC release that wrote it.")
+        return
+    ours = set(metadata.tables)
+    columns = {c["name"] for c in inspect(conn).get_columns("cells")} if "cells" in present else set()
+    if not present or not set(present) <= ours or not IDENTIFYING_COLUMNS <= columns:
+        found = ", ".join(sorted(present)) or "no tables"
+        raise NotAStudyDatabase(f"study.db={url!r} is not a MUSIC study database (it has {found}, and no "
+                                "music_schema table): give the --study.db a grid wrote, or a new one.")
 
 
 def _add_missing_columns(conn) -> None:
     """Columns added to the schema since a database was made (all nullable): a study
     database made by an earlier release keeps its cells."""
-    from sqlalchemy import inspect, text
-
     for table in metadata.sorted_tables:
         present = {c["name"] for c in inspect(conn).get_columns(table.name)}
         for column in table.columns:
             if column.name not in present:
                 kind = column.type.compile(dialect=conn.dialect)
                 conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
+def _columns(conn, table: Table) -> list[Column]:
+    """The table's columns that the database has: one made by an earlier release, read
+    read-only, lacks the newer ones (read as NULL)."""
+    present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    return [c for c in table.columns if c.name in present]
+
+
+def _rows(conn, table: Table, order_by: list[str]) -> list[dict]:
+    columns = _columns(conn, table)
+    if not columns:
+        return []
+    rows = conn.execute(select(*columns).order_by(*(table.c[k] for k in order_by if any(c.name == k for c in columns))))
+    return [{c.name: None for c in table.columns} | dict(r._mapping) for r in rows]
 
 
 def fingerprints(engine: Engine) -> dict[tuple[int, str], str]:
@@ -192,23 +272,22 @@ def record_grid_run(engine: Engine, **values: Any) -> None:
 def load(engine: Engine) -> tuple[list[dict], dict[int, list[dict]], dict[int, list[dict]], list[dict]]:
     """Every table as dicts: cells, phases by cell id, class rows by cell id, grid runs."""
     with engine.connect() as conn:
-        all_cells = [dict(r._mapping) for r in conn.execute(select(cells).order_by(cells.c.id))]
+        present = set(inspect(conn).get_table_names())
+        table = {t.name: (_rows if t.name in present else lambda *_: []) for t in metadata.sorted_tables}
+        all_cells = table["cells"](conn, cells, ["id"])
         by_phase: dict[int, list[dict]] = {}
-        for r in conn.execute(select(phases).order_by(phases.c.cell_id, phases.c.row)):
-            by_phase.setdefault(r.cell_id, []).append(dict(r._mapping))
+        for r in table["phases"](conn, phases, ["cell_id", "row"]):
+            by_phase.setdefault(r["cell_id"], []).append(r)
         by_class: dict[int, list[dict]] = {}
-        for r in conn.execute(select(class_results).order_by(class_results.c.cell_id, class_results.c.row,
-                                                             class_results.c["class"])):
-            by_class.setdefault(r.cell_id, []).append(dict(r._mapping))
-        runs = [dict(r._mapping) for r in conn.execute(select(grid_runs).order_by(grid_runs.c.id))]
+        for r in table["class_results"](conn, class_results, ["cell_id", "row", "class"]):
+            by_class.setdefault(r["cell_id"], []).append(r)
+        runs = table["grid_runs"](conn, grid_runs, ["id"])
     return all_cells, by_phase, by_class, runs
 
 
 def query(engine: Engine, sql: str) -> tuple[list[str], list[tuple]]:
     """Run one SQL statement and return its column names and rows; the transaction is rolled
-    back, so a query never changes the database."""
-    from sqlalchemy import text
-
+    back, so a query never changes the database (and ``--query`` opens it read-only)."""
     with engine.connect() as conn:
         try:
             result = conn.execute(text(sql))

@@ -37,7 +37,7 @@ LABELS = {"final_acc": "test acc", "held_out_acc": "acc on held-out classes", "u
 def load_cells(settings: Settings) -> tuple[list[dict], list[dict]]:
     """One record per finished cell of the plan (its plan entry, metrics, accuracy-matrix rows
     and final confusion matrix), and the grid runs — all from the database."""
-    cells, phases, classes, runs = study_db.load(study_db.connect(settings.db_url))
+    cells, phases, classes, runs = study_db.load(study_db.connect(settings.db_url, read_only=True))
     stored = {(c["seed"], c["name"]): c for c in cells}
     records = []
     for cell in plan(settings):
