@@ -185,7 +185,7 @@ STUDY_CASES = [
     ("query on a database music did not make", ["--query", "SELECT 1", "--study.db", "sqlite:///{tmp}/other.db"],
      r"study.db='sqlite:///{tmp}/other.db' is not a MUSIC study database \(it has cells, and no music_schema"),
     ("report on a database music did not make", ["--report_only", "true", "--study.db", "sqlite:///{tmp}/other.db",
-                                                 "--study.runs_dir", "{tmp}/runs"], r"other.db' is not a MUSIC study database"),
+                                                 "--output.root", "{tmp}/runs"], r"other.db' is not a MUSIC study database"),
 ]
 
 
