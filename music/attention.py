@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from music.plots import pyplot
 
 
 @torch.no_grad()
@@ -47,10 +50,6 @@ def cls_attention(model: nn.Module, images: Tensor, block: int = -1) -> Tensor:
 def attention_figure(images: Tensor, maps: dict[str, Tensor], labels: Tensor | None = None,
                      predictions: dict[str, Tensor] | None = None):
     """A matplotlib figure: one row per image; the image, then each model's map over it."""
-    import torch.nn.functional as F
-
-    from music.plots import pyplot
-
     plt = pyplot()
 
     n, columns = len(images), 1 + len(maps)

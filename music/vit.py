@@ -11,6 +11,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from music.checkpoint import load_state_dict
+
 
 class TimmViT(nn.Module):
     """A timm model (``vit_tiny_patch16_224`` by default) with a ``num_classes`` head.
@@ -67,8 +69,6 @@ class TimmViT(nn.Module):
                           "no weights_path): this trains from scratch.", stacklevel=2)
 
     def _load(self, path: str) -> None:
-        from music.checkpoint import load_state_dict
-
         state = load_state_dict(path)
         state = {k.removeprefix("model."): v for k, v in state.items()}
         own = self.model.state_dict()
