@@ -31,7 +31,9 @@ from music.callbacks import SequentialFineTuning
 from music.rundir import RunDirectory, run_dir
 from music.checkpoint import AtomicCheckpointIO
 from music.data import MusicDataModule
+from music.evaluation import PhaseEvaluation
 from music.module import Classifier
+from music.speed import check_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -50,6 +52,9 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 # Splits are tensors in memory: loader worker processes would only add start-up cost.
 warnings.filterwarnings("ignore", message=r".*does not have many workers", module=r"lightning\.pytorch")
+# The phase schedule sets the number of epochs when fitting starts (the sum of its phases');
+# Lightning warns before that, when the Trainer's own max_epochs is unset.
+warnings.filterwarnings("ignore", message=r"`max_epochs` was not set", module=r"lightning\.pytorch")
 # Lightning logs an advertisement for its cloud logger on every Trainer that has none.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging"))
@@ -105,9 +110,9 @@ class SaveConfigToRunDir(SaveConfigCallback):
 
 
 class MusicCLI(LightningCLI):
-    """LightningCLI with the phase schedule and checkpointing as config sections of their own
-    (``schedule``, ``checkpoint``), so a config delta can change the phases without repeating
-    the callback list."""
+    """LightningCLI with the phase schedule, its evaluation and checkpointing as config sections
+    of their own (``schedule``, ``evaluation``, ``checkpoint``), so a config delta can change the
+    phases without repeating the callback list."""
 
     @classmethod
     def only(cls, subcommand: str) -> type[MusicCLI]:
@@ -118,6 +123,7 @@ class MusicCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SequentialFineTuning, "schedule")
+        parser.add_lightning_class_args(PhaseEvaluation, "evaluation")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_argument("--run_dir", type=Optional[str], default=None,
                             help="The run's folder for MUSIC's files (phase snapshots, phase_metrics.json, accuracy "
@@ -153,7 +159,8 @@ class MusicCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
-        _check_blocks(config)
+        check_blocks(config.get("data.batches_per_block", 1), config.get("trainer.gradient_clip_val"),
+                     config.get("trainer.accumulate_grad_batches"), config.get("lr_scheduler"))
         _size_trainer(config, self.subcommand)
         if config.get("run_dir") is not None:
             if config.get("checkpoint") is not None and config.checkpoint.get("dirpath") is None:
@@ -162,28 +169,9 @@ class MusicCLI(LightningCLI):
             _resume_in_latest_version(config.trainer.logger)
 
 
-def _check_blocks(config) -> None:
-    """Blocks train through manual optimization, where Lightning refuses or ignores these;
-    say so in the user's terms, before anything runs."""
-    blocks = config.get("data.batches_per_block", 1)
-    if blocks == 1:
-        return
-    in_use = {"trainer.gradient_clip_val": bool(config.get("trainer.gradient_clip_val")),
-              "trainer.accumulate_grad_batches": (config.get("trainer.accumulate_grad_batches") or 1) != 1,
-              "lr_scheduler": bool(config.get("lr_scheduler"))}
-    refused = [key for key, used in in_use.items() if used]
-    if refused:
-        key = refused[0]
-        raise ValueError(f"{key}={config.get(key)} is not allowed with data.batches_per_block={blocks}: blocks are "
-                         "trained batch by batch through manual optimization. Set --data.batches_per_block 1.")
-
-
 def _size_trainer(config, subcommand: str | None) -> None:
-    """Settings Lightning would otherwise guess and warn about: the number of epochs is the
-    phases' sum, and without a ``val`` split there is no validation loop to run."""
-    phases = config.get("schedule.phases") or []
-    if config.get("trainer.max_epochs") is None and phases:
-        config.trainer.max_epochs = sum(p.epochs if hasattr(p, "epochs") else p["epochs"] for p in phases)
+    """Without a ``val`` split there is no validation loop to run: say so to Lightning, which
+    would otherwise run an empty one and warn (the schedule sets the number of epochs)."""
     if not config.get("data.val_size"):
         if subcommand == "validate":
             raise ValueError("music validate needs a validation split: set data.val_size > 0 (samples carved from "

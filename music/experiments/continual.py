@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from music.callbacks import SequentialFineTuning
 from music.continual import accuracy_on, average_incremental_accuracy, backward_transfer, forward_transfer
+from music.evaluation import PhaseEvaluation
 from music.experiments.common import Data, machine
 
 SPLIT_MNIST_METHODS = {"None": [], "Joint": ["split_mnist_joint"], "EWC": ["ewc"], "Online EWC": ["online_ewc"],
@@ -155,19 +157,18 @@ class ContinualStudy:
             with open(path) as f:
                 result = json.load(f)
             return result | score(result["rows"], self.tasks)  # scored anew from the stored evaluations
-        from music.callbacks import SequentialFineTuning
-
         init = self.pretrained(run.seed)
         start = time.perf_counter()
         cli = self.fit([*self.protocol, *self.methods[run.method]], run.name, run.seed, "--model.scenario", run.scenario,
                        *init)
         seconds = time.perf_counter() - start
         schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
+        evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, PhaseEvaluation))
         if schedule.epoch != schedule.ends[-1]:  # e.g. stopped by a signal: never record a cut-short run
             raise RuntimeError(f"{run.name} stopped at epoch {schedule.epoch} of {schedule.ends[-1]}; not recorded.")
-        rows = list(schedule.rows.values())
+        rows = list(evaluation.rows.values())
         result = {"method": run.method, "scenario": run.scenario, "seed": run.seed, "seconds": seconds,
-                  "rows": rows, "row_names": list(schedule.rows)} | score(rows, self.tasks)
+                  "rows": rows, "row_names": list(evaluation.rows)} | score(rows, self.tasks)
         if not self.keep_checkpoints:
             shutil.rmtree(os.path.join(cli.trainer.log_dir, "checkpoints"), ignore_errors=True)
         from music.checkpoint import write_atomically

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import yaml
 
-from music.callbacks import START
+from music.evaluation import START
 from music.experiments import study_db
 from music.experiments.common import Data
 
@@ -292,7 +292,8 @@ def cell_config(grid: Grid, data: Data, cell: Cell) -> dict:
     if grid.samples_per_class is not None:
         split["samples_per_class"] = grid.samples_per_class
     # figures: the report draws them from all cells at once
-    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases, "log_figures": False},
+    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases},
+            "evaluation": {"log_figures": False},
             "model": model,
             "data": split}
 
