@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from music.cli import main
-from music.data import Block
+from music.speed import Block
 from music.module import Classifier
 
 PHASE = "[{name: a, split: remaining, epochs: %s%s}]"

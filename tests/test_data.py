@@ -70,3 +70,10 @@ def test_manifest_is_written_as_json(mnist, tmp_path):
     manifest = json.loads((tmp_path / "m.json").read_text())
     assert manifest["splits"]["class_7"]["class_counts"][7] == 1000
     assert manifest["splits"]["test"]["size"] == 10_000
+
+
+def test_train_split_is_the_whole_training_set(mnist):
+    """The joint upper bound of the study trains on every training sample, held-out ones included."""
+    dataset = mnist.dataset("train")
+    assert len(dataset) == 60_000 and torch.equal(dataset.labels, mnist.train_labels)
+    mnist.check_split("train")  # a phase may train on it
