@@ -65,6 +65,9 @@ class PhaseEvaluation(Callback):
         self._phase_start: float | None = None  # wall clock of the phase under way (since a resume, if resumed)
         self._started = False  # HParams and layout written in this fit
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._started = False  # a new fit writes its HParams and layout again
+
     # -- the schedule's hooks ----------------------------------------------------------------
 
     def on_phase_start(self, trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning,
