@@ -34,6 +34,9 @@ def quiet_upstream() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
     # Splits are tensors in memory: loader worker processes would only add start-up cost.
     warnings.filterwarnings("ignore", message=r".*does not have many workers", module=r"lightning\.pytorch")
+    # The phase schedule sets the number of epochs when fitting starts (the sum of its phases');
+    # Lightning warns before that, when the Trainer's own max_epochs is unset.
+    warnings.filterwarnings("ignore", message=r"`max_epochs` was not set", module=r"lightning\.pytorch")
     # Lightning logs an advertisement for its cloud logger on every Trainer that has none.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_cloud_tip)
 

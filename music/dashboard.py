@@ -20,6 +20,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from music.plots import log_figure as to_image_loggers
+from music.plots import pyplot
+
 # evaluate()'s macro keys -> the tag's last part; "f1" alone would read as a per-class value
 MACRO_NAMES = {"acc": "acc", "loss": "loss", "f1": "f1_macro", "precision": "precision_macro",
                "recall": "recall_macro"}
@@ -34,6 +37,19 @@ HPARAM_METRICS = ("test/acc", "test/f1_macro", "test/loss", "test/continual/aver
 
 # The settings a study varies, shown first in the HParams tab (it shows five by default).
 KEY_SETTINGS = ("seed", "schedule.phases", "model.init_from", "model.finetune", "model.lr")
+
+
+def logged_step(trainer, pl_module) -> int:
+    """The x-axis value for now: the global step (optimizer steps, also with blocks),
+    continued from the model the run started from (``step_offset``: ``Classifier(init_from=...)``
+    reads it from a Lightning checkpoint)."""
+    return trainer.global_step + getattr(pl_module, "step_offset", 0)
+
+
+def logged_epoch(trainer, pl_module, starting: bool = False) -> int:
+    """Epochs trained so far, continued like ``logged_step``: at a phase end, the epoch just
+    finished counts; ``starting``: the epoch running."""
+    return trainer.current_epoch + (0 if starting else 1) + getattr(pl_module, "epoch_offset", 0)
 
 
 def metric_scalars(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -105,9 +121,6 @@ def run_name(logger) -> str:
 def log_figure(loggers, tag: str, fig, step: int) -> None:
     """A figure for every logger (one or a list) that takes images: TensorBoard's Images tab,
     MLflow, W&B (``music.plots.log_figure``); the figure is closed."""
-    from music.plots import log_figure as to_image_loggers
-    from music.plots import pyplot
-
     to_image_loggers(loggers, tag, fig, step)
     pyplot().close(fig)
 

@@ -15,10 +15,10 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -26,8 +26,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from music.rundir import run_dir
 from music.imagefolder import ImageFolderSource
+from music.rundir import run_dir
+from music.speed import as_block
 
 
 def import_class(path: str, what: str) -> type:
@@ -59,28 +60,6 @@ class InMemoryDataset(Dataset):
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """Collate function for ``__getitems__`` batches, which arrive already stacked."""
     return batch
-
-
-class Block(NamedTuple):
-    """Consecutive training batches fetched at once, as one tensor pair: one index fetch, one
-    transfer to the device, and ``batches()`` cuts it back into the batches (views, no copy) a
-    batch-size loader would have served."""
-
-    images: Tensor
-    labels: Tensor
-    batch_size: int
-
-    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
-
-    @property
-    def num_batches(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
-
-
-def as_block(batch: tuple[Tensor, Tensor], batch_size: int) -> Block:
-    """Collate function for blocks (``__getitems__`` batches arrive already stacked)."""
-    return Block(*batch, batch_size)
 
 
 def split_hash(indices: Tensor) -> str:
@@ -117,9 +96,6 @@ class MusicDataModule(LightningDataModule):
             ``val_check_interval``, ``on_train_batch_*`` hooks) is then a block. 1 under DDP.
         eval_batch_size: batch size for validation and test (no gradients, so larger is faster).
         num_workers: loader workers; 0 is fastest for in-memory tensors.
-        replay_size: size of a replay buffer of ``remaining`` samples (drawn once from
-            ``split_seed``) mixed into every training loader of a held-out split (``class_<c>``,
-            ``merged``): the simplest guard against forgetting, as a baseline. 0: no replay.
         log_eda: log class counts per split and sample grids (TensorBoard, MLflow, W&B) when fitting starts
             (``music.eda.LogEDA``, which ``music fit`` installs), so a run documents the data it saw.
         image_folder: read a class-per-folder image dataset under ``data_dir`` instead of
@@ -141,7 +117,6 @@ class MusicDataModule(LightningDataModule):
         batches_per_block: int = 1,
         eval_batch_size: int = 1000,
         num_workers: int = 0,
-        replay_size: int = 0,
         log_eda: bool = False,
         image_folder: ImageFolderSource | None = None,
     ) -> None:
@@ -160,7 +135,7 @@ class MusicDataModule(LightningDataModule):
                                  ("batch_size", batch_size, 1), ("iterations_per_epoch", 1 if iterations_per_epoch is None else iterations_per_epoch, 1),
                                  ("batches_per_block", batches_per_block, 1),
                                  ("eval_batch_size", eval_batch_size, 1), ("val_size", val_size, 0),
-                                 ("num_workers", num_workers, 0), ("replay_size", replay_size, 0)):
+                                 ("num_workers", num_workers, 0)):
             if value < low:
                 raise ValueError(f"{name}={value} is not allowed: it must be an integer >= {low}.")
         self.data_dir = data_dir
@@ -174,12 +149,10 @@ class MusicDataModule(LightningDataModule):
         self.batches_per_block = batches_per_block
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.replay_size = replay_size
         self.log_eda = log_eda
-        self.replay_index: Tensor | None = None  # indices into the training set, set by setup
         self.train_split = train_split
         self.splits: dict[str, Tensor] = {}
-        self._datasets: dict[tuple[str, bool, str], Dataset] = {}
+        self._datasets: dict[tuple[str, str], Dataset] = {}
         self._device = torch.device("cpu")
         self._manifest_written: str | None = None
 
@@ -212,13 +185,9 @@ class MusicDataModule(LightningDataModule):
 
     def task_classes(self, split: str) -> list[int]:
         """The classes a training split holds: a phase's task, e.g. for task-incremental masking."""
-        classes = task_split_classes(self.check_split(split))
+        classes = split_classes(self.check_split(split), self.held_out_classes)
         if classes is not None:
             return classes
-        if split.startswith("class_"):
-            return [int(split.removeprefix("class_"))]
-        if split == "merged":
-            return list(self.held_out_classes)
         self.setup()
         labels = self.train_labels if split == "train" else self.train_labels[self.splits[split]]
         return labels.unique().tolist()
@@ -321,32 +290,25 @@ class MusicDataModule(LightningDataModule):
             remaining = remaining[order[self.val_size :]].sort().values
         splits["merged"] = is_held_out.nonzero().flatten()
         splits["remaining"] = remaining
-        if self.replay_size:  # drawn last, so the other splits do not depend on replay_size
-            if self.replay_size > len(remaining):
-                raise ValueError(f"replay_size={self.replay_size} is too large: `remaining` has {len(remaining)} samples.")
-            self.replay_index = remaining[torch.randperm(len(remaining), generator=generator)[: self.replay_size]].sort().values
         return {name: splits[name] for name in self.split_names if name in splits}
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def dataset(self, split: str, replay: bool = False) -> Dataset:
-        """A training split by name, or ``"test"`` for the full official test set. ``replay``
-        adds the replay buffer to a held-out split (``class_<c>``, ``merged``).
+    def dataset(self, split: str) -> Dataset:
+        """A training split by name, or ``"test"`` for the full official test set.
 
         Each split is gathered once and kept: phases reload the training loader every epoch,
         and copying the 57,000 ``remaining`` images again each time cost ~0.4 s an epoch. When
         training on a GPU the split is kept there, so no batch is copied from the host."""
-        key = (split, replay, str(self._device))
+        key = (split, str(self._device))
         if key not in self._datasets:
-            self._datasets[key] = self._gather(split, replay)
+            self._datasets[key] = self._gather(split)
         return self._datasets[key]
 
-    def _gather(self, split: str, replay: bool) -> Dataset:
+    def _gather(self, split: str) -> Dataset:
         index = None  # None: the whole train or test set
         if split != "test" and self.check_split(split) != "train":
             index = self.splits[split] if split in self.splits else self._task_index(split)
-            if replay and self.replay_index is not None and split in self.held_out_split_names:
-                index = torch.cat([index, self.replay_index])
         if self.image_folder is not None:
             return self.image_folder.dataset(self.data_dir, train=split != "test", index=index)
         images, labels = (self.test_images, self.test_labels) if split == "test" else (self.train_images, self.train_labels)
@@ -368,14 +330,14 @@ class MusicDataModule(LightningDataModule):
         return [f"class_{c}" for c in self.held_out_classes] + ["merged"]
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
-                   distributed: bool = False, replay: bool = False, batches_per_block: int = 1,
+                   distributed: bool = False, batches_per_block: int = 1,
                    iterations: int | None = None) -> DataLoader:
         """Any split as a loader; ``distributed`` shards it over the ranks (for evaluation run
         outside Lightning's loops, where no sampler is injected). With ``batches_per_block``
         > 1 it yields ``Block``s of that many batches, in the order a batch loader would (the
         shuffled order does not depend on the batch size). ``iterations``: a shuffled loader
         serves that many batches, through as many reshuffled passes as it takes."""
-        dataset = self.dataset(split, replay=replay)
+        dataset = self.dataset(split)
         if shuffle and len(dataset) == 0:
             raise ValueError(f"Split {split!r} is empty: there is nothing to train on.")
         sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
@@ -396,7 +358,7 @@ class MusicDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Under DDP every batch must pass the DDP wrapper's forward: one batch per loop step.
         blocks = self.batches_per_block if self.trainer is None or self.trainer.world_size == 1 else 1
-        return self.dataloader(self.train_split, shuffle=True, replay=True, batches_per_block=blocks,
+        return self.dataloader(self.train_split, shuffle=True, batches_per_block=blocks,
                                iterations=self.iterations_per_epoch)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -418,8 +380,6 @@ class MusicDataModule(LightningDataModule):
             return entry | ({"sha256": split_hash(index)} if index is not None else {})
 
         splits = {n: describe(self.train_labels[i], i) for n, i in self.splits.items()}
-        if self.replay_index is not None:
-            splits["replay"] = describe(self.train_labels[self.replay_index], self.replay_index)
         return {
             "dataset": self.hparams.dataset if self.image_folder is None else os.path.abspath(self.data_dir),
             "held_out_classes": self.held_out_classes,
@@ -433,6 +393,17 @@ class MusicDataModule(LightningDataModule):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(self.manifest(), f, indent=2)
+
+
+def split_classes(name: str, held_out_classes: Sequence[int]) -> list[int] | None:
+    """The classes that define a split: ``class_3`` -> ``[3]``, ``merged`` -> the held-out
+    classes, ``classes_2_3`` -> ``[2, 3]``: a task of the study. ``None`` for a split defined
+    otherwise (``remaining``, ``train``, ``val``: whatever classes their samples have)."""
+    if name == "merged":
+        return list(held_out_classes)
+    if re.fullmatch(r"class_\d+", name):
+        return [int(name.removeprefix("class_"))]
+    return task_split_classes(name)
 
 
 def task_split_classes(name: str) -> list[int] | None:

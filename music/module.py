@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -24,18 +23,34 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from music.dashboard import metric_scalars
-from music.data import Block
-from music.finetuning import FineTune
+from music import speed
+from music.checkpoint import load_state_dict
+from music.dashboard import log_figure, logged_epoch, logged_step, metric_scalars, run_name
+from music.figures import confusion_matrix_figure
+from music.finetuning import FineTune, ParameterReport, apply_finetune
 from music.models import SimpleNN
-from music.speed import direct_step, runtime_cuda_check, steps_are_plain
-
-if TYPE_CHECKING:
-    from music.methods import Method
+from music.plots import image_loggers
+from music.speed import BlockSteps, runtime_cuda_check
 
 SCENARIOS = ("class", "task")
 # Adam's first step is lr / (1 - beta1), up to 1e4 x lr for betas in use; float32 overflows above 3.4e38.
 MAX_LR = 1e34
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A continual-learning method as the model uses it (``music.methods`` implements it): a
+    term added to every training batch's loss, told when each phase of the schedule starts,
+    with a state that travels in the model's checkpoints. Unannotated, so that the config
+    parser accepts any class with these methods (it compares annotations exactly)."""
+
+    def loss(self, model, x, y, logits): ...  # -> Tensor | None, added to the batch's loss
+
+    def on_phase_start(self, trainer, model, schedule, index): ...
+
+    def state_dict(self): ...
+
+    def load_state_dict(self, state): ...
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -58,7 +73,7 @@ class Classifier(LightningModule):
     Args:
         backbone: the network (a plain ``nn.Module``); ``None`` builds ``SimpleNN``.
         num_classes: size of the label space (linked from the data module by the CLI).
-        lr: learning rate; phases of ``SequentialFineTuning`` may override it.
+        lr: learning rate; phases of the schedule may override it.
         optimizer: optimizer class or callable taking ``(params, lr=...)``; Adam by default.
         init_from: weights (``.ckpt``, ``.pt`` or ``.safetensors``) that initialise the network
             before any stage (fit, validate, test, predict), so fine-tuning runs start from one
@@ -71,13 +86,8 @@ class Classifier(LightningModule):
             ``music.finetuning.FineTune``). Applied in ``configure_model``, i.e. after
             ``init_from`` has loaded the pretrained weights and before a checkpoint is restored.
         batches_per_block: batches per loop step, as the data module hands them over
-            (``MusicDataModule.batches_per_block``; the CLI links the two). Above 1, each
-            block is trained batch by batch through Lightning's manual optimization -- one
-            ``optimizer.step`` per batch, so ``global_step`` still counts batches -- which
-            rules out the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches`` and
-            learning-rate schedulers. Backward and step are the plain PyTorch calls when
-            nothing listens to them (``direct_steps``; see ``music.speed``), else Lightning's,
-            with every hook.
+            (``MusicDataModule.batches_per_block``; the CLI links the two). Above 1, each block
+            is trained batch by batch by ``music.speed.BlockSteps`` through manual optimization.
         log_every_n_steps: optimizer steps between points of ``train/loss_step``. The model logs
             it itself, at optimizer steps, because a Lightning loop step is a whole block; the
             shipped configs set the Trainer's own interval to 1 loop step.
@@ -137,21 +147,22 @@ class Classifier(LightningModule):
         self.num_classes = num_classes
         self.log_every_n_steps = log_every_n_steps
         self.automatic_optimization = batches_per_block == 1
+        self.blocks = BlockSteps() if batches_per_block > 1 else None
         self._cuda_check = contextlib.ExitStack()  # music.speed.runtime_cuda_check while training
         self.val_metrics = classification_metrics(num_classes)
         self.test_metrics = classification_metrics(num_classes)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        self._losses: list[Tensor] = []
-        self._first_step: int | None = None
-        self.direct_steps = False  # set when training starts: see ``music.speed.steps_are_plain``
+        self._epoch_start_step: int | None = None  # global step when the running epoch started
+        self._losses: list[Tensor] = []  # this epoch's per-batch losses, on the device until its end
+        self._correct: list[Tensor] = []
+        self._sizes: list[int] = []
         self.methods = list(methods or [])
         self.scenario = scenario
         self.tasks = tasks
         self.pretrained_on = pretrained_on
+        self._phase_tasks: list[list[int]] | None = None  # the schedule's, when ``tasks`` is None
         self._allowed: Tensor | None = None  # task scenario: label -> the classes its logits keep
-        self._task: Any = None  # the task the methods are on (``music.methods.Task``)
-        self._resumed_task: list | None = None  # [index, split] of ``_task`` in a restored checkpoint
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -161,24 +172,25 @@ class Classifier(LightningModule):
         # given as ``ckpt_path`` is restored after this and wins, and a model loaded from a
         # checkpoint (``on_load_checkpoint``) already has its weights and skips the file.
         if self.init_from and not self._weights_loaded:
-            from music.checkpoint import load_state_dict  # weights_only / safetensors, never pickle code
-
-            self.backbone.load_state_dict(load_state_dict(self.init_from))
+            self.backbone.load_state_dict(load_state_dict(self.init_from))  # weights_only / safetensors
             self._weights_loaded = True
             self.step_offset, self.epoch_offset = training_progress(self.init_from)
         if self.scenario == "task" and self._allowed is None:
-            self._allowed = self._task_masks()
+            self._allowed = self.task_masks()
 
-    def _task_masks(self) -> Tensor:
+    # -- the scenario ------------------------------------------------------------------------
+
+    def set_phase_tasks(self, tasks: list[list[int]]) -> None:
+        """The classes of each phase of the schedule: the tasks of ``scenario: task`` when
+        ``tasks`` is not given (the schedule passes them before the model's ``setup``)."""
+        self._phase_tasks = tasks
+        self._allowed = None
+
+    def task_masks(self) -> Tensor:
         """Row ``c``: the classes a sample labelled ``c`` may be predicted as (its task's)."""
-        tasks = self.tasks
+        tasks = self.tasks if self.tasks is not None else self._phase_tasks
         if tasks is None:
-            from music.callbacks import SequentialFineTuning
-
-            schedule = next((c for c in self.trainer.callbacks if isinstance(c, SequentialFineTuning)), None)
-            if schedule is None:
-                raise ValueError("scenario=task needs the tasks: give model.tasks or a schedule of phases.")
-            tasks = [self.trainer.datamodule.task_classes(p.split) for p in schedule.phases]
+            raise ValueError("scenario=task needs the tasks: give model.tasks or a schedule of phases.")
         allowed = torch.ones(self.num_classes, self.num_classes, dtype=torch.bool)
         for classes in tasks:
             bad = [c for c in classes if not 0 <= c < self.num_classes]
@@ -195,9 +207,58 @@ class Classifier(LightningModule):
         if self.scenario == "class":
             return logits
         if self._allowed is None:
-            self._allowed = self._task_masks()
+            self._allowed = self.task_masks()
         allowed = self._allowed.to(logits.device)[y]
         return logits.masked_fill(~allowed, float("-inf"))
+
+    # -- the schedule's phases: the methods hear of them through the model that holds them ---
+
+    def on_phase_start(self, trainer: Trainer, pl_module: LightningModule, schedule: Any, index: int) -> None:
+        for method in self.methods:
+            method.on_phase_start(trainer, self, schedule, index)
+
+    def on_phase_end(self, trainer: Trainer, pl_module: LightningModule, schedule: Any, index: int) -> None:
+        self.check_finite()  # the schedule tells the model first: nothing is evaluated or saved after a NaN
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PROGRESS_OFFSET_KEY] = {"step": self.step_offset, "epoch": self.epoch_offset}
+        if self.methods:
+            checkpoint["methods"] = [method.state_dict() for method in self.methods]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._weights_loaded = True
+        offset = checkpoint.get(PROGRESS_OFFSET_KEY, {})
+        self.step_offset, self.epoch_offset = offset.get("step", 0), offset.get("epoch", 0)
+        for method, state in zip(self.methods, checkpoint.get("methods", [])):
+            method.load_state_dict(state)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.finetune is None or self._finetune_applied:
+            return
+        self.backbone = apply_finetune(self.backbone, self.finetune)
+        self._finetune_applied = True
+        report = ParameterReport.of(self.backbone)
+        rank_zero_info(f"Fine-tuning mode {self.finetune.mode!r}: {report.trainable:,} of {report.total:,} "
+                       f"parameters trainable\n{report.table(trainable_only=True)}")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    def on_train_start(self) -> None:
+        if self.blocks is not None:
+            self.blocks.start(self.trainer, self)
+        self._cuda_check.enter_context(runtime_cuda_check(self.device))
+
+    def on_train_end(self) -> None:
+        self._cuda_check.close()  # (a crashed fit leaves it on: without CUDA both checks say no)
+
+    def on_train_epoch_start(self) -> None:
+        self._losses, self._correct, self._sizes = [], [], []
+        self._epoch_start_step = self.global_step
 
     def objective(self, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """The training loss of one batch: cross-entropy plus every method's term (penalty,
@@ -209,145 +270,45 @@ class Classifier(LightningModule):
                 loss = loss + term
         return loss
 
-    def _next_task(self) -> None:
-        """At a change of training split: the methods close the task that ended (Fisher,
-        importance, memory) and open the next (a teacher copy, anchors)."""
-        if not self.methods:
-            return
-        from music.methods import Task
-
-        datamodule = self.trainer.datamodule
-        split = datamodule.train_split
-        if self._task is not None and self._task.split == split:
-            return
-        if self._task is not None:
-            for method in self.methods:
-                method.end_task(self, self._task)
-        if self._task is None and self.pretrained_on is not None:
-            self._task = Task(0, self.pretrained_on, datamodule.task_classes(self.pretrained_on),
-                              datamodule.dataset(self.pretrained_on))
-            for method in self.methods:
-                method.start_task(self, self._task)
-            for method in self.methods:
-                method.end_task(self, self._task)
-        index = 0 if self._task is None else self._task.index + 1
-        self._task = Task(index, split, datamodule.task_classes(split), datamodule.dataset(split))
-        for method in self.methods:
-            method.start_task(self, self._task)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[PROGRESS_OFFSET_KEY] = {"step": self.step_offset, "epoch": self.epoch_offset}
-        if self.methods:
-            checkpoint["methods"] = [method.state_dict() for method in self.methods]
-            checkpoint["method_task"] = None if self._task is None else [self._task.index, self._task.split]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._weights_loaded = True
-        offset = checkpoint.get(PROGRESS_OFFSET_KEY, {})
-        self.step_offset, self.epoch_offset = offset.get("step", 0), offset.get("epoch", 0)
-        if self.methods and "methods" in checkpoint:
-            for method, state in zip(self.methods, checkpoint["methods"]):
-                method.load_state_dict(state)
-            self._resumed_task = checkpoint.get("method_task")
-
-    def configure_model(self) -> None:
-        if self.finetune is None or self._finetune_applied:
-            return
-        from music.finetuning import ParameterReport, apply_finetune
-
-        self.backbone = apply_finetune(self.backbone, self.finetune)
-        self._finetune_applied = True
-        report = ParameterReport.of(self.backbone)
-        rank_zero_info(f"Fine-tuning mode {self.finetune.mode!r}: {report.trainable:,} of {report.total:,} "
-                       f"parameters trainable\n{report.table(trainable_only=True)}")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer([p for p in self.parameters() if p.requires_grad], lr=self.lr)
-
-    # -- training: per-step results stay on the device, summed once per epoch -----------------
-
-    def on_train_start(self) -> None:
-        self.direct_steps = steps_are_plain(self.trainer, self)
-        self._cuda_check.enter_context(runtime_cuda_check(self.device))
-
-    def on_train_end(self) -> None:
-        self._cuda_check.close()  # (a crashed fit leaves it on: without CUDA both checks say no)
-
-    def on_train_epoch_start(self) -> None:
-        if self._resumed_task is not None:  # a resumed run: the task the checkpoint was on, with its data
-            from music.methods import Task
-
-            index, split = self._resumed_task
-            self._resumed_task = None
-
-            datamodule = self.trainer.datamodule
-            self._task = Task(index, split, datamodule.task_classes(split), datamodule.dataset(split))
-        self._next_task()
-        self._losses: list[Tensor] = []  # one tensor of per-batch losses per loop step
-        self._correct: list[Tensor] = []
-        self._sizes: list[int] = []
-        self._first_step = self.global_step
-
-    def training_step(self, batch: tuple[Tensor, Tensor] | Block, batch_idx: int) -> Tensor | None:
-        if self.automatic_optimization:
-            if isinstance(batch, Block):
-                raise ValueError(f"Got a block of {batch.num_batches} batches but the model has batches_per_block=1: "
-                                 "give the model the data module's batches_per_block (the CLI links them).")
-            return self._train_on([batch])
-        # A block (DDP serves single batches): one optimizer step per batch, as automatic
-        # optimization would take them (forward, zero_grad, backward, step).
-        optimizer = self.optimizers()
-        step = direct_step(optimizer) if self.direct_steps else self._lightning_step(optimizer)
-        self._train_on(batch.batches() if isinstance(batch, Block) else [batch], step)
-        return None
-
-    def _lightning_step(self, optimizer) -> Callable[[Tensor], None]:
-        def step(loss: Tensor) -> None:
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-        return step
-
-    def _train_on(self, batches: Iterable[tuple[Tensor, Tensor]], step: Callable[[Tensor], None] | None = None) -> Tensor:
-        """Forward and loss of each batch, each followed by ``step(loss)`` if given. No host sync
-        and no logging call per batch: results are kept on the device, summed at epoch end."""
-        first_step = self.global_step  # the step at which the first batch's loss is computed
-        losses, logits, labels = [], [], []
-        for x, y in batches:
-            out = self(x)
-            loss = self.objective(out, y, x)
-            if step is not None:
-                step(loss)
-            losses.append(loss.detach())
-            logits.append(out.detach())
-            labels.append(y)
-        self._losses.append(torch.stack(losses))
-        self._correct.append((torch.cat(logits).argmax(1) == torch.cat(labels)).sum())
-        self._sizes += [len(y) for y in labels]
-        every = self.log_every_n_steps
-        if every and self.logger is not None:
-            for i in range(-first_step % every, len(losses), every):  # batches at multiples of `every`
-                self.logger.log_metrics({"train/loss_step": losses[i].item()}, step=self.step_offset + first_step + i)
+    def training_step(self, batch: tuple[Tensor, Tensor] | speed.Block, batch_idx: int) -> Tensor | None:
+        if self.blocks is not None:
+            self.blocks.train(self, batch)  # one optimizer step per batch of the block
+            return None
+        if isinstance(batch, speed.Block):
+            raise ValueError(f"Got a block of {batch.num_batches} batches but the model has batches_per_block=1: "
+                             "give the model the data module's batches_per_block (the CLI links them).")
+        x, y = batch
+        logits = self(x)
+        loss = self.objective(logits, y, x)
+        self.record_training(loss.detach().view(1), logits.detach(), y, self.global_step, [len(y)])
         return loss
 
-    def _epoch_sums(self) -> Tensor:
-        """Loss sum, correct count and sample count of this epoch on this rank."""
-        if not self._losses:
-            return torch.zeros(3, device=self.device)
-        sizes = torch.tensor(self._sizes, device=self.device, dtype=torch.float)
-        losses = torch.cat(self._losses).float()
-        return torch.stack([(losses * sizes).sum(), torch.stack(self._correct).sum().float(), sizes.sum()])
+    def record_training(self, losses: Tensor, logits: Tensor, labels: Tensor, first_step: int,
+                        sizes: list[int]) -> None:
+        """Keep the batches' losses and correct counts on the device, summed once at the end of
+        the epoch (a host sync per batch would cost more than a SimpleNN step), and log
+        ``train/loss_step`` at every ``log_every_n_steps``-th optimizer step."""
+        self._losses.append(losses)
+        self._correct.append((logits.argmax(1) == labels).sum())
+        self._sizes += sizes
+        every = self.log_every_n_steps
+        if every and self.loggers:
+            for i in range(-first_step % every, len(losses), every):  # batches at multiples of `every`
+                step = first_step + i + self.step_offset
+                for logger in self.loggers:
+                    logger.log_metrics({"train/loss_step": losses[i].item()}, step=step)
 
     def check_finite(self) -> None:
         """Stop training if a loss this epoch was NaN or infinite, naming the first such step.
 
-        Called before anything is saved at the end of an epoch, so checkpoints already
-        written (the earlier phases' snapshots, ``last.ckpt`` of the previous epoch) stay good."""
-        if self._first_step is None:  # no epoch started
+        Runs before anything is saved at the end of an epoch (``on_phase_end`` comes before the
+        phase's snapshot, ``on_train_epoch_end`` before ``last.ckpt``), so checkpoints already
+        written stay good."""
+        if self._epoch_start_step is None:  # no epoch started
             return
         losses = torch.cat(self._losses) if self._losses else torch.zeros(0, device=self.device)
         bad = (~torch.isfinite(losses)).nonzero()  # every rank reduces below, even with no steps
-        first = bad[0, 0] + self._first_step if len(bad) else torch.tensor(-1, device=self.device)
+        first = bad[0, 0] + self._epoch_start_step if len(bad) else torch.tensor(-1, device=self.device)
         step = int(self.trainer.strategy.reduce(first.float(), reduce_op="max"))
         if step >= 0:
             raise FloatingPointError(
@@ -357,24 +318,31 @@ class Classifier(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()
-        sums = self.trainer.strategy.reduce(self._epoch_sums(), reduce_op="sum")
-        self.log_epoch({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
+        if self._losses:
+            sizes = torch.tensor(self._sizes, device=self.device, dtype=torch.float)
+            sums = torch.stack([(torch.cat(self._losses).float() * sizes).sum(),
+                                torch.stack(self._correct).sum().float(), sizes.sum()])
+        else:
+            sums = torch.zeros(3, device=self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self.log_at_step({"train/loss": sums[0] / sums[2], "train/acc": sums[1] / sums[2]}, prog_bar=True)
 
-    def log_epoch(self, values: dict[str, Tensor], **kwargs: Any) -> None:
-        """``log_dict`` at ``logged_step`` on TensorBoard's x-axis. Lightning's default counts
-        loop steps, which are blocks when ``batches_per_block`` > 1, while ``train/loss_step``
-        and the phases' test metrics are logged at optimizer steps: one axis for all of them."""
-        self.log_dict(values, **kwargs)
-        self.log_dict({"step": float(self.logged_step), "train/epoch": float(self.current_epoch + self.epoch_offset)})
+    def log_at_step(self, values: dict[str, Tensor | float], **kwargs: Any) -> None:
+        """``log_dict`` for the progress bar and callbacks, and the loggers at ``logged_step``:
+        Lightning's x-axis counts loop steps (blocks, when ``batches_per_block`` > 1) from 0,
+        while the phases' test metrics and ``train/loss_step`` are at optimizer steps continued
+        from ``init_from``'s: one axis for all of them."""
+        self.log_dict(values, logger=False, **kwargs)
+        if not self.loggers:
+            return
+        scalars = {k: float(v) for k, v in values.items()}
+        scalars["train/epoch"] = float(logged_epoch(self.trainer, self, starting=True))
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=logged_step(self.trainer, self))
 
-    @property
-    def logged_step(self) -> int:
-        """``global_step``, continued from the ``init_from`` checkpoint's (``step_offset``)."""
-        return self.global_step + self.step_offset
+    # -- evaluation: one step for validation, test and ``evaluate`` ----------------------------
 
-    # -- evaluation ----------------------------------------------------------------------------
-
-    def _update(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, loss: MeanMetric) -> Tensor:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, loss: MeanMetric) -> Tensor:
         x, y = batch
         logits = self.scenario_logits(self(x), y)
         loss.update(F.cross_entropy(logits, y), weight=len(y))
@@ -382,23 +350,23 @@ class Classifier(LightningModule):
         return logits
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._update(batch, self.val_metrics, self.val_loss)
+        self._eval_step(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_epoch(metric_scalars("val", self._compute(self.val_metrics, self.val_loss)))
+        self.log_at_step(metric_scalars("val", self._compute(self.val_metrics, self.val_loss)))
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
+        self.test_confusion.update(self._eval_step(batch, self.test_metrics, self.test_loss), batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        values = self._compute(self.test_metrics, self.test_loss)
+        self.log_at_step(metric_scalars("test", values))
+        self.log_confusion_matrix("test/confusion_matrix", self.test_confusion.compute(), f"acc {float(values['acc']):.3f}")
+        self.test_confusion.reset()
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Predicted classes of a batch (labels, if the split has them, are ignored)."""
         return self(batch[0]).argmax(1)
-
-    def on_test_epoch_end(self) -> None:
-        values = self._compute(self.test_metrics, self.test_loss)
-        self.log_epoch(metric_scalars("test", values))
-        self.log_confusion_matrix("test/confusion_matrix", self.test_confusion.compute(), f"acc {float(values['acc']):.3f}")
-        self.test_confusion.reset()
 
     @staticmethod
     def _compute(metrics: MetricCollection, loss: MeanMetric) -> dict[str, Tensor]:
@@ -417,7 +385,7 @@ class Classifier(LightningModule):
         self.eval()
         for x, y in loader:
             batch = (x.to(self.device), y.to(self.device))
-            self.test_confusion.update(self._update(batch, self.test_metrics, self.test_loss), batch[1])
+            self.test_confusion.update(self._eval_step(batch, self.test_metrics, self.test_loss), batch[1])
         values = {k: float(v) for k, v in self._compute(self.test_metrics, self.test_loss).items()}
         confusion = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
@@ -427,16 +395,12 @@ class Classifier(LightningModule):
     def log_confusion_matrix(self, tag: str, confusion: Tensor, note: str = "") -> None:
         """A confusion-matrix figure (``music.figures``) for every logger that takes images, at
         ``logged_step``, titled with the run, the step and ``note`` (rank zero only)."""
-        from music.plots import image_loggers
-
         loggers = image_loggers(self.loggers)
         if not loggers or not self.trainer.is_global_zero:
             return
-        from music.dashboard import log_figure, run_name
-        from music.figures import confusion_matrix_figure
-
-        title = f"{run_name(self.logger)}\n{tag.split('/')[0]} set, step {self.logged_step}" + (f" ({note})" if note else "")
-        log_figure(loggers, tag, confusion_matrix_figure(confusion.tolist(), title), self.logged_step)
+        step = logged_step(self.trainer, self)
+        title = f"{run_name(self.logger)}\n{tag.split('/')[0]} set, step {step}" + (f" ({note})" if note else "")
+        log_figure(loggers, tag, confusion_matrix_figure(confusion.tolist(), title), step)
 
 
 # Where a checkpoint keeps the steps and epochs trained before its run's ``init_from`` was saved.
@@ -455,9 +419,6 @@ def training_progress(path: str) -> tuple[int, int]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "global_step" not in checkpoint:
         return 0, 0
-    # loops.fit_loop.epoch_progress counts an epoch as processed before on_train_epoch_end, where
-    # phase snapshots and last.ckpt are saved; "epoch" is the index of the epoch it was saved in.
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    epochs = progress.get("processed", checkpoint.get("epoch", -1) + 1)
+    steps, epochs = speed.training_progress(checkpoint)
     offset = checkpoint.get(PROGRESS_OFFSET_KEY, {})
-    return int(checkpoint["global_step"]) + offset.get("step", 0), int(epochs) + offset.get("epoch", 0)
+    return steps + offset.get("step", 0), epochs + offset.get("epoch", 0)

@@ -33,8 +33,10 @@ from music.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, lo
 from music.config import BASE_CONFIG, resolve_configs
 from music.data import MusicDataModule
 from music.eda import LogEDA
+from music.evaluation import PhaseEvaluation
 from music.module import MAX_LR, Classifier
 from music.rundir import RunDirectory, RunLock, latest_resumable, make_dir, reserve_version, run_dir
+from music.speed import check_blocks
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 EVALUATIONS = ("validate", "test", "predict")
@@ -85,9 +87,9 @@ class SaveConfigToRunDir(SaveConfigCallback):
 
 
 class MusicCLI(LightningCLI):
-    """LightningCLI with the phase schedule and checkpointing as config sections of their own
-    (``schedule``, ``checkpoint``), so a config delta can change the phases without repeating
-    the callback list."""
+    """LightningCLI with the phase schedule, its evaluation and checkpointing as config sections
+    of their own (``schedule``, ``evaluation``, ``checkpoint``), so a config delta can change the
+    phases without repeating the callback list."""
 
     @classmethod
     def only(cls, subcommand: str) -> type[MusicCLI]:
@@ -98,6 +100,7 @@ class MusicCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SequentialFineTuning, "schedule")
+        parser.add_lightning_class_args(PhaseEvaluation, "evaluation")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_argument("--run_dir", type=Optional[str], default=None,
                             help="The run's folder for MUSIC's files (phase snapshots, phase_metrics.json, accuracy "
@@ -137,7 +140,8 @@ class MusicCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
-        _check_blocks(config)
+        check_blocks(config.get("data.batches_per_block", 1), config.get("trainer.gradient_clip_val"),
+                     config.get("trainer.accumulate_grad_batches"), config.get("lr_scheduler"))
         _size_trainer(config, self.subcommand)
         if config.get("run_dir") is not None:
             if config.get("checkpoint") is not None and config.checkpoint.get("dirpath") is None:
@@ -271,28 +275,9 @@ def _last_checkpoint(folder: str, where: str) -> str:
     return path
 
 
-def _check_blocks(config) -> None:
-    """Blocks train through manual optimization, where Lightning refuses or ignores these;
-    say so in the user's terms, before anything runs."""
-    blocks = config.get("data.batches_per_block", 1)
-    if blocks == 1:
-        return
-    in_use = {"trainer.gradient_clip_val": bool(config.get("trainer.gradient_clip_val")),
-              "trainer.accumulate_grad_batches": (config.get("trainer.accumulate_grad_batches") or 1) != 1,
-              "lr_scheduler": bool(config.get("lr_scheduler"))}
-    refused = [key for key, used in in_use.items() if used]
-    if refused:
-        key = refused[0]
-        raise ValueError(f"{key}={config.get(key)} is not allowed with data.batches_per_block={blocks}: blocks are "
-                         "trained batch by batch through manual optimization. Set --data.batches_per_block 1.")
-
-
 def _size_trainer(config, subcommand: str | None) -> None:
-    """Settings Lightning would otherwise guess and warn about: the number of epochs is the
-    phases' sum, and without a ``val`` split there is no validation loop to run."""
-    phases = config.get("schedule.phases") or []
-    if config.get("trainer.max_epochs") is None and phases:
-        config.trainer.max_epochs = sum(p.epochs if hasattr(p, "epochs") else p["epochs"] for p in phases)
+    """Without a ``val`` split there is no validation loop to run: say so to Lightning, which
+    would otherwise run an empty one and warn (the schedule sets the number of epochs)."""
     if not config.get("data.val_size"):
         if subcommand == "validate":
             raise ValueError("music validate needs a validation split: set data.val_size > 0 (samples carved from "

@@ -1,25 +1,36 @@
-"""The training path's shortcuts, each measured to pay more than 10% of a SimpleNN epoch on a
-CPU (``docs/speed.md``); everything else about speed is plain Lightning configuration.
+"""The block path and every use of Lightning's private API, in one module.
 
-1. **Direct steps.** Inside a block, ``manual_backward`` and ``LightningOptimizer.step`` wrap
+Lightning's per-step loop costs about half a SimpleNN step on a CPU (docs/speed.md), so the
+SimpleNN configs hand the loop *blocks* of batches (``data.batches_per_block``) and train each
+block here, one optimizer step per batch. Everything that path needs beyond Lightning's public
+API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and checked by
+``tests/test_speed.py::test_private_lightning_api_is_the_pinned_one``:
+
+1. **Blocks** (``Block``, ``as_block``, ``BlockSteps``): one index fetch and one transfer per
+   block; the model still takes one optimizer step per batch, in the same order, so the weights
+   are bit for bit those of a batch-by-batch run. Blocks train through manual optimization,
+   which rules out the Trainer's clipping, accumulation and learning-rate schedulers
+   (``check_blocks``).
+2. **Direct steps.** Inside a block, ``manual_backward`` and ``LightningOptimizer.step`` wrap
    ``loss.backward()`` and ``optimizer.step()`` in hook dispatch over the module and every
    callback (13-14% of an epoch). When nothing would happen in those hooks (``steps_are_plain``),
-   ``direct_steps`` takes the plain calls and counts each step as ``LightningOptimizer.step``
-   does, through its ``_on_before_step``/``_on_after_step`` callbacks -- Lightning's private
-   API, hence the pin ``lightning>=2.6,<2.7`` in ``pyproject.toml`` and the test
-   ``tests/test_speed.py::test_direct_steps_rely_on_the_pinned_lightning`` that fails on any
-   other minor version until this is checked again.
-2. **No NVML probe per step on a machine without CUDA.** Importing Lightning sets
+   the plain calls are taken and each step is counted as ``LightningOptimizer.step`` counts it,
+   through its private ``_on_before_step``/``_on_after_step``.
+3. **No NVML probe per step on a machine without CUDA.** Importing Lightning sets
    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so asking whether CUDA exists never initialises it
    before a fork); every ``Adam.step`` asks, and on a machine without a GPU NVML is then
    looked for anew each time (15-19% of an epoch). ``runtime_cuda_check`` asks the CUDA
    runtime instead while training, only where no CUDA device exists, so there is
    nothing a fork could find initialised.
-3. **glibc's allocator as a plain process has it, in Dask workers.** Dask's nanny starts every
+4. **glibc's allocator as a plain process has it, in Dask workers.** Dask's nanny starts every
    worker with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's mmap threshold at
    128 KiB: every activation and gradient above it is then mapped and unmapped, page faults
    included, at every step. A pretraining cell trained 35 s instead of 20 s so (24.6 s with
    ``plain_process_malloc``). Study cells call it; it is a no-op off glibc.
+
+The other private reads: the phase schedule sets the fit loop's epoch count
+(``set_max_epochs``: the Trainer has no public setter, and the phases, not the config, define
+it), and ``training_progress`` reads the epochs a checkpoint's fit loop had processed.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -37,10 +49,96 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-# The Lightning minor version the direct steps were checked against (pyproject pins it).
+# The Lightning minor version the private calls here were checked against (pyproject pins it).
 CHECKED_LIGHTNING = "2.6"
 # The hooks Lightning calls between a training loss and the optimizer step it leads to.
 STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+class Block(NamedTuple):
+    """Consecutive training batches fetched at once, as one tensor pair: one index fetch, one
+    transfer to the device, and ``batches()`` cuts it back into the batches (views, no copy) a
+    batch-size loader would have served."""
+
+    images: Tensor
+    labels: Tensor
+    batch_size: int
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+
+def as_block(batch: tuple[Tensor, Tensor], batch_size: int) -> Block:
+    """Collate function for blocks (``__getitems__`` batches arrive already stacked)."""
+    return Block(*batch, batch_size)
+
+
+def check_blocks(batches_per_block: int, gradient_clip_val: float | None, accumulate_grad_batches: int | None,
+                 lr_scheduler: Any) -> None:
+    """Blocks train through manual optimization, where Lightning refuses or ignores these;
+    say so in the user's terms, before anything runs."""
+    if batches_per_block == 1:
+        return
+    in_use = {"trainer.gradient_clip_val": (gradient_clip_val, bool(gradient_clip_val)),
+              "trainer.accumulate_grad_batches": (accumulate_grad_batches, (accumulate_grad_batches or 1) != 1),
+              "lr_scheduler": (lr_scheduler, bool(lr_scheduler))}
+    for key, (value, used) in in_use.items():
+        if used:
+            raise ValueError(f"{key}={value} is not allowed with data.batches_per_block={batches_per_block}: blocks "
+                             "are trained batch by batch through manual optimization. Set --data.batches_per_block 1.")
+
+
+class BlockModule(Protocol):
+    """What ``BlockSteps`` needs of the module it trains."""
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def objective(self, logits: Tensor, y: Tensor, x: Tensor) -> Tensor: ...
+
+    def record_training(self, losses: Tensor, logits: Tensor, labels: Tensor, first_step: int,
+                        sizes: list[int]) -> None: ...
+
+
+class BlockSteps:
+    """Trains a ``Block`` batch by batch inside one Lightning loop step: forward, loss,
+    zero_grad, backward and step per batch, as automatic optimization takes them.
+
+    ``direct`` (set by ``start`` when ``steps_are_plain``): the plain ``backward``/``step``
+    calls, counted as Lightning counts them; else ``manual_backward`` and
+    ``LightningOptimizer.step``, with every hook."""
+
+    def __init__(self) -> None:
+        self.direct = False
+
+    def start(self, trainer: Trainer, module: LightningModule) -> None:
+        self.direct = steps_are_plain(trainer, module)
+
+    def train(self, module: BlockModule, block: Block | tuple[Tensor, Tensor]) -> None:
+        optimizer = module.optimizers()
+        step = direct_step(optimizer) if self.direct else _lightning_step(module, optimizer)
+        first_step = module.global_step  # the step at which the first batch's loss is computed
+        losses, logits, labels = [], [], []
+        for x, y in (block.batches() if isinstance(block, Block) else [block]):  # DDP serves single batches
+            out = module(x)
+            loss = module.objective(out, y, x)
+            step(loss)
+            losses.append(loss.detach())
+            logits.append(out.detach())
+            labels.append(y)
+        module.record_training(torch.stack(losses), torch.cat(logits), torch.cat(labels), first_step,
+                               sizes=[len(y) for y in labels])
+
+
+def _lightning_step(module: LightningModule, optimizer: LightningOptimizer) -> Callable[[Tensor], None]:
+    def step(loss: Tensor) -> None:
+        optimizer.zero_grad()
+        module.manual_backward(loss)
+        optimizer.step()
+    return step
 
 
 def steps_are_plain(trainer: Trainer, module: LightningModule) -> bool:
@@ -69,6 +167,23 @@ def direct_step(optimizer: LightningOptimizer) -> Callable[[Tensor], None]:
         optimizer._on_after_step()
 
     return step
+
+
+def set_max_epochs(trainer: Trainer, epochs: int) -> int | None:
+    """Set the number of epochs of a fit after the Trainer was built (``Trainer.max_epochs``
+    has no setter); returns the value it replaces."""
+    before = trainer.fit_loop.max_epochs
+    trainer.fit_loop.max_epochs = epochs
+    return before
+
+
+def training_progress(checkpoint: dict[str, Any]) -> tuple[int, int]:
+    """Optimizer steps and finished epochs recorded in a Lightning checkpoint dict.
+
+    The fit loop counts an epoch as processed before ``on_train_epoch_end``, where phase
+    snapshots and ``last.ckpt`` are saved; ``"epoch"`` is the index of the epoch it was saved in."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(checkpoint["global_step"]), int(progress.get("processed", checkpoint.get("epoch", -1) + 1))
 
 
 def plain_process_malloc() -> bool:

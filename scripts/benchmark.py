@@ -192,7 +192,7 @@ class TrickSwitch(Callback):
 
         self.on = not self.on
         if self.trick == "direct_steps":
-            pl_module.direct_steps = self.on
+            pl_module.blocks.direct = self.on
         elif self.trick == "runtime_cuda_check":
             os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0" if self.on else "1"
         elif self.trick == "setattr_override":
@@ -238,7 +238,7 @@ def tricks(args: argparse.Namespace) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             cli = lightning(["--config", "base", "--config", "pretrain", "--data.data_dir", args.data_dir,
                              "--data.download", "false", "--data.log_eda", "false", "--schedule.phases", phases,
-                             "--schedule.evaluate_test", "false", "--trainer.logger.init_args.save_dir", tmp,
+                             "--evaluation.evaluate_test", "false", "--trainer.logger.init_args.save_dir", tmp,
                              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                              *(["--trainer.limit_train_batches", str(args.loader_steps)] if args.loader_steps else [])],
                             run=False)

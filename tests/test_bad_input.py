@@ -17,7 +17,7 @@ from faults import evil_checkpoint
 from safetensors.torch import save_file
 
 from music.cli import LIGHTNING_SUBCOMMANDS, main
-from music.data import Block
+from music.speed import Block
 from music.models import SimpleNN
 from music.module import Classifier
 

@@ -4,7 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run
+from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from music.cli import lightning
 
 PHASES = ["pretrain", "class_3", "class_4", "class_7"]
 
@@ -83,3 +86,31 @@ def test_phase_learning_rate_and_fresh_optimizer(shrink):
     batches = -(-len(cli.datamodule.splits["merged"]) // cli.datamodule.batch_size)
     steps = min(batches, 2 * cli.datamodule.batches_per_block)
     assert all(s["step"] == steps for s in optimizer.state.values())
+
+
+class Listener(Callback):
+    """Records what the schedule tells it, and what the run looks like at that moment."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple] = []
+
+    def on_phase_start(self, trainer, pl_module, schedule, index) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.heard.append(("start", index, trainer.datamodule.train_split, lr))
+
+    def on_phase_end(self, trainer, pl_module, schedule, index) -> None:
+        snapshot = Path(trainer.log_dir) / "checkpoints" / f"phase-{index}-{schedule.phases[index].name}.ckpt"
+        self.heard.append(("end", index, snapshot.exists()))
+
+
+def test_the_schedule_tells_listeners_when_each_phase_starts_and_ends(shrink):
+    phases = [{"name": "pretrain", "split": "remaining", "epochs": 2},
+              {"name": "class_3", "split": "class_3", "epochs": 1, "lr": 0.01}]
+    cli = lightning(["--config", str(shrink("seq", phases=phases)), "--trainer.limit_train_batches", "1"], run=False)
+    listener = Listener()
+    cli.trainer.callbacks.append(listener)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # each phase starts on its split with its learning rate; it ends before its snapshot is saved
+    assert listener.heard == [("start", 0, "remaining", 0.001), ("end", 0, False),
+                              ("start", 1, "class_3", 0.01), ("end", 1, False)]
+    assert cli.trainer.current_epoch == 3 and cli.trainer.max_epochs == 3  # the phases define the fit

@@ -108,7 +108,7 @@ def test_start_evaluation_leaves_training_unchanged(shrink):
     config = shrink("merged", phases=phases)
     with_initial = run("fit", "--config", config, "--trainer.limit_train_batches", 2)
     data = yaml.safe_load(config.read_text())
-    data["schedule"]["evaluate_initial"] = False
+    data.setdefault("evaluation", {})["evaluate_initial"] = False
     without_path = config.with_name("no_initial.yaml")
     without_path.write_text(yaml.safe_dump(data))
     without = run("fit", "--config", without_path, "--trainer.limit_train_batches", 2)

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from music.data import MusicDataModule
+from music.data import MusicDataModule, split_classes
 
 
 def test_split_sizes(mnist):
@@ -70,3 +70,15 @@ def test_manifest_is_written_as_json(mnist, tmp_path):
     manifest = json.loads((tmp_path / "m.json").read_text())
     assert manifest["splits"]["class_7"]["class_counts"][7] == 1000
     assert manifest["splits"]["test"]["size"] == 10_000
+
+
+def test_train_split_is_the_whole_training_set(mnist):
+    """The joint upper bound of the study trains on every training sample, held-out ones included."""
+    dataset = mnist.dataset("train")
+    assert len(dataset) == 60_000 and torch.equal(dataset.labels, mnist.train_labels)
+    mnist.check_split("train")  # a phase may train on it
+
+
+def test_a_split_is_a_task_of_the_classes_that_define_it():
+    from_names = {name: split_classes(name, [3, 4, 7]) for name in ("class_3", "merged", "classes_2_5", "remaining", "train")}
+    assert from_names == {"class_3": [3], "merged": [3, 4, 7], "classes_2_5": [2, 5], "remaining": None, "train": None}

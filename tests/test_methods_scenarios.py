@@ -9,9 +9,11 @@ import yaml
 from conftest import CONFIG_DIR, merged_config, run
 
 from music.callbacks import Phase, SequentialFineTuning
+from music.evaluation import PhaseEvaluation
 from music.data import MusicDataModule, task_split_classes
 from music.experiments import study_db
 from music.experiments.continual import score
+from music.methods import Method
 
 
 def test_a_phase_of_classes_is_the_split_of_those_classes():
@@ -76,8 +78,8 @@ def fit_split_mnist(shrink, tmp_path, name, *args, blocks=32):
     phases = [{"name": "t1", "classes": [0, 1], "epochs": 1}, {"name": "t2", "classes": [2, 3], "epochs": 1}]
     config = shrink("split_mnist", phases=phases, iterations_per_epoch=10, batches_per_block=blocks)
     cli = run("fit", "--config", config, "--trainer.logger.init_args.version", name, *args)
-    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
-    return schedule.rows, cli
+    evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, PhaseEvaluation))
+    return evaluation.rows, cli
 
 
 @pytest.mark.mnist
@@ -148,3 +150,48 @@ def test_music_continual_writes_the_table_and_reads_finished_runs_back(data_dir,
     assert (out / "out.csv").read_text().splitlines()[1:] == csv_before.splitlines()[1:]
     with pytest.raises(ValueError, match="'none-task-seed0' .* was finished with other settings"):
         run_experiment("continual", [*args[:-4], "--overrides", "{data.iterations_per_epoch: 3}", *args[-4:]])
+
+
+class AnchorToTaskStart(Method):
+    """A method that is not shipped: an L2 pull towards the weights each task started from,
+    keeping a log of what the schedule and the model told it."""
+
+    _state = ("starts", "terms")
+
+    def __init__(self, strength: float = 1.0) -> None:
+        self.strength = strength
+        self.starts: list[str] = []  # the split of every task started
+        self.terms = 0  # batches the term was added to
+        self._anchor: dict[str, torch.Tensor] = {}
+
+    def start_task(self, model, task) -> None:
+        self.starts.append(task.split)
+        self._anchor = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+
+    def loss(self, model, x, y, logits):
+        if not model.training:
+            return None
+        self.terms += 1
+        return self.strength * sum((p - self._anchor[n]).pow(2).sum() for n, p in model.backbone.named_parameters())
+
+
+def test_a_new_method_is_one_class_and_one_config(shrink, tmp_path):
+    """A method defined here, switched on by a config delta of its own, trains through
+    ``music fit``: it hears each task start and adds its term to every batch."""
+    delta = tmp_path / "anchor.yaml"
+    delta.write_text(yaml.safe_dump({"model": {"methods": [
+        {"class_path": f"{__name__}.AnchorToTaskStart", "init_args": {"strength": 10.0}}]}}))
+    phases = [{"name": "t1", "classes": [0, 1], "epochs": 1}, {"name": "t2", "classes": [2, 3], "epochs": 1}]
+    config = shrink("split_mnist", phases=phases, iterations_per_epoch=10)
+    cli = run("fit", "--config", config, "--config", delta)
+    (method,) = cli.model.methods
+    assert isinstance(method, AnchorToTaskStart) and method.strength == 10.0
+    assert method.starts == ["classes_0_1", "classes_2_3"]
+    assert method.terms == cli.trainer.global_step == 20
+    naive = run("fit", "--config", config, "--trainer.logger.init_args.version", "naive")
+    t1 = torch.load(f"{naive.trainer.log_dir}/checkpoints/phase-0-t1.ckpt", weights_only=True)["state_dict"]
+
+    def moved(model, start):  # how far task 2 took the weights
+        return sum((p - start[n]).pow(2).sum().item() for n, p in model.backbone.named_parameters())
+
+    assert moved(cli.model, method._anchor) < 0.5 * moved(naive.model, {k.removeprefix("backbone."): v for k, v in t1.items()})

@@ -81,7 +81,7 @@ def test_blocks_train_exactly_as_single_batches(shrink, listener):
     listening = [listener()] if listener else []
     single, blocks = fit(1), fit(5, *listening)
     assert single.model.automatic_optimization and not blocks.model.automatic_optimization
-    assert blocks.model.direct_steps is not bool(listening)
+    assert blocks.model.blocks.direct is not bool(listening)
     steps = 2 * -(-len(single.datamodule.splits["remaining"]) // single.datamodule.batch_size)
     assert single.trainer.global_step == blocks.trainer.global_step == steps
     if listening:

@@ -1,6 +1,7 @@
 """The speed path (``music.speed``) keeps behaviour, and its private-API part is pinned."""
 
 import os
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -14,25 +15,43 @@ from lightning.pytorch.profilers import SimpleProfiler
 
 from music.runner import PROGRESS_BAR_REFRESH_RATE, lightning
 from music.module import Classifier
-from music.speed import CHECKED_LIGHTNING, runtime_cuda_check, steps_are_plain
+from music.speed import CHECKED_LIGHTNING, runtime_cuda_check, set_max_epochs, steps_are_plain, training_progress
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_direct_steps_rely_on_the_pinned_lightning():
-    """``direct_step`` counts steps through ``LightningOptimizer._on_before_step/_on_after_step``,
-    which Lightning's manual-optimization loop sets: private API, checked on one minor version.
-    On another, re-check ``music.speed.direct_step`` (and re-measure it, docs/speed.md), then
-    move ``CHECKED_LIGHTNING`` and the pin in pyproject.toml."""
+def test_private_lightning_api_is_the_pinned_one():
+    """``music.speed`` uses Lightning's private API (``LightningOptimizer._on_before_step`` /
+    ``_on_after_step``, the fit loop's ``max_epochs``, a checkpoint's ``loops`` entry), checked
+    on one minor version. On another, re-check ``music.speed`` (and re-measure it,
+    docs/speed.md), then move ``CHECKED_LIGHTNING`` and the pin in pyproject.toml."""
     installed = ".".join(version("lightning").split(".")[:2])
     assert installed == CHECKED_LIGHTNING, (
-        f"lightning {version('lightning')} is installed, but music.speed.direct_step was checked on "
+        f"lightning {version('lightning')} is installed, but music.speed was checked on "
         f"{CHECKED_LIGHTNING} only: it uses LightningOptimizer's private _on_before_step/_on_after_step.")
     major, minor = map(int, CHECKED_LIGHTNING.split("."))
     assert f'"lightning>={major}.{minor},<{major}.{minor + 1}"' in (REPO / "pyproject.toml").read_text()
     optimizer = LightningOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
     assert callable(optimizer._on_before_step) and callable(optimizer._on_after_step)
     assert callable(_ManualOptimization._on_before_step) and callable(_ManualOptimization._on_after_step)
+    trainer = Trainer(logger=False, enable_checkpointing=False, max_epochs=3)
+    assert set_max_epochs(trainer, 7) == 3 and trainer.max_epochs == 7
+    state = trainer.fit_loop.state_dict()
+    assert "current" in state["epoch_progress"] and "processed" in state["epoch_progress"]["current"]
+    assert training_progress({"global_step": 5, "loops": {"fit_loop": state}}) == (5, 0)
+
+
+# Lightning's private API, as MUSIC would reach it: an attribute or call with a leading underscore
+# on a Lightning object, the fit loop, or a checkpoint's loop state.
+PRIVATE = re.compile(r"\._on_(before|after)_step|\bfit_loop\b|epoch_progress|_batches_that_stepped|\._results\b"
+                     r"|\._logger_connector|\._data_connector|\._checkpoint_connector")
+
+
+def test_private_lightning_api_is_used_in_music_speed_only():
+    """The pin and the test above guard one file; any other use would go unguarded."""
+    users = sorted(str(path.relative_to(REPO)) for path in (REPO / "music").rglob("*.py")
+                   if path.name != "speed.py" and PRIVATE.search(path.read_text()))
+    assert users == [], f"private Lightning API outside music/speed.py: {users}"
 
 
 class ListensToBackward(Callback):

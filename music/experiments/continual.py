@@ -33,6 +33,7 @@ from music.experiments.common import (Data, Output, fit, fmt_mean_std, machine, 
 from music.module import SCENARIOS
 from music.plots import pyplot
 from music.runner import RunResult
+from music.evaluation import PhaseEvaluation
 
 SPLIT_MNIST_METHODS = {"None": [], "Joint": ["split_mnist_joint"], "EWC": ["ewc"], "Online EWC": ["online_ewc"],
                        "SI": ["si"], "LwF": ["lwf"], "Replay (100/class)": ["replay"]}
@@ -172,12 +173,13 @@ class ContinualStudy:
                               {"model.scenario": run.scenario, **init})
             seconds = time.perf_counter() - start
             schedule = next(c for c in fitted.trainer.callbacks if isinstance(c, SequentialFineTuning))
+            evaluation = next(c for c in fitted.trainer.callbacks if isinstance(c, PhaseEvaluation))
             if schedule.epoch != schedule.ends[-1]:  # e.g. stopped by a signal: never record a cut-short run
                 raise RuntimeError(f"{run.name} stopped at epoch {schedule.epoch} of {schedule.ends[-1]}; not recorded.")
             if not self.keep_checkpoints:
                 shutil.rmtree(fitted.run_dir / "checkpoints", ignore_errors=True)
             return ({"method": run.method, "scenario": run.scenario, "seed": run.seed, "seconds": seconds,
-                     "rows": list(schedule.rows.values()), "row_names": list(schedule.rows)}, fitted.run_dir, seconds)
+                     "rows": list(evaluation.rows.values()), "row_names": list(evaluation.rows)}, fitted.run_dir, seconds)
 
         result = reuse_or_run(engine, "continual", run.name, self.settings(run), train)
         return result | score(result["rows"], self.tasks)

@@ -7,8 +7,10 @@ phases, learning rate and seed filled in:
 - ``seq_<order>_lr<lr>``: sequential fine-tuning (``seq_finetune``) for every ordering of the
   held-out classes and every learning rate;
 - ``merged_lr<lr>``: merged fine-tuning (``merged_finetune``);
-- ``replay_<order>_lr<lr>``: sequential in the first ordering with a replay buffer of
-  ``remaining`` samples mixed into every phase (``data.replay_size``);
+- ``replay_<order>_lr<lr>``: sequential in the first ordering with experience replay
+  (``music.methods.Replay``) from a class-balanced memory of ``replay_size`` samples, which
+  starts as ``remaining`` samples (``model.pretrained_on``) and shares its budget with each
+  held-out class once its phase has ended;
 - ``method_<method>_<order>_lr<lr>``: sequential in the first ordering with a continual-learning
   method (``methods``: the shipped configs ``ewc``, ``online_ewc``, ``si``, ``lwf``, ``replay``,
   or any config that sets ``model.methods``), told that the model was pretrained on
@@ -50,7 +52,7 @@ import torch
 import yaml
 from distributed import Client, LocalCluster, as_completed
 
-from music.callbacks import START
+from music.evaluation import START
 from music.config import BASE_CONFIG
 from music.continual import accuracy_on
 from music.experiments import study_db
@@ -84,15 +86,19 @@ def cell_config(grid: Grid, data: Data, cell: Cell) -> dict:
     model: dict[str, Any] = {"lr": cell.lr}
     if cell.needs_pretrained:
         model["init_from"] = str(pretrained_checkpoint(grid, cell.seed))
-    if cell.method:
+    if cell.method or cell.replay_size:
         model["pretrained_on"] = "remaining"  # the methods protect what pretraining learned, as an earlier task
+    if cell.replay_size:
+        model["methods"] = [{"class_path": "music.methods.Replay",
+                             "init_args": {"budget": cell.replay_size, "selection": "class_balanced"}}]
     split = {"data_dir": data.data_dir, "download": data.download, "log_eda": False,  # many cells, one data set
              "held_out_classes": grid.held_out_classes,
-             "split_seed": cell.seed if grid.split_seed_follows_seed else 0, "replay_size": cell.replay_size}
+             "split_seed": cell.seed if grid.split_seed_follows_seed else 0}
     if grid.samples_per_class is not None:
         split["samples_per_class"] = grid.samples_per_class
     # figures: the report draws them from all cells at once
-    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases, "log_figures": False},
+    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases},
+            "evaluation": {"log_figures": False},
             "model": model,
             "data": split}
 

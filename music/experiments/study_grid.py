@@ -56,7 +56,8 @@ class Grid:
         pretrain_epochs: epochs of pretraining on ``remaining``.
         finetune_epochs: epochs of every fine-tuning phase.
         joint_epochs: epochs of the joint model; null: as many as ``pretrain_epochs``.
-        replay_size: ``remaining`` samples mixed into every phase of the replay cells (0: none).
+        replay_size: memory of the replay cells (``music.methods.Replay``, class-balanced, starting from
+            ``remaining``; 0: no replay cells).
         methods: continual-learning method configs (shipped names such as ``ewc``, ``si``,
             ``lwf``, ``replay``, ``online_ewc``, or paths); each adds one cell per learning rate,
             sequential in the first ordering. ``[]``: no method cells.

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from lightning.pytorch import Trainer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:
-    from music.module import Classifier
+
+class Model(Protocol):
+    """What a method uses of the model that holds it (``music.module.Classifier``)."""
+
+    backbone: nn.Module
+    training: bool
+    pretrained_on: str | None
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def scenario_logits(self, logits: Tensor, y: Tensor) -> Tensor: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+class Schedule(Protocol):
+    """What a method uses of the phase schedule (``music.callbacks.SequentialFineTuning``)."""
+
+    phases: list  # each with a training ``split``
 
 
 @dataclass
@@ -23,35 +43,66 @@ class Task:
 
 
 class Method:
-    """A continual-learning method. The model calls ``start_task`` before the first batch of a
-    task, ``loss`` on every batch (its return value is added to the training loss; ``None``
-    adds nothing) and ``end_task`` when the next task starts. ``state_dict`` holds what must
-    survive a checkpoint: tensors, lists and dicts only, so checkpoints load with
-    ``weights_only=True``."""
+    """A continual-learning method. A task is a run of phases on one training split: when a
+    phase starts on another split than the running task's, the method hears ``end_task`` of
+    that task and ``start_task`` of the next (with ``model.pretrained_on``, a finished task 0
+    on that split comes first). ``loss`` is called on every batch (its return value is added
+    to the training loss; ``None`` adds nothing). ``state_dict`` holds what must survive a
+    checkpoint: tensors, lists and dicts only, so checkpoints load with ``weights_only=True``.
 
-    _state: tuple[str, ...] = ()  # the attributes ``state_dict`` saves
+    A new method subclasses this and overrides ``start_task``, ``end_task`` and ``loss``; the
+    model and the schedule tell it the rest."""
 
-    def start_task(self, model: Classifier, task: Task) -> None:
+    _state: tuple[str, ...] = ()  # the attributes ``state_dict`` saves, besides the running task
+
+    task: Task | None = None  # the running task
+    _restored_task: list | None = None  # [index, split] of the task a checkpoint was on
+
+    def start_task(self, model: Model, task: Task) -> None:
         pass
 
-    def end_task(self, model: Classifier, task: Task) -> None:
+    def end_task(self, model: Model, task: Task) -> None:
         pass
 
-    def loss(self, model: Classifier, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
+    def loss(self, model: Model, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
         return None
 
+    def on_phase_start(self, trainer: Trainer, model: Model, schedule: Schedule, index: int) -> None:
+        """Close the running task and open the next when the phase trains on another split."""
+        datamodule = trainer.datamodule
+        split = schedule.phases[index].split
+
+        def task(number: int, name: str) -> Task:
+            return Task(number, name, datamodule.task_classes(name), datamodule.dataset(name))
+
+        if self.task is None and self._restored_task is not None:  # resumed: the same task, with its data
+            self.task = task(*self._restored_task)
+            self._restored_task = None
+        if self.task is not None and self.task.split == split:
+            return
+        if self.task is not None:
+            self.end_task(model, self.task)
+        elif model.pretrained_on is not None:
+            self.task = task(0, model.pretrained_on)
+            self.start_task(model, self.task)
+            self.end_task(model, self.task)
+        self.task = task(0 if self.task is None else self.task.index + 1, split)
+        self.start_task(model, self.task)
+
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._state}
+        task = None if self.task is None else [self.task.index, self.task.split]
+        return {name: getattr(self, name) for name in self._state} | {"task": task}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in self._state:
             setattr(self, name, state[name])
+        self.task, self._restored_task = None, state.get("task")
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "task")
         return f"{type(self).__name__}({settings})"
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable(model: Model) -> dict[str, nn.Parameter]:
     """The parameters a method protects: the backbone's trainable ones, by name."""
     return {name: p for name, p in model.backbone.named_parameters() if p.requires_grad}

@@ -4,20 +4,17 @@ the end of earlier tasks, in proportion to the diagonal of the Fisher informatio
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from music.methods.base import Method, Task, trainable
-
-if TYPE_CHECKING:
-    from music.module import Classifier
+from music.methods.base import Method, Model, Task, trainable
 
 
-def diagonal_fisher(model: Classifier, task: Task, samples: int | None, labels: str, chunk: int = 256,
+def diagonal_fisher(model: Model, task: Task, samples: int | None, labels: str, chunk: int = 256,
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Mean over the task's samples of the squared per-sample gradient of ``log p(label | x)``,
     the label being the model's prediction (``predicted``: the usual estimate of the Fisher)
@@ -52,18 +49,18 @@ def diagonal_fisher(model: Classifier, task: Task, samples: int | None, labels: 
     return {name: f / len(targets) for name, f in fisher.items()}
 
 
-def _log_likelihood(model: Classifier, logits: Tensor, y: Tensor) -> Tensor:
+def _log_likelihood(model: Model, logits: Tensor, y: Tensor) -> Tensor:
     return F.log_softmax(model.scenario_logits(logits, y), dim=1).gather(1, y.view(-1, 1)).sum()
 
 
-def _linear_layers(model: Classifier, params: dict[str, Tensor]) -> dict[str, nn.Linear] | None:
+def _linear_layers(model: Model, params: dict[str, Tensor]) -> dict[str, nn.Linear] | None:
     """The backbone's linear layers by name, if they hold every trainable parameter."""
     layers = {name: m for name, m in model.backbone.named_modules() if type(m) is nn.Linear}
     covered = {f"{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters(recurse=False)}
     return layers if set(params) <= covered else None
 
 
-def _closed_form(model: Classifier, layers: dict[str, nn.Linear], x: Tensor, y: Tensor) -> dict[str, Tensor] | None:
+def _closed_form(model: Model, layers: dict[str, nn.Linear], x: Tensor, y: Tensor) -> dict[str, Tensor] | None:
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     def keep(name: str):
@@ -94,7 +91,7 @@ def _closed_form(model: Classifier, layers: dict[str, nn.Linear], x: Tensor, y: 
     return squares
 
 
-def _per_sample(model: Classifier, params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def _per_sample(model: Model, params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
     weights = {name: p.detach() for name, p in params.items()}
     frozen = {name: p.detach() for name, p in model.backbone.named_parameters() if name not in weights}
     buffers = dict(model.backbone.named_buffers())
@@ -138,7 +135,7 @@ class EWC(Method):
         self.anchors: list[dict[str, Tensor]] = []  # one per consolidated task
         self.fishers: list[dict[str, Tensor]] = []
 
-    def end_task(self, model: Classifier, task: Task) -> None:
+    def end_task(self, model: Model, task: Task) -> None:
         generator = torch.Generator().manual_seed(torch.initial_seed() + task.index)
         fisher = diagonal_fisher(model, task, self.fisher_samples, self.fisher_labels, generator=generator)
         self.consolidate({name: p.detach().clone() for name, p in trainable(model).items()}, fisher)
@@ -147,7 +144,7 @@ class EWC(Method):
         self.anchors.append(anchor)
         self.fishers.append(fisher)
 
-    def loss(self, model: Classifier, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
+    def loss(self, model: Model, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
         if not self.fishers or self.lambda_ == 0:
             return None
         params = trainable(model)

@@ -5,16 +5,13 @@ task boundary, by distillation on the new task's own inputs (no stored samples).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from music.methods.base import Method, Task
-
-if TYPE_CHECKING:
-    from music.module import Classifier
+from music.methods.base import Method, Model, Task
 
 
 class LwF(Method):
@@ -41,7 +38,7 @@ class LwF(Method):
         self._teacher: torch.nn.Module | None = None
         self.current_classes: list[int] = []  # classes of the running task
 
-    def start_task(self, model: Classifier, task: Task) -> None:
+    def start_task(self, model: Model, task: Task) -> None:
         if task.index > 0 and self.current_classes:
             self.old_classes = sorted(set(self.old_classes) | set(self.current_classes))
             self.teacher_state = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
@@ -52,13 +49,13 @@ class LwF(Method):
         super().load_state_dict(state)
         self._teacher = None
 
-    def teacher(self, model: Classifier) -> torch.nn.Module:
+    def teacher(self, model: Model) -> torch.nn.Module:
         if self._teacher is None:
             self._teacher = copy.deepcopy(model.backbone).requires_grad_(False).eval()
             self._teacher.load_state_dict(self.teacher_state)
         return self._teacher
 
-    def loss(self, model: Classifier, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
+    def loss(self, model: Model, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
         if self.teacher_state is None or self.weight == 0 or not model.training:
             return None
         with torch.no_grad():

@@ -4,16 +4,14 @@ van de Ven et al.'s "experience replay")."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from music.methods.base import Method, Task
+from music.methods.base import Method, Model, Task
 
-if TYPE_CHECKING:
-    from music.module import Classifier
 
 SELECTIONS = ("class_balanced", "reservoir")
 
@@ -88,7 +86,7 @@ class Replay(Method):
     def __len__(self) -> int:
         return 0 if self.labels is None else len(self.labels)
 
-    def end_task(self, model: Classifier, task: Task) -> None:
+    def end_task(self, model: Model, task: Task) -> None:
         images, labels = task.dataset.images, task.dataset.labels
         if self.selection == "reservoir":
             self._reservoir(images, labels)
@@ -127,7 +125,7 @@ class Replay(Method):
         if memory_labels:
             self.images, self.labels = torch.stack(memory_images), torch.stack(memory_labels)
 
-    def loss(self, model: Classifier, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
+    def loss(self, model: Model, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
         if not len(self) or self.weight == 0 or not model.training:
             return None
         size = min(self.batch_size or len(y), len(self))

@@ -4,14 +4,9 @@ penalty holds important parameters near their value at the end of the earlier ta
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
-from music.methods.base import Method, Task, trainable
-
-if TYPE_CHECKING:
-    from music.module import Classifier
+from music.methods.base import Method, Model, Task, trainable
 
 
 class SI(Method):
@@ -50,13 +45,13 @@ class SI(Method):
         self.grads: dict[str, Tensor] = {}  # its gradients, when they are not on the parameters
         self._params: dict[str, Tensor] = {}
 
-    def start_task(self, model: Classifier, task: Task) -> None:
+    def start_task(self, model: Model, task: Task) -> None:
         params = trainable(model)
         self.start = {name: p.detach().clone() for name, p in params.items()}
         self.path = {name: p.detach().new_zeros(p.shape) for name, p in params.items()}
         self.previous = None  # the next ``loss`` call only records where the task starts
 
-    def _accumulate(self, model: Classifier) -> None:
+    def _accumulate(self, model: Model) -> None:
         params = trainable(model)
         if self.previous is not None:
             for name, p in params.items():
@@ -66,7 +61,7 @@ class SI(Method):
         self.previous = {name: p.detach().clone() for name, p in params.items()}
         self.grads, self._params = {}, params
 
-    def end_task(self, model: Classifier, task: Task) -> None:
+    def end_task(self, model: Model, task: Task) -> None:
         self._accumulate(model)  # the task's last step
         for name, p in trainable(model).items():
             importance = self.path[name] / ((p.detach() - self.start[name]).pow(2) + self.xi)
@@ -79,7 +74,7 @@ class SI(Method):
             self.grads = {n: p.grad.detach().clone() for n, p in self._params.items() if p.grad is not None}
         return super().state_dict()
 
-    def loss(self, model: Classifier, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
+    def loss(self, model: Model, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
         if model.training:
             self._accumulate(model)
         if not self.omega or self.c == 0:

@@ -1,0 +1,216 @@
+"""Phase evaluation: the test set after every phase of the schedule, and the files and
+TensorBoard views made of it.
+
+A listener of ``music.callbacks.SequentialFineTuning`` (``on_phase_start``/``on_phase_end``):
+it evaluates the model the run starts from (the row ``start``) and the model after every phase,
+logs the test metrics at that step (``test/acc``, ``test/f1_macro``, per class
+``test_per_class/f1/class_<c>``, ...; see ``music.dashboard``), so each quantity is one curve
+across the phases, and writes ``phase_metrics.json``, ``phase_costs.json``,
+``accuracy_matrix.csv`` and ``continual_metrics.json`` in the run's directory. When fitting
+starts it writes the run's settings to TensorBoard's HParams tab and the per-class charts to
+its Custom Scalars tab.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from music import dashboard
+from music.callbacks import Phase, SequentialFineTuning
+from music.checkpoint import write_atomically
+from music.continual import accuracy_on, per_class_accuracy, summarise, to_json
+from music.data import split_classes
+from music.figures import accuracy_matrix_figure, confusion_matrix_figure
+from music.rundir import run_dir
+
+START = "start"  # the row of the evaluation before the first phase
+
+
+class PhaseEvaluation(Callback):
+    """Evaluates the test set at the end of every phase (and, with ``evaluate_initial``, when
+    fitting starts) and records it.
+
+    Args:
+        evaluate_test: evaluate the test set at each phase end.
+        evaluate_initial: also evaluate the test set when fitting starts (not on resume), as the
+            row named ``start``: the model the run starts from (the random initialisation, or
+            the pretrained model a fine-tuning run is given with ``init_from``), the reference
+            row 0 of the accuracy matrix. It restores the RNG afterwards, so training is the
+            same with or without.
+        log_figures: draw the confusion-matrix and accuracy-matrix figures for the loggers.
+            Each costs 0.2-0.5 s of matplotlib, about a third of a short fine-tuning cell: grids of
+            many cells turn them off and draw their figures once, from all cells, in the report.
+
+    With ``evaluate_test``, the rows evaluated so far also go to ``accuracy_matrix.csv`` (test
+    accuracy per class and per fine-tuning task, row by row) and ``continual_metrics.json``
+    (``music.continual``: average accuracy, forgetting, BWT, collapse share), and the metrics
+    to TensorBoard under ``continual/``. A phase is a fine-tuning task when its split is defined
+    by its classes (``class_<c>``, ``merged``, ``classes_<a>_<b>...``).
+    """
+
+    def __init__(self, evaluate_test: bool = True, evaluate_initial: bool = True, log_figures: bool = True) -> None:
+        self.evaluate_test = evaluate_test
+        self.evaluate_initial = evaluate_initial
+        self.log_figures = log_figures
+        self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
+        self.evaluations: dict[str, dict] = {}  # evaluated row name -> split, step, epoch, headline metrics
+        self._phase_start: float | None = None  # wall clock of the phase under way (since a resume, if resumed)
+        self._started = False  # HParams and layout written in this fit
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._started = False  # a new fit writes its HParams and layout again
+
+    # -- the schedule's hooks ----------------------------------------------------------------
+
+    def on_phase_start(self, trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning,
+                       index: int) -> None:
+        if not self._started:
+            self._started = True
+            if self.evaluate_initial and START in (p.name for p in schedule.phases):
+                raise ValueError(f"Phase name {START!r} is reserved for the evaluation before the first phase "
+                                 "(evaluation.evaluate_initial=true): rename the phase.")
+            if trainer.logger is not None and trainer.is_global_zero:
+                dashboard.log_layout(trainer.logger)
+                dashboard.log_hparams(trainer.logger, settings(trainer, pl_module, schedule))
+            if schedule.epoch == 0 and self.evaluate_test and self.evaluate_initial:
+                rng = torch.get_rng_state()  # the test loader draws a seed; training must not notice
+                self._evaluate(trainer, pl_module, schedule, None, Phase(START, "test", 1))
+                torch.set_rng_state(rng)
+        self._phase_start = None  # the clock starts with the phase's first epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._phase_start is None:
+            self._phase_start = time.perf_counter()
+
+    def on_phase_end(self, trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning,
+                     index: int) -> None:
+        if self.evaluate_test:
+            self._evaluate(trainer, pl_module, schedule, index, schedule.phases[index])
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.logger is not None and trainer.is_global_zero:
+            dashboard.log_hparams(trainer.logger, {}, start=False)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "evaluations": self.evaluations}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = dict(state_dict.get("rows", {}))
+        self.evaluations = dict(state_dict.get("evaluations", {}))
+
+    # -- evaluation and its records ----------------------------------------------------------
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning,
+                  index: int | None, phase: Phase) -> None:
+        loader = trainer.datamodule.dataloader("test", distributed=trainer.world_size > 1)
+        seconds = time.perf_counter() - (self._phase_start or time.perf_counter())
+        metrics, confusion = pl_module.evaluate(loader)
+        step = dashboard.logged_step(trainer, pl_module)
+        epoch = dashboard.logged_epoch(trainer, pl_module, starting=index is None)
+        rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
+        logger = trainer.logger if trainer.is_global_zero else None
+        if logger is not None:
+            logger.log_metrics(dashboard.metric_scalars("test", metrics), step=step)
+        if logger is not None and self.log_figures:
+            title = f"{dashboard.run_name(logger)}\n{_describe(phase.name)}, step {step} (acc {metrics['acc']:.3f})"
+            dashboard.log_figure(logger, "test/confusion_matrix", confusion_matrix_figure(confusion.tolist(), title),
+                                 step)
+        if index is not None:
+            _record(run_dir(trainer), index, phase, metrics | {"confusion_matrix": confusion.tolist()})
+            # Wall time goes to its own file: phase_metrics.json stays bit-identical across resumes.
+            trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            _record(run_dir(trainer), index, phase, {"train_seconds": seconds, "trainable_params": trainable},
+                    filename="phase_costs.json")
+        self.rows[phase.name] = confusion.tolist()
+        self.evaluations[phase.name] = {"split": phase.split if index is not None else "–", "step": step,
+                                        "epoch": epoch, "acc": metrics["acc"], "f1_macro": metrics["f1"],
+                                        "loss": metrics["loss"]}
+        self._continual(trainer, step, last=index == len(schedule.phases) - 1)
+
+    def _continual(self, trainer: Trainer, step: int, last: bool = False) -> None:
+        """Accuracy matrix and continual-learning metrics over the rows evaluated so far."""
+        held_out = trainer.datamodule.held_out_classes
+        names = list(self.rows)
+        tasks = [split_classes(self.evaluations[n]["split"], held_out) for n in names]
+        first_task = next((i for i, t in enumerate(tasks) if t), None)
+        reference = first_task - 1 if first_task else None
+        confusions = [self.rows[n] for n in names]
+        summary = to_json(summarise(confusions, tasks, reference) | {"row_names": names,
+                                                                      "reference_row": reference})
+        task_columns = [(f"task_{n}", t) for n, t in zip(names, tasks) if t]
+        header = ["row", "phase", *(f"acc_{c}" for c in range(len(confusions[0]))),
+                  *(name for name, _ in task_columns), "acc"]
+        table = [[i, n, *per_class_accuracy(conf).tolist(), *(accuracy_on(conf, t) for _, t in task_columns),
+                  accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
+        if trainer.logger is not None and trainer.is_global_zero:
+            self._log_tables(trainer.logger, step, names, table, summary, last)
+        _write_continual(run_dir(trainer), header, table, summary)
+
+    def _log_tables(self, logger, step: int, names: list[str], table: list[list], summary: dict, last: bool) -> None:
+        """Continual metrics at ``step``; the evaluations so far and the accuracy matrix as
+        Markdown tables (Text tab); the accuracy matrix as a heat map after the last phase."""
+        logger.log_metrics(dashboard.continual_scalars(summary), step=step)
+        num_classes = len(self.rows[names[0]])
+        evaluations = [[i, n, e["split"], e["step"], e["epoch"], e["acc"], e["f1_macro"], e["loss"]]
+                       for i, (n, e) in enumerate((n, self.evaluations[n]) for n in names)]
+        dashboard.log_text(logger, "test/evaluations", dashboard.markdown_table(
+            ["row", "after", "split", "step", "epoch", "test acc", "F1 macro", "loss"], evaluations), step)
+        matrix = [row[2 : 2 + num_classes] for row in table]
+        dashboard.log_text(logger, "test/accuracy_matrix", dashboard.markdown_table(
+            ["after", *(f"class {c}" for c in range(num_classes))], [[n, *r] for n, r in zip(names, matrix)]), step)
+        if last and self.log_figures:
+            title = f"{dashboard.run_name(logger)}\ntest accuracy per class after each evaluation"
+            dashboard.log_figure(logger, "test/accuracy_matrix", accuracy_matrix_figure(names, matrix, title), step)
+
+
+def settings(trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning) -> dict[str, str | float | bool]:
+    """The run's settings for the HParams tab, named as in the config: ``seed``,
+    ``schedule.*`` (phases in order, their splits, epochs and learning rates), ``model.*``
+    (with ``model.backbone``, the network's class) and ``data.*``."""
+    seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's seed_everything)
+    values: dict[str, str | float | bool] = {"seed": int(seed) if seed is not None else "none"}
+    values |= {"schedule.phases": " → ".join(p.name for p in schedule.phases),
+               "schedule.splits": " → ".join(p.split for p in schedule.phases),
+               "schedule.epochs": ", ".join(str(p.epochs) for p in schedule.phases),
+               "schedule.lr": ", ".join("model.lr" if p.lr is None else str(p.lr) for p in schedule.phases),
+               "schedule.reset_optimizer": schedule.reset_optimizer}
+    values |= dashboard.flat_settings("model", pl_module.hparams)
+    if isinstance(getattr(pl_module, "backbone", None), torch.nn.Module):
+        values["model.backbone"] = type(pl_module.backbone).__name__
+    values |= dashboard.flat_settings("data", getattr(trainer.datamodule, "hparams", {}))
+    return values
+
+
+def _describe(row: str) -> str:
+    return "at the start" if row == START else f"after {row}"
+
+
+@rank_zero_only
+def _record(log_dir: str, index: int, phase: Phase, metrics: dict, filename: str = "phase_metrics.json") -> None:
+    """Merge one phase's test metrics into ``phase_metrics.json``; idempotent, so a phase
+    re-run after a crash overwrites its own entry instead of adding a second one."""
+    path = os.path.join(log_dir, filename)
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            records = json.load(f)
+    records[phase.name] = {"index": index, "split": phase.split, "epochs": phase.epochs, "lr": phase.lr, **metrics}
+    write_atomically(path, json.dumps(records, indent=1))
+
+
+@rank_zero_only
+def _write_continual(log_dir: str, header: list, table: list[list], summary: dict) -> None:
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(header)
+    writer.writerows([[f"{v:.6f}" if isinstance(v, float) else v for v in row] for row in table])
+    write_atomically(os.path.join(log_dir, "accuracy_matrix.csv"), rows.getvalue())
+    write_atomically(os.path.join(log_dir, "continual_metrics.json"), json.dumps(summary, indent=1))
