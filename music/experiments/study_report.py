@@ -126,7 +126,7 @@ def methods_table(records: list[dict], settings: Settings) -> list[str]:
     columns = ["final_acc", "held_out_acc", "untouched_acc", "mean_forgetting", "untouched_forgetting", "backward_transfer"]
     rows = [("none (sequential)", lambda c: c.kind == "seq" and c.ordering == first)]
     if settings.replay_size:
-        rows.append((f"replay of {settings.replay_size} `remaining` samples", lambda c: c.kind == "replay"))
+        rows.append((f"replay, memory of {settings.replay_size}", lambda c: c.kind == "replay"))
     rows += [(method_name(m), lambda c, m=m: c.kind == "method" and c.method == m) for m in settings.methods]
     rows.append(("merged (all classes at once)", lambda c: c.kind == "merged"))
     table = []
@@ -212,7 +212,8 @@ def statement(records: list[dict], settings: Settings, train_size: int) -> list[
                      + ("; with fewer epochs than pretraining it is not a true upper bound here."
                         if relation == "below" else "."))
     if parts:
-        lines.append(f"- **Replay** ({settings.replay_size} `remaining` samples mixed into every phase): "
+        lines.append(f"- **Replay** (a class-balanced memory of {settings.replay_size} samples, `remaining` first, "
+                     "then each finished class): "
                      + "; ".join(parts) + f" (pretrained: {fmt(pretrained)}).")
     return lines
 
@@ -471,7 +472,6 @@ def write_report(settings: Settings, data: Data) -> Path:
 def _eda(settings: Settings, data: Data, out: Path) -> dict[str, list[int]]:
     datamodule = MusicDataModule(data_dir=data.data_dir, download=False, held_out_classes=settings.held_out_classes,
                                  split_seed=settings.seeds[0] if settings.split_seed_follows_seed else 0,
-                                 replay_size=settings.replay_size,
                                  **({} if settings.samples_per_class is None else {"samples_per_class": settings.samples_per_class}))
     write_pngs(datamodule, str(out))
     return class_counts(datamodule)
