@@ -89,7 +89,32 @@ class SaveConfigToRunDir(SaveConfigCallback):
 class MusicCLI(LightningCLI):
     """LightningCLI with the phase schedule, its evaluation and checkpointing as config sections
     of their own (``schedule``, ``evaluation``, ``checkpoint``), so a config delta can change the
-    phases without repeating the callback list."""
+    phases without repeating the callback list.
+
+    A run stopped by SIGTERM or SIGINT exits with the shell's code for it, so
+    ``music fit ... && music test ...`` does not go on as if it had finished."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._running = False  # set once the objects are built and checked: from then on, the run
+        try:
+            super().__init__(*args, **kwargs)
+        except SIGTERMException:  # Lightning stops at the end of a batch and exits 0 by itself
+            if not self._running:
+                raise
+            _stopped("SIGTERM", self.subcommand)
+            raise SystemExit(EXIT_SIGTERM) from None
+        except SystemExit as exit_:
+            if self._running and exit_.code == 1 and self.trainer.state.status == TrainerStatus.INTERRUPTED:
+                _stopped("SIGINT", self.subcommand)  # Lightning's Ctrl-C
+                raise SystemExit(EXIT_SIGINT) from None
+            raise
+        except RuntimeError as err:  # strict loading of a --ckpt_path the shape check could not see into
+            if not self._running or "Error(s) in loading state_dict" not in str(err):
+                raise
+            path = self.config[self.subcommand].get("ckpt_path")
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+            raise CheckpointError(f"{path} does not fit the model: {detail} "
+                                  "(saved from another architecture? see --model.backbone)") from None
 
     @classmethod
     def only(cls, subcommand: str) -> type[MusicCLI]:
@@ -116,12 +141,13 @@ class MusicCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """A TQDM bar redrawn every ``PROGRESS_BAR_REFRESH_RATE`` steps unless the config brings
         or disables one, and atomic checkpoint files unless it brings its own ``CheckpointIO``."""
-        config = self._get(self.config_init, "trainer", default={})
+        settings = _of_run(self.config_init, self.subcommand)
+        config = settings.get("trainer", {})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_RATE)])
-        run_dir = self._get(self.config_init, "run_dir")
+        run_dir = settings.get("run_dir")
         if run_dir is not None:
             kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), RunDirectory(run_dir)]
         plugins = config.get("plugins") or []
@@ -135,9 +161,15 @@ class MusicCLI(LightningCLI):
             # in-process callers pass their arguments; sys.argv then holds their own options
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
+        # LightningCLI reads --ckpt_path's hyperparameters next, and a file it cannot read ends
+        # there in a traceback: read it the safe way first, naming what is wrong.
+        config = self.config.get(self.config.get("subcommand") or "") or {}
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
+            read_checkpoint(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        config = _of_run(self.config, self.subcommand)
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path never unpickles code (pass false to trust a file)
         check_blocks(config.get("data.batches_per_block", 1), config.get("trainer.gradient_clip_val"),
@@ -154,37 +186,17 @@ class MusicCLI(LightningCLI):
         if self.subcommand is not None:  # a run, not objects built for a caller to drive
             _own_run_directories(config, self.subcommand)
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads ``--ckpt_path``'s hyperparameters before anything else, and a file
-        it cannot read ends there in a traceback: read it the safe way first, naming what is wrong."""
-        config = self.config.get(self.config.get("subcommand") or "") or {}
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
-            read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+    def after_instantiate_classes(self) -> None:
+        """Checks that need the built model, before a run starts."""
+        if self.subcommand is not None:
+            _check_model(self.model, self.config[self.subcommand])
+            self._running = True
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Checks that need the built model, then the run; a run stopped by SIGTERM or
-        SIGINT exits with the shell's code for it, so `music fit ... && music test ...` does
-        not go on as if it had finished."""
-        _check_model(self.model, self.config[subcommand])
-        try:
-            super()._run_subcommand(subcommand)
-        except SIGTERMException:  # Lightning stops at the end of a batch and exits 0 by itself
-            _stopped("SIGTERM", subcommand)
-            raise SystemExit(EXIT_SIGTERM) from None
-        except SystemExit as exit_:
-            if exit_.code == 1 and self.trainer.state.status == TrainerStatus.INTERRUPTED:  # Lightning's Ctrl-C
-                _stopped("SIGINT", subcommand)
-                raise SystemExit(EXIT_SIGINT) from None
-            raise
-        except RuntimeError as err:  # strict loading of a --ckpt_path the shape check could not see into
-            if "Error(s) in loading state_dict" not in str(err):
-                raise
-            path = self.config[subcommand].get("ckpt_path")
-            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
-            raise CheckpointError(f"{path} does not fit the model: {detail} "
-                                  "(saved from another architecture? see --model.backbone)") from None
+
+def _of_run(config, subcommand: str | None):
+    """The settings of the run: the subcommand's section, or the whole config when the CLI
+    was built without one (``run=False``)."""
+    return config.get(subcommand) if subcommand else config
 
 
 def _stopped(signal_name: str, subcommand: str) -> None:
