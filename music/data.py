@@ -91,7 +91,8 @@ class MusicDataModule(LightningDataModule):
         batches_per_block: training batches the loader hands over at once, as one ``Block``; the
             model still takes one optimizer step per batch, in the same order, so training is
             unchanged sample for sample. Lightning's loop then runs once per block: for a small
-            model on a CPU, its per-step work costs about half a plain SimpleNN step. What
+            model on a CPU, its per-step work costs a large share of a plain SimpleNN step
+            (docs/speed.md). What
             Lightning counts as a batch (``limit_train_batches``, the progress bar,
             ``val_check_interval``, ``on_train_batch_*`` hooks) is then a block. 1 under DDP.
         eval_batch_size: batch size for validation and test (no gradients, so larger is faster).
@@ -298,7 +299,8 @@ class MusicDataModule(LightningDataModule):
         """A training split by name, or ``"test"`` for the full official test set.
 
         Each split is gathered once and kept: phases reload the training loader every epoch,
-        and copying the 57,000 ``remaining`` images again each time cost ~0.4 s an epoch. When
+        and copying the ``remaining`` images again each time would add to every epoch
+        (docs/speed.md). When
         training on a GPU the split is kept there, so no batch is copied from the host."""
         key = (split, str(self._device))
         if key not in self._datasets:

@@ -17,8 +17,8 @@ def pyplot():
 
 
 # -- raster images without matplotlib ---------------------------------------------------------
-# A figure through matplotlib costs 0.1-0.3 s of text layout and rendering; a fit with
-# ``log_eda`` draws a sample grid per split. These draw them with PIL in milliseconds;
+# A figure through matplotlib spends its time on text layout and rendering; a fit with
+# ``log_eda`` draws a sample grid per split. These draw them with PIL, far cheaper (docs/speed.md);
 # TensorBoard logs them with ``add_image(..., dataformats="HWC")``.
 
 

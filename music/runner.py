@@ -118,8 +118,8 @@ class MusicCLI(LightningCLI):
 
     @classmethod
     def only(cls, subcommand: str) -> type[MusicCLI]:
-        """The CLI with the parser of ``subcommand`` alone: building all four costs a few
-        tenths of a second more on every run (docs/speed.md)."""
+        """The CLI with the parser of ``subcommand`` alone: building all four would add to the
+        start-up of every run (measured in docs/speed.md)."""
         chosen = {subcommand: LightningCLI.subcommands()[subcommand]}
         return type(cls.__name__, (cls,), {"subcommands": staticmethod(lambda: chosen)})
 

@@ -1,6 +1,6 @@
 """The block path and every use of Lightning's private API, in one module.
 
-Lightning's per-step loop costs about half a SimpleNN step on a CPU (docs/speed.md), so the
+Lightning's per-step loop costs a large share of a SimpleNN step on a CPU (docs/speed.md), so the
 SimpleNN configs hand the loop *blocks* of batches (``data.batches_per_block``) and train each
 block here, one optimizer step per batch. Everything that path needs beyond Lightning's public
 API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and checked by
@@ -13,20 +13,20 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
    (``check_blocks``).
 2. **Direct steps.** Inside a block, ``manual_backward`` and ``LightningOptimizer.step`` wrap
    ``loss.backward()`` and ``optimizer.step()`` in hook dispatch over the module and every
-   callback (13-14% of an epoch). When nothing would happen in those hooks (``steps_are_plain``),
-   the plain calls are taken and each step is counted as ``LightningOptimizer.step`` counts it,
-   through its private ``_on_before_step``/``_on_after_step``.
+   callback, a measurable share of every epoch (docs/speed.md). When nothing would happen in
+   those hooks (``steps_are_plain``), the plain calls are taken and each step is counted as
+   ``LightningOptimizer.step`` counts it, through its private ``_on_before_step``/``_on_after_step``.
 3. **No NVML probe per step on a machine without CUDA.** Importing Lightning sets
    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so asking whether CUDA exists never initialises it
    before a fork); every ``Adam.step`` asks, and on a machine without a GPU NVML is then
-   looked for anew each time (15-19% of an epoch). ``runtime_cuda_check`` asks the CUDA
-   runtime instead while training, only where no CUDA device exists, so there is
-   nothing a fork could find initialised.
+   looked for anew each time, a measurable share of every epoch (docs/speed.md).
+   ``runtime_cuda_check`` asks the CUDA runtime instead while training, only where no CUDA
+   device exists, so there is nothing a fork could find initialised.
 4. **glibc's allocator as a plain process has it, in Dask workers.** Dask's nanny starts every
    worker with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's mmap threshold at
    128 KiB: every activation and gradient above it is then mapped and unmapped, page faults
-   included, at every step. A pretraining cell trained 35 s instead of 20 s so (24.6 s with
-   ``plain_process_malloc``). Study cells call it; it is a no-op off glibc.
+   included, at every step, which slows a study cell markedly (measured in docs/study.md).
+   Study cells call ``plain_process_malloc``; it is a no-op off glibc.
 
 The other private reads: the phase schedule sets the fit loop's epoch count
 (``set_max_epochs``: the Trainer has no public setter, and the phases, not the config, define
@@ -204,8 +204,8 @@ def plain_process_malloc() -> bool:
 
 @contextlib.contextmanager
 def runtime_cuda_check(device: torch.device) -> Iterator[None]:
-    """While entered, ``torch.cuda.is_available()`` asks the CUDA runtime (microseconds)
-    instead of NVML, if the run is not on a GPU and no CUDA device exists; else a no-op.
+    """While entered, ``torch.cuda.is_available()`` asks the CUDA runtime instead of NVML, if
+    the run is not on a GPU and no CUDA device exists; else a no-op.
     ``Classifier`` enters it from ``on_train_start`` to ``on_train_end``."""
     if device.type == "cuda" or os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1" or torch.cuda.is_available():
         yield

@@ -268,7 +268,7 @@ def apply_safetensors(base_path: PathLike, vector_path: PathLike, out_path: Path
     views, each output tensor is written from the one buffer the kernel computes it into, and
     the base's fingerprint is hashed on a second thread. Same kernel as ``apply_to``, so the
     result is bit-identical; the file appears only once complete (written aside, then renamed).
-    The fingerprint (one sha256 stream over the base, 0.75-0.9 s per GB here) is the slowest
+    The fingerprint (one sha256 stream over the base; docs/task_vectors.md) is the slowest
     part; ``check_base=False`` skips it when the base is known to be the vector's, and
     ``base_matches`` is then ``None``.
     """

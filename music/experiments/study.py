@@ -213,8 +213,8 @@ def dask_client(grid: Grid):
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(grid.threads))  # inherited by the worker processes
     resources = {"GPU": 1} if grid.accelerator in ("gpu", "cuda") else None
-    # Dask's statistical profiler samples the cell's thread every 10 ms: 44 s -> 34 s of a
-    # pretraining cell without it (docs/study.md). The workers take this config from here.
+    # Dask's statistical profiler samples the cell's thread every 10 ms, which slows a cell
+    # markedly (measured in docs/study.md). The workers take this config from here.
     with dask.config.set({"distributed.worker.profile.enabled": False}), \
             LocalCluster(n_workers=grid.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
                          # the scheduler's HTTP endpoints (health, metrics) on a free port: 8787 may be taken

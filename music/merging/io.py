@@ -217,7 +217,7 @@ def write_safetensors(path: PathLike, layout: Mapping[str, tuple[torch.dtype, Se
         with open(tmp, "wb") as out:
             if hasattr(os, "posix_fallocate") and offset:
                 # Reserving the blocks up front lets the writes below fill them at page-cache
-                # speed (measured 0.29 s against 0.42-1.9 s per GB for growing the file).
+                # speed, faster than growing the file (measured in docs/task_vectors.md).
                 with contextlib.suppress(OSError):
                     os.posix_fallocate(out.fileno(), 0, 8 + len(blob) + offset)
             out.write(len(blob).to_bytes(8, "little") + blob)
@@ -265,8 +265,8 @@ class Hasher:
 @contextlib.contextmanager
 def hashing_beside() -> Iterator[None]:
     """One intra-op thread while a ``Hasher`` runs: the element-wise arithmetic of a stream
-    gains nothing from a second core, and sha256 (the stream's slowest part) needs one. On
-    2 cores this took a 1 GB apply from 1.6-2.3 s to 0.8-0.9 s."""
+    gains nothing from a second core, and sha256 (the stream's slowest part) needs one
+    (measured in docs/task_vectors.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

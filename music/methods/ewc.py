@@ -23,7 +23,7 @@ def diagonal_fisher(model: Model, task: Task, samples: int | None, labels: str, 
     A network of ``nn.Linear`` layers on flat inputs (the MLPs) gets its per-sample squared
     gradients in closed form, ``(g^2)^T (a^2)`` from each layer's input ``a`` and output
     gradient ``g``, one backward per chunk; any other network goes through ``torch.func``
-    (vmap of grad), ~50 times slower on a CPU."""
+    (vmap of grad), much slower on a CPU (docs/continual.md)."""
     images, targets = task.dataset.images, task.dataset.labels
     if samples is not None and samples < len(targets):
         pick = torch.randperm(len(targets), generator=generator)[:samples].to(targets.device)
