@@ -16,6 +16,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, to, dpi: int) -> None:
+    """Lay out matplotlib figure ``fig``, write it as a PNG to ``to`` (a path or a binary file)
+    and close it."""
+    fig.tight_layout()
+    fig.savefig(to, format="png", dpi=dpi)
+    pyplot().close(fig)
+
+
 # -- raster images without matplotlib ---------------------------------------------------------
 # A figure through matplotlib spends its time on text layout and rendering; a fit with
 # ``log_eda`` draws a sample grid per split. These draw them with PIL, far cheaper (docs/speed.md);

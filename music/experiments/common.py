@@ -193,12 +193,11 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]] | Sequence[Sequen
 
 
 def write_table(out_dir: str | Path, name: str, title: str, notes: str, header: Sequence[str],
-                rows: Sequence[Sequence[Any]], csv_rows: Sequence[dict[str, Any]] | None = None,
-                body: str | None = None) -> str:
-    """``<out_dir>/<name>.md`` (title, notes, then ``body`` or a Markdown table of the display
-    ``rows``) and ``<out_dir>/<name>.csv`` (``csv_rows`` at full precision, or the display rows);
-    returns the Markdown."""
-    markdown = f"# {title}\n\n{notes}\n\n" + (body if body is not None else markdown_table(header, rows) + "\n")
+                rows: Sequence[Sequence[Any]], csv_rows: Sequence[dict[str, Any]] | None = None) -> str:
+    """``<out_dir>/<name>.md`` (title, notes, then a Markdown table of the display ``rows``) and
+    ``<out_dir>/<name>.csv`` (``csv_rows`` at full precision, or the display rows); returns the
+    Markdown."""
+    markdown = f"# {title}\n\n{notes}\n\n" + markdown_table(header, rows) + "\n"
     write_atomically(Path(out_dir) / f"{name}.md", markdown)
     write_csv(Path(out_dir) / f"{name}.csv", csv_rows or rows, None if csv_rows else header)
     return markdown

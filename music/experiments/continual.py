@@ -31,7 +31,7 @@ from music.experiments import study_db
 from music.experiments.common import (Data, Output, fit, fmt_mean_std, machine, mean_std, mean_std_columns,
                                       results_db, reuse_or_run, spread_note, write_csv)
 from music.module import SCENARIOS
-from music.plots import pyplot
+from music.plots import pyplot, save_figure
 from music.runner import RunResult
 from music.evaluation import PhaseEvaluation
 
@@ -270,9 +270,7 @@ class ContinualStudy:
                    xticks=x, ylim=(0, 101))
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=8, loc="lower left")
-        fig.tight_layout()
-        fig.savefig(self.table + ".png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, self.table + ".png", 120)
 
 
 def _flags(overrides: dict[str, Any]) -> str:

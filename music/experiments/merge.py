@@ -35,7 +35,7 @@ from music.continual import per_class_accuracy
 from music.merging import MergeMethod, Recipe, Source, TaskArithmetic
 from music.merging.checks import finite
 from music.merging.recipe import plain
-from music.plots import pyplot
+from music.plots import pyplot, save_figure
 
 StateDict = dict[str, Tensor]
 
@@ -322,10 +322,8 @@ class Merge:
         ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen λ = {chosen:g}")
         ax.set(xlabel="λ", ylabel="accuracy [%]", title=self.output.name)
         ax.legend()
-        fig.tight_layout()
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, buffer, 100)
         write_atomically(self.side_path(".lambda.png"), buffer.getvalue())
 
     def markdown(self, result: dict[str, Any]) -> str:

@@ -229,7 +229,7 @@ def priority(cell: Cell) -> int:
     return 1000 * (2 - {"pretrain": 1, "joint": 2}.get(cell.kind, 0)) - cell.seed
 
 
-def run_grid(grid: Grid, data: Data, log=print) -> dict:
+def run_grid(grid: Grid, data: Data) -> dict:
     """Run every unfinished cell on Dask and return ``{"ran", "skipped", "failed", "seconds"}``.
     Bad settings, database or scheduler fail before any cell runs."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -248,8 +248,8 @@ def run_grid(grid: Grid, data: Data, log=print) -> dict:
         (Path(grid.runs_dir) / "grid.json").write_text(
             json.dumps({"settings": asdict(grid), "data": asdict(data), "cells": [asdict(c) for c in cells]}, indent=1))
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        log(f"{len(cells)} cells, {len(done)} already done, {len(todo)} to run on {workers} Dask workers "
-            f"({grid.scheduler or 'local cluster'}); results in {grid.db_url}")
+        print(f"{len(cells)} cells, {len(done)} already done, {len(todo)} to run on {workers} Dask workers "
+              f"({grid.scheduler or 'local cluster'}); results in {grid.db_url}")
         resources = {"GPU": 1} if grid.accelerator in ("gpu", "cuda") else None
         pretrained: dict[int, Any] = {}
         futures = {}
@@ -267,8 +267,8 @@ def run_grid(grid: Grid, data: Data, log=print) -> dict:
             else:
                 error = future.exception()
                 failed[cell.label] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-            log(f"[{time.perf_counter() - start:6.0f} s] {'done' if cell.label in ran else 'FAILED'} {cell.label}"
-                f" ({len(ran) + len(failed)}/{len(todo)})" + (f": {failed[cell.label]}" if cell.label in failed else ""))
+            print(f"[{time.perf_counter() - start:6.0f} s] {'done' if cell.label in ran else 'FAILED'} {cell.label}"
+                  f" ({len(ran) + len(failed)}/{len(todo)})" + (f": {failed[cell.label]}" if cell.label in failed else ""))
     seconds = time.perf_counter() - start
     study_db.record_grid_run(engine, started_at=started, seconds=seconds, workers=workers,
                              scheduler=grid.scheduler or "local", ran=len(ran), skipped=len(done), failed=len(failed),

@@ -26,7 +26,7 @@ from music.eda import class_counts, write_pngs
 from music.experiments import study_db
 from music.experiments.common import Data, fmt_mean_std, mean_std, mean_std_columns, spread_note, write_csv
 from music.experiments.study_grid import Cell, Grid as Settings, method_name, plan
-from music.plots import pyplot
+from music.plots import pyplot, save_figure
 
 METRICS = study_db.METRICS
 LABELS = {"final_acc": "test acc", "held_out_acc": "acc on held-out classes", "untouched_acc": "acc on other classes",
@@ -247,9 +247,7 @@ def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (mean ± sample std over seeds)")
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, 100)
 
 
 def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None:
@@ -273,9 +271,7 @@ def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None
     axes[0][0].set_ylabel("pretrained acc − final acc (mean ± sample std)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Forgetting per class (negative: the class was learned)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, 100)
 
 
 def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
@@ -297,9 +293,7 @@ def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean ± sample std over cells")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, 100)
 
 
 def plot_confusions(records: list[dict], settings: Settings, path: Path) -> None:
@@ -329,9 +323,7 @@ def plot_confusions(records: list[dict], settings: Settings, path: Path) -> None
                             color="white" if share[i, j] > 0.5 else "black")
         ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10))
     fig.suptitle("Final test confusion matrices, summed over seeds (% of each true class)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, 90)
 
 
 # -- files -------------------------------------------------------------------------------------
