@@ -95,7 +95,7 @@ class MusicCLI(LightningCLI):
     ``music fit ... && music test ...`` does not go on as if it had finished."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._running = False  # set once the objects are built and checked: from then on, the run
+        self._running = False  # True once the objects are built and checked: what is raised then comes from the run
         try:
             super().__init__(*args, **kwargs)
         except SIGTERMException:  # Lightning stops at the end of a batch and exits 0 by itself
