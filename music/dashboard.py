@@ -27,6 +27,9 @@ from music.plots import pyplot
 MACRO_NAMES = {"acc": "acc", "loss": "loss", "f1": "f1_macro", "precision": "precision_macro",
                "recall": "recall_macro"}
 PER_CLASS = ("f1", "recall", "precision")
+# The phase axis: its group sorts first in TensorBoard (groups are sorted by name).
+PHASE_GROUP = "by_phase"
+PHASE_METRICS = {"acc": "test_acc", "loss": "test_loss", "f1": "f1_macro"}
 CONTINUAL = ("average_accuracy", "backward_transfer", "mean_forgetting", "held_out_acc", "untouched_acc",
              "untouched_forgetting", "collapse_share", "reference_acc")
 # The metric columns of the HParams tab: the last value of each tag, i.e. the run's final one.
@@ -65,36 +68,58 @@ def metric_scalars(prefix: str, metrics: Mapping[str, float]) -> dict[str, float
     return out
 
 
-def continual_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
+def phase_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The headline test metrics on the phase axis (``by_phase/test_acc``, ``by_phase/test_loss``,
+    ``by_phase/f1_macro``), logged at the evaluation's row (0 = start, 1 = after the first
+    phase, ...): a run's phases side by side however many steps each took."""
+    return {f"{PHASE_GROUP}/{name}": metrics[key] for key, name in PHASE_METRICS.items()}
+
+
+def continual_scalars(summary: Mapping[str, Any], earlier: Mapping[str, Any] | None = None,
+                      later_classes: Sequence[int] = (), last: bool = False) -> dict[str, float]:
     """The run-level continual metrics (``test/continual/...``) and forgetting per class
-    (``test_per_class/forgetting/class_<c>``); undefined ones (``None``/NaN) are left out."""
+    (``test_per_class/forgetting/class_<c>``); undefined ones (``None``/NaN) are left out.
+
+    A class's forgetting is measured against the reference row until the class is trained and
+    against its own task afterwards, and is undefined right after its task: so it is left out
+    for a class that ``later_classes`` (the classes of the phases still to come) holds, which
+    keeps each curve one quantity without gaps, and, at the ``last`` evaluation, where the
+    ``earlier`` summary (of the rows before it) had none, which would be a curve of one point."""
     def defined(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
     out = {f"test/continual/{k}": float(summary[k]) for k in CONTINUAL if defined(summary.get(k))}
+    before = (earlier or {}).get("forgetting_per_class") or {}
     out |= {f"test_per_class/forgetting/class_{c}": float(v)
-            for c, v in (summary.get("forgetting_per_class") or {}).items() if defined(v)}
+            for c, v in (summary.get("forgetting_per_class") or {}).items()
+            if defined(v) and int(c) not in later_classes and (not last or earlier is None or defined(before.get(c)))}
     return out
 
 
-def layout() -> dict:
-    """The Custom Scalars tab: one multi-line chart per per-class metric, and the run-level
-    curves. Regexes, not class lists, so every run writes the same layout (TensorBoard merges
-    the layouts of all runs and drops duplicate charts)."""
+PER_CLASS_CHARTS = {"f1": "F1", "recall": "recall (= accuracy on the class)", "precision": "precision",
+                    "forgetting": "forgetting"}
+
+
+def layout(num_classes: int) -> dict:
+    """The Custom Scalars tab: the phase axis first, then one chart per class for each
+    per-class metric (a Multiline chart colours its lines by run, so a chart holds one class
+    and compares the runs), the continual-learning and training curves. Every run of the same
+    number of classes writes the same layout (TensorBoard merges the layouts of all runs and
+    drops duplicate charts)."""
+    per_class = {f"{title} per class": {f"class {c}": ["Multiline", [rf"^test_per_class/{metric}/class_{c}$"]]
+                                        for c in range(num_classes)}
+                 for metric, title in PER_CLASS_CHARTS.items()}
     return {
-        "Test set, after each evaluation": {
-            "accuracy and macro F1": ["Multiline", [r"^test/(acc|f1_macro)$"]],
-            "loss": ["Multiline", [r"^test/loss$"]],
+        "Test set after each evaluation (x: 0 = start, 1 = after the first phase, ...)": {
+            "test accuracy": ["Multiline", [rf"^{PHASE_GROUP}/test_acc$"]],
+            "macro F1": ["Multiline", [rf"^{PHASE_GROUP}/f1_macro$"]],
+            "loss": ["Multiline", [rf"^{PHASE_GROUP}/test_loss$"]],
         },
-        "Test set, per class (one line per class)": {
-            "F1 per class": ["Multiline", [r"^test_per_class/f1/"]],
-            "recall per class (= accuracy on the class)": ["Multiline", [r"^test_per_class/recall/"]],
-            "precision per class": ["Multiline", [r"^test_per_class/precision/"]],
-        },
+        **per_class,
         "Continual learning": {
-            "forgetting per class": ["Multiline", [r"^test_per_class/forgetting/"]],
-            "average accuracy, backward transfer, forgetting": [
-                "Multiline", [r"^test/continual/(average_accuracy|backward_transfer|mean_forgetting)$"]],
+            "average accuracy": ["Multiline", [r"^test/continual/average_accuracy$"]],
+            "backward transfer": ["Multiline", [r"^test/continual/backward_transfer$"]],
+            "mean forgetting": ["Multiline", [r"^test/continual/mean_forgetting$"]],
         },
         "Training": {
             "loss, per step and per epoch": ["Multiline", [r"^train/loss"]],
@@ -131,10 +156,10 @@ def log_text(logger, tag: str, markdown: str, step: int) -> None:
         writer.add_text(tag, markdown, global_step=step)
 
 
-def log_layout(logger) -> None:
+def log_layout(logger, num_classes: int) -> None:
     writer = tensorboard(logger)
     if writer is not None:
-        writer.add_custom_scalars(layout())
+        writer.add_custom_scalars(layout(num_classes))
 
 
 def log_hparams(logger, hparams: Mapping[str, Any], start: bool = True) -> None:
