@@ -1,15 +1,21 @@
-"""What a run shows in TensorBoard: one tag per quantity, per-class charts, HParams, tables.
+"""What a run shows in TensorBoard: one tag per quantity, the phase axis, per-class charts,
+HParams, tables.
 
 A quantity keeps one tag for the whole run (``test/acc``), with one point per evaluation at
 the global step it was made, so "test accuracy after each phase" is one curve, and runs whose
-steps continue each other (``Classifier(init_from=...)``) share one x-axis. TensorBoard groups
-cards by the tag's first part and sorts the groups by name: ``test`` holds the headline
-numbers (accuracy, loss, macro F1, the continual-learning metrics, the confusion and accuracy
-matrices), ``test_per_class`` the per-class values (``<metric>/class_<c>``), which the Custom
-Scalars tab draws as one multi-line chart per metric, and ``train`` the training curves. Every run writes the same layout and the
-same HParams experiment (so TensorBoard, which merges layouts and reads one experiment
-definition, shows every run's settings), and a Markdown table of its evaluations in the Text tab,
-where a series of one point per phase reads better than on a smoothed chart.
+steps continue each other (``Classifier(init_from=...)``) share one x-axis. The headline
+metrics are logged a second time on the phase axis, group ``by_phase`` (x = the evaluation's
+row: 0 = start, 1 = after the first phase, ...), where a short fine-tuning phase after a long
+pretraining is as wide as any other, with an image of the test accuracy per evaluation and the
+Markdown table of the evaluations (Text tab): TensorBoard smooths scalar curves and may leave
+points out of their y-range by default, which a curve of a few points cannot survive, and
+neither touches images and text. TensorBoard groups cards by the tag's first part and sorts the
+groups by name: ``by_phase`` first, ``test`` the headline numbers (accuracy, loss, macro F1,
+the continual-learning metrics, the confusion and accuracy matrices), ``test_per_class`` the
+per-class values (``<metric>/class_<c>``), which the Custom Scalars tab draws one chart per
+class, and ``train`` the training curves. Every run writes the same layout (for its number of
+classes) and the same HParams experiment (so TensorBoard, which merges layouts and reads one
+experiment definition, shows every run's settings).
 
 Only a ``TensorBoardLogger`` gets figures, text, layout and HParams; scalars go to any logger.
 """

@@ -5,8 +5,9 @@ A listener of ``music.callbacks.SequentialFineTuning`` (``on_phase_start``/``on_
 it evaluates the model the run starts from (the row ``start``) and the model after every phase,
 logs the test metrics at that step (``test/acc``, ``test/f1_macro``, per class
 ``test_per_class/f1/class_<c>``, ...; see ``music.dashboard``), so each quantity is one curve
-across the phases, and writes ``phase_metrics.json``, ``phase_costs.json``,
-``accuracy_matrix.csv`` and ``continual_metrics.json`` in the run's directory. When fitting
+across the phases, and on the phase axis (``by_phase/...``, at the evaluation's row), and
+writes ``phase_metrics.json``, ``phase_costs.json``, ``accuracy_matrix.csv`` and
+``continual_metrics.json`` in the run's directory. When fitting
 starts it writes the run's settings to TensorBoard's HParams tab and the per-class charts to
 its Custom Scalars tab.
 """
