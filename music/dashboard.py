@@ -35,7 +35,7 @@ MACRO_NAMES = {"acc": "acc", "loss": "loss", "f1": "f1_macro", "precision": "pre
 PER_CLASS = ("f1", "recall", "precision")
 # The phase axis: its group sorts first in TensorBoard (groups are sorted by name).
 PHASE_GROUP = "by_phase"
-PHASE_METRICS = {"acc": "test_acc", "loss": "test_loss", "f1": "f1_macro"}
+PHASE_METRICS = {"test/acc": "test_acc", "test/loss": "test_loss", "test/f1_macro": "f1_macro"}
 CONTINUAL = ("average_accuracy", "backward_transfer", "mean_forgetting", "held_out_acc", "untouched_acc",
              "untouched_forgetting", "collapse_share", "reference_acc")
 # The metric columns of the HParams tab: the last value of each tag, i.e. the run's final one.
@@ -74,11 +74,16 @@ def metric_scalars(prefix: str, metrics: Mapping[str, float]) -> dict[str, float
     return out
 
 
-def phase_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The headline test metrics on the phase axis (``by_phase/test_acc``, ``by_phase/test_loss``,
-    ``by_phase/f1_macro``), logged at the evaluation's row (0 = start, 1 = after the first
-    phase, ...): a run's phases side by side however many steps each took."""
-    return {f"{PHASE_GROUP}/{name}": metrics[key] for key, name in PHASE_METRICS.items()}
+def phase_scalars(scalars: Mapping[str, float]) -> dict[str, float]:
+    """Tags of ``metric_scalars``/``continual_scalars`` for the phase axis, to be logged at the
+    evaluation's row (0 = start, 1 = after the first phase, ...), so a run's phases sit side by
+    side however many steps each took: ``test/acc`` -> ``by_phase/test_acc`` (also
+    ``test_loss``, ``f1_macro``), ``test_per_class/<metric>/class_<c>`` ->
+    ``by_phase_per_class/<metric>/class_<c>``; the others are left out."""
+    out = {f"{PHASE_GROUP}/{name}": scalars[tag] for tag, name in PHASE_METRICS.items() if tag in scalars}
+    out |= {f"{PHASE_GROUP}_per_class/{tag.split('/', 1)[1]}": value for tag, value in scalars.items()
+            if tag.startswith("test_per_class/")}
+    return out
 
 
 def continual_scalars(summary: Mapping[str, Any], earlier: Mapping[str, Any] | None = None,
@@ -108,11 +113,11 @@ PER_CLASS_CHARTS = {"f1": "F1", "recall": "recall (= accuracy on the class)", "p
 
 def layout(num_classes: int) -> dict:
     """The Custom Scalars tab: the phase axis first, then one chart per class for each
-    per-class metric (a Multiline chart colours its lines by run, so a chart holds one class
-    and compares the runs), the continual-learning and training curves. Every run of the same
+    per-class metric, on the phase axis too (a Multiline chart colours its lines by run, so a
+    chart holds one class and compares the runs), the continual-learning and training curves. Every run of the same
     number of classes writes the same layout (TensorBoard merges the layouts of all runs and
     drops duplicate charts)."""
-    per_class = {f"{title} per class": {f"class {c}": ["Multiline", [rf"^test_per_class/{metric}/class_{c}$"]]
+    per_class = {f"{title} per class": {f"class {c}": ["Multiline", [rf"^{PHASE_GROUP}_per_class/{metric}/class_{c}$"]]
                                         for c in range(num_classes)}
                  for metric, title in PER_CLASS_CHARTS.items()}
     return {

@@ -118,8 +118,9 @@ class PhaseEvaluation(Callback):
         epoch = dashboard.logged_epoch(trainer, pl_module, starting=index is None)
         rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
         logger = trainer.logger if trainer.is_global_zero else None
+        scalars = dashboard.metric_scalars("test", metrics)
         if logger is not None:
-            logger.log_metrics(dashboard.metric_scalars("test", metrics), step=step)
+            logger.log_metrics(scalars, step=step)
         if logger is not None and self.log_figures:
             title = f"{dashboard.run_name(logger)}\n{_describe(phase.name)}, step {step} (acc {metrics['acc']:.3f})"
             dashboard.log_figure(logger, "test/confusion_matrix", confusion_matrix_figure(confusion.tolist(), title),
@@ -135,7 +136,7 @@ class PhaseEvaluation(Callback):
                                         "epoch": epoch, "acc": metrics["acc"], "f1_macro": metrics["f1"],
                                         "loss": metrics["loss"]}
         if logger is not None:  # the phase axis: x = the evaluation's row (0 = start)
-            logger.log_metrics(dashboard.phase_scalars(metrics), step=list(self.rows).index(phase.name))
+            logger.log_metrics(dashboard.phase_scalars(scalars), step=list(self.rows).index(phase.name))
         self._continual(trainer, step, schedule, index)
 
     def _continual(self, trainer: Trainer, step: int, schedule: SequentialFineTuning, index: int | None) -> None:
@@ -155,8 +156,9 @@ class PhaseEvaluation(Callback):
         table = [[i, n, *per_class_accuracy(conf).tolist(), *(accuracy_on(conf, t) for _, t in task_columns),
                   accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(dashboard.continual_scalars(summary, earlier, sorted(later_classes), last),
-                                       step=step)
+            scalars = dashboard.continual_scalars(summary, earlier, sorted(later_classes), last)
+            trainer.logger.log_metrics(scalars, step=step)
+            trainer.logger.log_metrics(dashboard.phase_scalars(scalars), step=len(names) - 1)
             self._log_tables(trainer.logger, step, names, table, last)
         _write_continual(run_dir(trainer), header, table, summary)
 

@@ -96,7 +96,11 @@ def test_event_files_hold_one_curve_per_quantity_on_one_axis(study):
                           ("by_phase/f1_macro", "test/f1_macro")]:
         assert steps(second, tag) == list(range(evaluations)), tag
         assert [e.value for e in second.Scalars(tag)] == [e.value for e in second.Scalars(headline)], tag
-    assert {t.split("/")[0] for t in scalars} == {"by_phase", "test", "test_per_class", "train"}
+    for c in range(10):
+        tag = f"by_phase_per_class/f1/class_{c}"
+        assert steps(second, tag) == list(range(evaluations))
+        assert [e.value for e in second.Scalars(tag)] == [e.value for e in second.Scalars(f"test_per_class/f1/class_{c}")]
+    assert {t.split("/")[0] for t in scalars} == {"by_phase", "by_phase_per_class", "test", "test_per_class", "train"}
     assert sorted({t.split("/")[0] for t in scalars})[0] == "by_phase"  # TensorBoard shows it first
 
     # forgetting per class: no curve with a gap or of one point; a class trained later has none
@@ -105,6 +109,9 @@ def test_event_files_hold_one_curve_per_quantity_on_one_axis(study):
                   if t.startswith("test_per_class/forgetting/")}
     assert forgetting == {c: boundaries[1:] if c not in (3, 4, 7) else boundaries[2:]
                           for c in range(10) if c not in (4, 7)}
+    assert {int(t.rsplit("_", 1)[1]): steps(second, t) for t in scalars
+            if t.startswith("by_phase_per_class/forgetting/")} == {
+        c: [1, 2, 3] if c != 3 else [2, 3] for c in range(10) if c not in (4, 7)}
 
     # Custom Scalars: the phase axis first, then one chart per class (a chart colours by run)
     layout = layout_pb2.Layout.FromString(second.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
@@ -117,7 +124,7 @@ def test_event_files_hold_one_curve_per_quantity_on_one_axis(study):
         assert list(categories[title]) == [f"class {c}" for c in range(10)]
         for c in range(10):
             (regex,) = categories[title][f"class {c}"]
-            assert {t for t in scalars if re.search(regex, t)} <= {f"test_per_class/{metric}/class_{c}"}
+            assert {t for t in scalars if re.search(regex, t)} <= {f"by_phase_per_class/{metric}/class_{c}"}
     assert all(len(chart) == 1 for charts in categories.values() for chart in charts.values())
     assert layout == layout_pb2.Layout.FromString(first.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
 
@@ -188,7 +195,15 @@ def test_forgetting_curves_have_neither_gaps_nor_single_points():
 def test_custom_scalars_chart_each_class_apart():
     layout = dashboard.layout(3)
     assert list(layout)[0].startswith("Test set after each evaluation")
-    assert layout["F1 per class"] == {f"class {c}": ["Multiline", [f"^test_per_class/f1/class_{c}$"]] for c in range(3)}
+    assert layout["F1 per class"] == {f"class {c}": ["Multiline", [f"^by_phase_per_class/f1/class_{c}$"]]
+                                      for c in range(3)}
+
+
+def test_phase_axis_tags():
+    scalars = {"test/acc": 0.9, "test/loss": 0.3, "test/f1_macro": 0.8, "test/recall_macro": 0.7,
+               "test_per_class/f1/class_3": 0.5, "test/continual/average_accuracy": 0.6}
+    assert dashboard.phase_scalars(scalars) == {"by_phase/test_acc": 0.9, "by_phase/test_loss": 0.3,
+                                                "by_phase/f1_macro": 0.8, "by_phase_per_class/f1/class_3": 0.5}
 
 
 def test_phase_chart_writes_every_value():
