@@ -100,6 +100,7 @@ class SequentialFineTuning(Callback):
         self.reset_optimizer = reset_optimizer
         self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
+        self._set_lr_on_resume = False  # set by load_state_dict: the restored optimizer gets the phase's lr
 
     def phase_index(self, epoch: int) -> int:
         return next((i for i, end in enumerate(self.ends) if epoch < end), len(self.phases) - 1)
@@ -134,6 +135,12 @@ class SequentialFineTuning(Callback):
         self._tell(trainer, pl_module, "on_phase_start", index)
         rank_zero_info(f"Phase {index} '{self.phase.name}' (split {self.phase.split}) from epoch {self.epoch}.")
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after Lightning has restored the optimizer of a resumed run (it does so after on_fit_start)
+        if self._set_lr_on_resume:
+            self._set_lr(trainer, pl_module)
+            self._set_lr_on_resume = False
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({"train/phase": self.phase_index(self.epoch)}, step=logged_step(trainer, pl_module))
@@ -166,13 +173,27 @@ class SequentialFineTuning(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = [Phase(**p) for p in state_dict["phases"]]
-        done = self.phase_index(state_dict["epoch"]) + 1
-        if saved[:done] != self.phases[:done]:
+        epoch = state_dict["epoch"]
+        finished = sum(end <= epoch for end in accumulate(p.epochs for p in saved))  # phases fully trained
+        if saved[:finished] != self.phases[:finished]:
             raise ValueError(
                 f"The checkpoint was made with phases {saved}, which differ from the configured {self.phases} "
-                "in the phases already run; resume with the configuration the run started with."
+                f"in the {finished} phase(s) already finished; resume with those as the run started with "
+                "(the phases not yet finished may change)."
             )
-        self.epoch = state_dict["epoch"]
+        if finished < len(self.phases) and epoch >= self.ends[finished]:
+            raise ValueError(
+                f"The checkpoint has trained {epoch} epochs, {epoch - (self.ends[finished - 1] if finished else 0)} "
+                f"of phase {self.phases[finished].name!r}, which is configured with epochs="
+                f"{self.phases[finished].epochs}: give it more epochs than it has already trained."
+            )
+        self.epoch = epoch
+        # The optimizer comes back with the learning rate it had; the running phase's is set
+        # again when no epoch of it has finished or its settings changed (a failed phase resumed
+        # with a lower lr), as an uninterrupted run sets it when the phase starts.
+        index = self.phase_index(epoch)
+        self._set_lr_on_resume = epoch == (self.ends[index - 1] if index else 0) or (
+            index >= len(saved) or saved[index] != self.phases[index])
         rng = state_dict.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])

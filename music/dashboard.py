@@ -1,15 +1,21 @@
-"""What a run shows in TensorBoard: one tag per quantity, per-class charts, HParams, tables.
+"""What a run shows in TensorBoard: one tag per quantity, the phase axis, per-class charts,
+HParams, tables.
 
 A quantity keeps one tag for the whole run (``test/acc``), with one point per evaluation at
 the global step it was made, so "test accuracy after each phase" is one curve, and runs whose
-steps continue each other (``Classifier(init_from=...)``) share one x-axis. TensorBoard groups
-cards by the tag's first part and sorts the groups by name: ``test`` holds the headline
-numbers (accuracy, loss, macro F1, the continual-learning metrics, the confusion and accuracy
-matrices), ``test_per_class`` the per-class values (``<metric>/class_<c>``), which the Custom
-Scalars tab draws as one multi-line chart per metric, and ``train`` the training curves. Every run writes the same layout and the
-same HParams experiment (so TensorBoard, which merges layouts and reads one experiment
-definition, shows every run's settings), and a Markdown table of its evaluations in the Text tab,
-where a series of one point per phase reads better than on a smoothed chart.
+steps continue each other (``Classifier(init_from=...)``) share one x-axis. The headline
+metrics are logged a second time on the phase axis, group ``by_phase`` (x = the evaluation's
+row: 0 = start, 1 = after the first phase, ...), where a short fine-tuning phase after a long
+pretraining is as wide as any other, with an image of the test accuracy per evaluation and the
+Markdown table of the evaluations (Text tab): TensorBoard smooths scalar curves and may leave
+points out of their y-range by default, which a curve of a few points cannot survive, and
+neither touches images and text. TensorBoard groups cards by the tag's first part and sorts the
+groups by name: ``by_phase`` first, ``test`` the headline numbers (accuracy, loss, macro F1,
+the continual-learning metrics, the confusion and accuracy matrices), ``test_per_class`` the
+per-class values (``<metric>/class_<c>``), which the Custom Scalars tab draws one chart per
+class, and ``train`` the training curves. Every run writes the same layout (for its number of
+classes) and the same HParams experiment (so TensorBoard, which merges layouts and reads one
+experiment definition, shows every run's settings).
 
 Only a ``TensorBoardLogger`` gets figures, text, layout and HParams; scalars go to any logger.
 """
@@ -27,6 +33,9 @@ from music.plots import pyplot
 MACRO_NAMES = {"acc": "acc", "loss": "loss", "f1": "f1_macro", "precision": "precision_macro",
                "recall": "recall_macro"}
 PER_CLASS = ("f1", "recall", "precision")
+# The phase axis: its group sorts first in TensorBoard (groups are sorted by name).
+PHASE_GROUP = "by_phase"
+PHASE_METRICS = {"test/acc": "test_acc", "test/loss": "test_loss", "test/f1_macro": "f1_macro"}
 CONTINUAL = ("average_accuracy", "backward_transfer", "mean_forgetting", "held_out_acc", "untouched_acc",
              "untouched_forgetting", "collapse_share", "reference_acc")
 # The metric columns of the HParams tab: the last value of each tag, i.e. the run's final one.
@@ -65,36 +74,63 @@ def metric_scalars(prefix: str, metrics: Mapping[str, float]) -> dict[str, float
     return out
 
 
-def continual_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
+def phase_scalars(scalars: Mapping[str, float]) -> dict[str, float]:
+    """Tags of ``metric_scalars``/``continual_scalars`` for the phase axis, to be logged at the
+    evaluation's row (0 = start, 1 = after the first phase, ...), so a run's phases sit side by
+    side however many steps each took: ``test/acc`` -> ``by_phase/test_acc`` (also
+    ``test_loss``, ``f1_macro``), ``test_per_class/<metric>/class_<c>`` ->
+    ``by_phase_per_class/<metric>/class_<c>``; the others are left out."""
+    out = {f"{PHASE_GROUP}/{name}": scalars[tag] for tag, name in PHASE_METRICS.items() if tag in scalars}
+    out |= {f"{PHASE_GROUP}_per_class/{tag.split('/', 1)[1]}": value for tag, value in scalars.items()
+            if tag.startswith("test_per_class/")}
+    return out
+
+
+def continual_scalars(summary: Mapping[str, Any], earlier: Mapping[str, Any] | None = None,
+                      later_classes: Sequence[int] = (), last: bool = False) -> dict[str, float]:
     """The run-level continual metrics (``test/continual/...``) and forgetting per class
-    (``test_per_class/forgetting/class_<c>``); undefined ones (``None``/NaN) are left out."""
+    (``test_per_class/forgetting/class_<c>``); undefined ones (``None``/NaN) are left out.
+
+    A class's forgetting is measured against the reference row until the class is trained and
+    against its own task afterwards, and is undefined right after its task: so it is left out
+    for a class that ``later_classes`` (the classes of the phases still to come) holds, which
+    keeps each curve one quantity without gaps, and, at the ``last`` evaluation, where the
+    ``earlier`` summary (of the rows before it) had none, which would be a curve of one point."""
     def defined(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
     out = {f"test/continual/{k}": float(summary[k]) for k in CONTINUAL if defined(summary.get(k))}
+    before = (earlier or {}).get("forgetting_per_class") or {}
     out |= {f"test_per_class/forgetting/class_{c}": float(v)
-            for c, v in (summary.get("forgetting_per_class") or {}).items() if defined(v)}
+            for c, v in (summary.get("forgetting_per_class") or {}).items()
+            if defined(v) and int(c) not in later_classes and (not last or earlier is None or defined(before.get(c)))}
     return out
 
 
-def layout() -> dict:
-    """The Custom Scalars tab: one multi-line chart per per-class metric, and the run-level
-    curves. Regexes, not class lists, so every run writes the same layout (TensorBoard merges
-    the layouts of all runs and drops duplicate charts)."""
+PER_CLASS_CHARTS = {"f1": "F1", "recall": "recall (= accuracy on the class)", "precision": "precision",
+                    "forgetting": "forgetting"}
+
+
+def layout(num_classes: int) -> dict:
+    """The Custom Scalars tab: the phase axis first, then one chart per class for each
+    per-class metric, on the phase axis too (a Multiline chart colours its lines by run, so a
+    chart holds one class and compares the runs), the continual-learning and training curves. Every run of the same
+    number of classes writes the same layout (TensorBoard merges the layouts of all runs and
+    drops duplicate charts)."""
+    per_class = {f"{title} per class": {f"class {c}": ["Multiline", [rf"^{PHASE_GROUP}_per_class/{metric}/class_{c}$"]]
+                                        for c in range(num_classes)}
+                 for metric, title in PER_CLASS_CHARTS.items()}
     return {
-        "Test set, after each evaluation": {
-            "accuracy and macro F1": ["Multiline", [r"^test/(acc|f1_macro)$"]],
-            "loss": ["Multiline", [r"^test/loss$"]],
+        "Test set after each evaluation (x: 0 = start, 1 = after the first phase, ...)": {
+            "test accuracy": ["Multiline", [rf"^{PHASE_GROUP}/test_acc$"]],
+            "macro F1": ["Multiline", [rf"^{PHASE_GROUP}/f1_macro$"]],
+            "loss": ["Multiline", [rf"^{PHASE_GROUP}/test_loss$"]],
         },
-        "Test set, per class (one line per class)": {
-            "F1 per class": ["Multiline", [r"^test_per_class/f1/"]],
-            "recall per class (= accuracy on the class)": ["Multiline", [r"^test_per_class/recall/"]],
-            "precision per class": ["Multiline", [r"^test_per_class/precision/"]],
-        },
+        **per_class,
         "Continual learning": {
-            "forgetting per class": ["Multiline", [r"^test_per_class/forgetting/"]],
-            "average accuracy, backward transfer, forgetting": [
-                "Multiline", [r"^test/continual/(average_accuracy|backward_transfer|mean_forgetting)$"]],
+            "average accuracy": ["Multiline", [r"^test/continual/average_accuracy$"]],
+            "backward transfer": ["Multiline", [r"^test/continual/backward_transfer$"]],
+            "mean forgetting": ["Multiline", [r"^test/continual/mean_forgetting$"]],
         },
         "Training": {
             "loss, per step and per epoch": ["Multiline", [r"^train/loss"]],
@@ -131,10 +167,10 @@ def log_text(logger, tag: str, markdown: str, step: int) -> None:
         writer.add_text(tag, markdown, global_step=step)
 
 
-def log_layout(logger) -> None:
+def log_layout(logger, num_classes: int) -> None:
     writer = tensorboard(logger)
     if writer is not None:
-        writer.add_custom_scalars(layout())
+        writer.add_custom_scalars(layout(num_classes))
 
 
 def log_hparams(logger, hparams: Mapping[str, Any], start: bool = True) -> None:

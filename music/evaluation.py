@@ -5,8 +5,9 @@ A listener of ``music.callbacks.SequentialFineTuning`` (``on_phase_start``/``on_
 it evaluates the model the run starts from (the row ``start``) and the model after every phase,
 logs the test metrics at that step (``test/acc``, ``test/f1_macro``, per class
 ``test_per_class/f1/class_<c>``, ...; see ``music.dashboard``), so each quantity is one curve
-across the phases, and writes ``phase_metrics.json``, ``phase_costs.json``,
-``accuracy_matrix.csv`` and ``continual_metrics.json`` in the run's directory. When fitting
+across the phases, and on the phase axis (``by_phase/...``, at the evaluation's row), and
+writes ``phase_metrics.json``, ``phase_costs.json``, ``accuracy_matrix.csv`` and
+``continual_metrics.json`` in the run's directory. When fitting
 starts it writes the run's settings to TensorBoard's HParams tab and the per-class charts to
 its Custom Scalars tab.
 """
@@ -28,7 +29,7 @@ from music.callbacks import Phase, SequentialFineTuning
 from music.checkpoint import write_atomically
 from music.continual import accuracy_on, per_class_accuracy, summarise, to_json
 from music.data import split_classes
-from music.figures import accuracy_matrix_figure, confusion_matrix_figure
+from music.figures import accuracy_matrix_figure, confusion_matrix_figure, phase_figure
 from music.rundir import run_dir
 
 START = "start"  # the row of the evaluation before the first phase
@@ -78,7 +79,7 @@ class PhaseEvaluation(Callback):
                 raise ValueError(f"Phase name {START!r} is reserved for the evaluation before the first phase "
                                  "(evaluation.evaluate_initial=true): rename the phase.")
             if trainer.logger is not None and trainer.is_global_zero:
-                dashboard.log_layout(trainer.logger)
+                dashboard.log_layout(trainer.logger, pl_module.num_classes)
                 dashboard.log_hparams(trainer.logger, settings(trainer, pl_module, schedule))
             if schedule.epoch == 0 and self.evaluate_test and self.evaluate_initial:
                 rng = torch.get_rng_state()  # the test loader draws a seed; training must not notice
@@ -117,8 +118,9 @@ class PhaseEvaluation(Callback):
         epoch = dashboard.logged_epoch(trainer, pl_module, starting=index is None)
         rank_zero_info(f"Phase '{phase.name}' test: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
         logger = trainer.logger if trainer.is_global_zero else None
+        scalars = dashboard.metric_scalars("test", metrics)
         if logger is not None:
-            logger.log_metrics(dashboard.metric_scalars("test", metrics), step=step)
+            logger.log_metrics(scalars, step=step)
         if logger is not None and self.log_figures:
             title = f"{dashboard.run_name(logger)}\n{_describe(phase.name)}, step {step} (acc {metrics['acc']:.3f})"
             dashboard.log_figure(logger, "test/confusion_matrix", confusion_matrix_figure(confusion.tolist(), title),
@@ -133,36 +135,47 @@ class PhaseEvaluation(Callback):
         self.evaluations[phase.name] = {"split": phase.split if index is not None else "–", "step": step,
                                         "epoch": epoch, "acc": metrics["acc"], "f1_macro": metrics["f1"],
                                         "loss": metrics["loss"]}
-        self._continual(trainer, step, last=index == len(schedule.phases) - 1)
+        if logger is not None:  # the phase axis: x = the evaluation's row (0 = start)
+            logger.log_metrics(dashboard.phase_scalars(scalars), step=list(self.rows).index(phase.name))
+        self._continual(trainer, step, schedule, index)
 
-    def _continual(self, trainer: Trainer, step: int, last: bool = False) -> None:
+    def _continual(self, trainer: Trainer, step: int, schedule: SequentialFineTuning, index: int | None) -> None:
         """Accuracy matrix and continual-learning metrics over the rows evaluated so far."""
         held_out = trainer.datamodule.held_out_classes
         names = list(self.rows)
         tasks = [split_classes(self.evaluations[n]["split"], held_out) for n in names]
-        first_task = next((i for i, t in enumerate(tasks) if t), None)
-        reference = first_task - 1 if first_task else None
         confusions = [self.rows[n] for n in names]
-        summary = to_json(summarise(confusions, tasks, reference) | {"row_names": names,
-                                                                      "reference_row": reference})
+        summary = _summary(confusions, tasks, names)
+        last = index == len(schedule.phases) - 1
+        later = schedule.phases[0 if index is None else index + 1:]
+        later_classes = {c for p in later for c in split_classes(p.split, held_out) or []}
+        earlier = _summary(confusions[:-1], tasks[:-1], names[:-1]) if last and len(names) > 1 else None
         task_columns = [(f"task_{n}", t) for n, t in zip(names, tasks) if t]
         header = ["row", "phase", *(f"acc_{c}" for c in range(len(confusions[0]))),
                   *(name for name, _ in task_columns), "acc"]
         table = [[i, n, *per_class_accuracy(conf).tolist(), *(accuracy_on(conf, t) for _, t in task_columns),
                   accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
         if trainer.logger is not None and trainer.is_global_zero:
-            self._log_tables(trainer.logger, step, names, table, summary, last)
+            scalars = dashboard.continual_scalars(summary, earlier, sorted(later_classes), last)
+            trainer.logger.log_metrics(scalars, step=step)
+            trainer.logger.log_metrics(dashboard.phase_scalars(scalars), step=len(names) - 1)
+            self._log_tables(trainer.logger, step, names, table, last)
         _write_continual(run_dir(trainer), header, table, summary)
 
-    def _log_tables(self, logger, step: int, names: list[str], table: list[list], summary: dict, last: bool) -> None:
-        """Continual metrics at ``step``; the evaluations so far and the accuracy matrix as
-        Markdown tables (Text tab); the accuracy matrix as a heat map after the last phase."""
-        logger.log_metrics(dashboard.continual_scalars(summary), step=step)
+    def _log_tables(self, logger, step: int, names: list[str], table: list[list], last: bool) -> None:
+        """The evaluations so far and the accuracy matrix as Markdown tables (Text tab); the
+        evaluations as a chart on the phase axis; the accuracy matrix as a heat map after the
+        last phase."""
         num_classes = len(self.rows[names[0]])
         evaluations = [[i, n, e["split"], e["step"], e["epoch"], e["acc"], e["f1_macro"], e["loss"]]
                        for i, (n, e) in enumerate((n, self.evaluations[n]) for n in names)]
-        dashboard.log_text(logger, "test/evaluations", dashboard.markdown_table(
-            ["row", "after", "split", "step", "epoch", "test acc", "F1 macro", "loss"], evaluations), step)
+        row = len(names) - 1  # the phase axis: x = the evaluation's row
+        dashboard.log_text(logger, f"{dashboard.PHASE_GROUP}/evaluations", dashboard.markdown_table(
+            ["row", "after", "split", "step", "epoch", "test acc", "F1 macro", "loss"], evaluations), row)
+        if self.log_figures:
+            title = f"{dashboard.run_name(logger)}\ntest accuracy (%) after each evaluation"
+            figure = phase_figure(names, [e[5] for e in evaluations], title)
+            dashboard.log_figure(logger, f"{dashboard.PHASE_GROUP}/acc_chart", figure, row)
         matrix = [row[2 : 2 + num_classes] for row in table]
         dashboard.log_text(logger, "test/accuracy_matrix", dashboard.markdown_table(
             ["after", *(f"class {c}" for c in range(num_classes))], [[n, *r] for n, r in zip(names, matrix)]), step)
@@ -187,6 +200,14 @@ def settings(trainer: Trainer, pl_module: LightningModule, schedule: SequentialF
         values["model.backbone"] = type(pl_module.backbone).__name__
     values |= dashboard.flat_settings("data", getattr(trainer.datamodule, "hparams", {}))
     return values
+
+
+def _summary(confusions: list, tasks: list, names: list[str]) -> dict:
+    """``music.continual.summarise`` of these rows, the reference row being the one before the
+    first fine-tuning task, NaN as ``None``."""
+    first_task = next((i for i, t in enumerate(tasks) if t), None)
+    reference = first_task - 1 if first_task else None
+    return to_json(summarise(confusions, tasks, reference) | {"row_names": names, "reference_row": reference})
 
 
 def _describe(row: str) -> str:

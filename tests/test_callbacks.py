@@ -7,6 +7,7 @@ from conftest import run
 from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from music.callbacks import Phase, SequentialFineTuning
 from music.cli import lightning
 
 PHASES = ["pretrain", "class_3", "class_4", "class_7"]
@@ -114,3 +115,25 @@ def test_the_schedule_tells_listeners_when_each_phase_starts_and_ends(shrink):
     assert listener.heard == [("start", 0, "remaining", 0.001), ("end", 0, False),
                               ("start", 1, "class_3", 0.01), ("end", 1, False)]
     assert cli.trainer.current_epoch == 3 and cli.trainer.max_epochs == 3  # the phases define the fit
+
+
+def test_a_resumed_schedule_may_change_only_the_phases_not_yet_finished():
+    def schedule(*phases: tuple) -> SequentialFineTuning:
+        return SequentialFineTuning([Phase(name, "remaining", epochs, lr) for name, epochs, lr in phases])
+
+    saved = schedule(("a", 1, None), ("b", 2, None), ("c", 1, None))
+    saved.epoch = 2  # a finished, b half-way
+    state = saved.state_dict()
+    same = schedule(("a", 1, None), ("b", 2, None), ("c", 1, None))
+    same.load_state_dict(state)
+    assert same.epoch == 2 and not same._set_lr_on_resume  # mid-phase: the optimizer keeps its lr
+    lower = schedule(("a", 1, None), ("b", 2, 1e-5), ("c", 3, None))  # b and c are not finished
+    lower.load_state_dict(state)
+    assert lower.epoch == 2 and lower._set_lr_on_resume
+    with pytest.raises(ValueError, match=r"in the 1 phase\(s\) already finished"):
+        schedule(("a", 2, None), ("b", 2, None), ("c", 1, None)).load_state_dict(state)
+    with pytest.raises(ValueError, match="phase 'b', which is configured with epochs=1"):
+        schedule(("a", 1, None), ("b", 1, None), ("c", 1, None)).load_state_dict(state)
+    saved.epoch = 1  # at b's start: the phase's lr is set again, as when a phase starts
+    same.load_state_dict(saved.state_dict())
+    assert same._set_lr_on_resume

@@ -126,6 +126,33 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_earlier_snapshots(shrin
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def test_a_phase_stopped_by_a_non_finite_loss_resumes_with_a_lower_learning_rate(shrink):
+    config = shrink("seq")
+    pretrain_steps = 3 * yaml.safe_load(config.read_text())["data"]["batches_per_block"]  # 3 blocks
+    phases = yaml.safe_load(config.read_text())["schedule"]["phases"]
+    with pytest.raises(FloatingPointError, match="Try a lower learning rate"):
+        run("fit", "--config", config, "--trainer.limit_train_batches", 3,
+            "--model.backbone.class_path", "faults.NaNAfter", "--model.backbone.init_args.steps", pretrain_steps + 1)
+    # class_3 (phase 1) failed in its first epoch: it may be resumed with other settings; the
+    # finished pretrain phase may not
+    lower = [p | {"lr": 1e-5} if p["name"] == "class_3" else p for p in phases]
+    changed = [p | {"epochs": 2} if p["name"] == "pretrain" else p for p in phases]
+    resume = ["fit", "--config", config, "--trainer.limit_train_batches", 3, "--ckpt_path", "last",
+              "--model.backbone.class_path", "faults.NaNAfter", "--model.backbone.init_args.steps", 10**9]
+    with pytest.raises(ValueError, match=r"in the 1 phase\(s\) already finished"):
+        run(*resume, "--schedule.phases", json.dumps(changed))
+    cli = run(*resume, "--schedule.phases", json.dumps(lower))
+    log_dir = Path(cli.trainer.log_dir)
+    assert cli.trainer.current_epoch == len(phases) and len(list(log_dir.parent.glob("version_*"))) == 1
+    # class_3 trained at 1e-5: Adam moves a weight by about the learning rate a step (1e-3 at the
+    # model's lr, whose first step alone would move many weights by 1e-3)
+    before, after = (snapshots(log_dir)[f"phase-{i}-{n}.ckpt"] for i, n in [(0, "pretrain"), (1, "class_3")])
+    moved = max((after[k] - before[k]).abs().max().item() for k in before if before[k].is_floating_point())
+    assert 0 < moved < 1e-4
+    metrics = json.loads((log_dir / "phase_metrics.json").read_text())
+    assert list(metrics) == [p["name"] for p in phases] and metrics["class_3"]["lr"] == pytest.approx(1e-5)
+
+
 def test_init_from_refuses_a_checkpoint_that_runs_code(tmp_path):
     marker = tmp_path / "pwned"
     model = Classifier(init_from=evil_checkpoint(str(tmp_path / "evil.ckpt"), str(marker)))

@@ -15,7 +15,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from music import dashboard
-from music.figures import accuracy_matrix_figure, confusion_matrix_figure, save_run_figures
+from music.figures import accuracy_matrix_figure, confusion_matrix_figure, phase_figure, save_run_figures
 from music.module import training_progress
 
 FINE_TUNING = ["class_3", "class_4", "class_7"]
@@ -90,14 +90,42 @@ def test_event_files_hold_one_curve_per_quantity_on_one_axis(study):
         logged = steps(second, tag)
         assert len(logged) == len(set(logged)), tag  # one point per step
 
-    # the Custom Scalars layout draws each per-class metric as one multi-line chart
+    # the phase axis: the headline metrics at the evaluation's row (0 = start), the same values
+    evaluations = len(FINE_TUNING) + 1
+    for tag, headline in [("by_phase/test_acc", "test/acc"), ("by_phase/test_loss", "test/loss"),
+                          ("by_phase/f1_macro", "test/f1_macro")]:
+        assert steps(second, tag) == list(range(evaluations)), tag
+        assert [e.value for e in second.Scalars(tag)] == [e.value for e in second.Scalars(headline)], tag
+    for c in range(10):
+        tag = f"by_phase_per_class/f1/class_{c}"
+        assert steps(second, tag) == list(range(evaluations))
+        assert [e.value for e in second.Scalars(tag)] == [e.value for e in second.Scalars(f"test_per_class/f1/class_{c}")]
+    assert {t.split("/")[0] for t in scalars} == {"by_phase", "by_phase_per_class", "test", "test_per_class", "train"}
+    assert sorted({t.split("/")[0] for t in scalars})[0] == "by_phase"  # TensorBoard shows it first
+
+    # forgetting per class: no curve with a gap or of one point; a class trained later has none
+    # (class 4 and 7 would start again after their task), the untouched ones one point per phase
+    forgetting = {int(t.rsplit("_", 1)[1]): steps(second, t) for t in scalars
+                  if t.startswith("test_per_class/forgetting/")}
+    assert forgetting == {c: boundaries[1:] if c not in (3, 4, 7) else boundaries[2:]
+                          for c in range(10) if c not in (4, 7)}
+    assert {int(t.rsplit("_", 1)[1]): steps(second, t) for t in scalars
+            if t.startswith("by_phase_per_class/forgetting/")} == {
+        c: [1, 2, 3] if c != 3 else [2, 3] for c in range(10) if c not in (4, 7)}
+
+    # Custom Scalars: the phase axis first, then one chart per class (a chart colours by run)
     layout = layout_pb2.Layout.FromString(second.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    charts = {c.title: c.multiline.tag for category in layout.category for c in category.chart}
-    f1_regexes = charts["F1 per class"]
-    assert {t for t in scalars if any(re.search(r, t) for r in f1_regexes)} == {
-        f"test_per_class/f1/class_{c}" for c in range(10)}
-    forgetting = {t for t in scalars if any(re.search(r, t) for r in charts["forgetting per class"])}
-    assert forgetting and all(t.startswith("test_per_class/forgetting/class_") for t in forgetting)
+    categories = {category.title: {c.title: list(c.multiline.tag) for c in category.chart}
+                  for category in layout.category}
+    first_category = layout.category[0]
+    assert {t for c in first_category.chart for t in scalars if re.search(c.multiline.tag[0], t)} == {
+        "by_phase/test_acc", "by_phase/test_loss", "by_phase/f1_macro"}
+    for title, metric in [("F1 per class", "f1"), ("forgetting per class", "forgetting")]:
+        assert list(categories[title]) == [f"class {c}" for c in range(10)]
+        for c in range(10):
+            (regex,) = categories[title][f"class {c}"]
+            assert {t for t in scalars if re.search(regex, t)} <= {f"by_phase_per_class/{metric}/class_{c}"}
+    assert all(len(chart) == 1 for charts in categories.values() for chart in charts.values())
     assert layout == layout_pb2.Layout.FromString(first.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
 
     # HParams: the run's settings and its final metrics' tags
@@ -111,8 +139,12 @@ def test_event_files_hold_one_curve_per_quantity_on_one_axis(study):
     # one confusion-matrix tag with one figure per evaluation; the accuracy matrix at the end
     assert [i.step for i in second.Images("test/confusion_matrix")] == boundaries
     assert [i.step for i in second.Images("test/accuracy_matrix")] == boundaries[-1:]
-    text = second.Tensors("test/evaluations/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert all(f"| {name} |" in text for name in ["start", *FINE_TUNING])
+    # the phase axis as an image (not smoothed) and as a table, at the evaluation's row
+    assert [i.step for i in second.Images("by_phase/acc_chart")] == list(range(evaluations))
+    texts = second.Tensors("by_phase/evaluations/text_summary")
+    assert [t.step for t in texts] == list(range(evaluations))
+    text = texts[-1].tensor_proto.string_val[0].decode()
+    assert all(f"| {i} | {name} |" in text for i, name in enumerate(["start", *FINE_TUNING]))
 
 
 @pytest.mark.mnist
@@ -149,6 +181,36 @@ def test_continual_tags_leave_out_undefined_values():
                "forgetting_per_class": {"3": 0.25, "4": None}}
     assert dashboard.continual_scalars(summary) == {"test/continual/average_accuracy": 0.5,
                                                     "test_per_class/forgetting/class_3": 0.25}
+
+
+def test_forgetting_curves_have_neither_gaps_nor_single_points():
+    summary = {"forgetting_per_class": {"0": 0.1, "3": 0.2, "4": 0.3, "7": None}}
+    tags = lambda out: sorted(int(t.rsplit("_", 1)[1]) for t in out if "forgetting" in t)  # noqa: E731
+    assert tags(dashboard.continual_scalars(summary)) == [0, 3, 4]
+    assert tags(dashboard.continual_scalars(summary, later_classes=[4, 7])) == [0, 3]  # 4 is trained later
+    earlier = {"forgetting_per_class": {"0": 0.1, "3": None, "4": 0.0}}
+    assert tags(dashboard.continual_scalars(summary, earlier, last=True)) == [0, 4]  # 3: its only point
+
+
+def test_custom_scalars_chart_each_class_apart():
+    layout = dashboard.layout(3)
+    assert list(layout)[0].startswith("Test set after each evaluation")
+    assert layout["F1 per class"] == {f"class {c}": ["Multiline", [f"^by_phase_per_class/f1/class_{c}$"]]
+                                      for c in range(3)}
+
+
+def test_phase_axis_tags():
+    scalars = {"test/acc": 0.9, "test/loss": 0.3, "test/f1_macro": 0.8, "test/recall_macro": 0.7,
+               "test_per_class/f1/class_3": 0.5, "test/continual/average_accuracy": 0.6}
+    assert dashboard.phase_scalars(scalars) == {"by_phase/test_acc": 0.9, "by_phase/test_loss": 0.3,
+                                                "by_phase/f1_macro": 0.8, "by_phase_per_class/f1/class_3": 0.5}
+
+
+def test_phase_chart_writes_every_value():
+    fig = phase_figure(["start", "class_3"], [0.974, 0.5], "seq/version_0\ntest accuracy")
+    axes = fig.axes[0]
+    assert [t.get_text() for t in axes.texts] == ["97.4", "50.0"]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["0\nstart", "1\nclass_3"]
 
 
 def test_settings_are_flat_with_the_same_keys_whatever_the_values():
