@@ -90,13 +90,17 @@ def figures(datamodule: MusicDataModule):
         yield f"samples/{split}", sample_grid(datamodule, split)
 
 
+EDA_GROUP = "z_eda"
+
+
 def log_eda(datamodule: MusicDataModule, loggers) -> None:
-    """Class counts and a sample grid per split, under ``eda/``, to every logger that takes
-    images (``music.plots.log_figure``: TensorBoard's Images tab, MLflow, W&B)."""
+    """Class counts and a sample grid per split, under ``z_eda/``, to every logger that takes
+    images (``music.plots.log_figure``: TensorBoard's Images tab, MLflow, W&B). TensorBoard
+    orders groups by name: the ``z_`` puts the data after the results a run is opened for."""
     loggers = image_loggers(loggers)
     if loggers:  # nothing is drawn for a run whose loggers take no images
         for name, image in figures(datamodule):
-            log_figure(loggers, f"eda/{name}", image, step=0)
+            log_figure(loggers, f"{EDA_GROUP}/{name}", image, step=0)
 
 
 def write_pngs(datamodule: MusicDataModule, out_dir: str) -> list[str]:

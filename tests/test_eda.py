@@ -22,7 +22,7 @@ def test_logged_to_tensorboard(data_dir, tmp_path):
     log_eda(datamodule, logger)
     logger.experiment.flush()
     images = set(EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload().Tags()["images"])
-    assert {"eda/class_counts", "eda/samples/train", "eda/samples/class_7", "eda/samples/test"} <= images
+    assert {"z_eda/class_counts", "z_eda/samples/train", "z_eda/samples/class_7", "z_eda/samples/test"} <= images
 
 
 def test_shipped_pretrain_config_logs_eda_figures_to_tensorboard(shrink, tmp_path):
@@ -32,4 +32,4 @@ def test_shipped_pretrain_config_logs_eda_figures_to_tensorboard(shrink, tmp_pat
     events = EventAccumulator(cli.trainer.log_dir, size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()["images"]
-    assert "eda/class_counts" in tags and any(t.startswith("eda/samples/") for t in tags)
+    assert "z_eda/class_counts" in tags and any(t.startswith("z_eda/samples/") for t in tags)

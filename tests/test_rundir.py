@@ -76,8 +76,8 @@ def test_mlflow_run_keeps_params_metrics_and_figures(shrink, tmp_path):
     assert artifacts and all(a.endswith(".png") for a in artifacts)
     client = mlflow.MlflowClient()
     eda = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eda")}
-    assert eda == {"eda/class_counts", "eda/samples"}, eda
-    assert client.list_artifacts(runs[0].info.run_id, "eda/samples/train")
+    assert eda == {"z_eda/class_counts", "z_eda/samples"}, eda
+    assert client.list_artifacts(runs[0].info.run_id, "z_eda/samples/train")
 
 
 def test_two_runs_started_at_once_get_whole_folders_of_their_own(shrink, tmp_path):
