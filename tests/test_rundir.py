@@ -75,7 +75,7 @@ def test_mlflow_run_keeps_params_metrics_and_figures(shrink, tmp_path):
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "test/confusion_matrix")]
     assert artifacts and all(a.endswith(".png") for a in artifacts)
     client = mlflow.MlflowClient()
-    eda = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eda")}
+    eda = {a.path for a in client.list_artifacts(runs[0].info.run_id, "z_eda")}
     assert eda == {"z_eda/class_counts", "z_eda/samples"}, eda
     assert client.list_artifacts(runs[0].info.run_id, "z_eda/samples/train")
 
