@@ -98,20 +98,21 @@ def reuse_or_run(engine: Engine, experiment: str, name: str, settings: dict[str,
     """The one "reuse if done" rule: a run is done when its result is in the database (written
     in one transaction once it finished); a done run with the same ``settings`` is read back,
     one with other settings is refused, and anything else runs (``work`` returns its result,
-    run directory and seconds) and is stored."""
+    run directory and seconds) and is stored. The result comes back with ``wall_seconds``, the
+    run's own time, so a table of reused runs still states what they cost."""
     stored = study_db.stored_run(engine, experiment, name)
     if stored is not None:
         if stored["fingerprint"] != study_db.fingerprint(settings):
             raise ValueError(f"{experiment} run {name!r} in {engine.url} was finished with other settings "
                              f"({stored['settings']}): use another output.root/output.name, or delete its row to re-run it.")
-        return json.loads(stored["result"])
+        return json.loads(stored["result"]) | {"wall_seconds": stored["wall_seconds"]}
     result, folder, seconds = work()
     study_db.record_run(engine, {"experiment": experiment, "name": name, "fingerprint": study_db.fingerprint(settings),
                                  "settings": study_db.dumps(settings), "result": study_db.dumps(result),
                                  "wall_seconds": seconds, "host": socket.gethostname(),
                                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                  "run_dir": str(Path(folder).resolve())})
-    return result
+    return result | {"wall_seconds": seconds}
 
 
 def fit(configs: Sequence[str], name: str, data: Data, output: Output, experiment: str,

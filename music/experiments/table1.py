@@ -61,35 +61,37 @@ class Table1:
 
         return reuse_or_run(engine, "table1", f"seed_{seed}/{stage}", settings, train)
 
-    def one_seed(self, engine: Engine, seed: int) -> tuple[dict[str, dict], list[int]]:
+    def one_seed(self, engine: Engine, seed: int) -> tuple[dict[str, dict], list[int], float]:
         start = time.perf_counter()
         pretrain = self.stage(engine, seed, "pretrain")
         runs = {"pretrain": pretrain, **{s: self.stage(engine, seed, s, pretrain) for s in ("sequential", "merged")}}
+        trained = sum(run["wall_seconds"] for run in runs.values())
         if seed == self.seeds[0]:  # the first seed's confusion and accuracy matrices, as in TensorBoard
             for stage, run in runs.items():
                 if Path(run["run_dir"]).is_dir():  # a stored run's folder may be gone: its numbers are not
                     save_run_figures(run["run_dir"], self.output.tables("table1") / "table1_figures", f"seed{seed}_{stage}")
-        print(f"seed {seed}: {time.perf_counter() - start:.0f} s")
+        print(f"seed {seed}: {time.perf_counter() - start:.0f} s ({trained:.0f} s of runs, reused ones included)")
         # in phase order: the store keeps JSON objects with sorted keys
         phases = {stage: sorted(run["phases"].items(), key=lambda item: item[1]["index"]) for stage, run in runs.items()}
         rows = {"pretrained": phases["pretrain"][-1][1], "merged": phases["merged"][-1][1]}
         rows |= {f"sequential (after {name.removeprefix('class_')})": phase for name, phase in phases["sequential"]}
-        return rows, pretrain["held_out"]
+        return rows, pretrain["held_out"], trained
 
     def run(self) -> dict[str, dict[str, list[float]]]:
         start = time.perf_counter()
-        per_seed, held_out = [], []
+        per_seed, held_out, trained = [], [], 0.0
         engine = results_db(self.output, "table1")
         for seed in self.seeds:
-            rows, held_out = self.one_seed(engine, seed)
+            rows, held_out, seconds = self.one_seed(engine, seed)
             per_seed.append(rows)
+            trained += seconds
         columns = METRICS + [f"recall/{c}" for c in held_out]
         table = {stage: {c: [rows[stage][c] for rows in per_seed] for c in columns} for stage in per_seed[0]}
-        self.write(table, columns, held_out, time.perf_counter() - start)
+        self.write(table, columns, held_out, trained, time.perf_counter() - start)
         return table
 
     def write(self, table: dict[str, dict[str, list[float]]], columns: list[str], held_out: list[int],
-              seconds: float) -> None:
+              trained: float, seconds: float) -> None:
         """``table``: stage -> column -> the per-seed values, in seed order."""
         header = ["stage", "test loss", "accuracy", "precision", "recall", "F1", *(f"acc {c}" for c in held_out),
                   "paper acc / loss (reference)"]
@@ -107,5 +109,6 @@ class Table1:
                  f"{self.configs['merged']}, both from the same pretrained snapshot. Test set: the dataset's full test "
                  "split. Precision, recall and F1 are macro averages; 'acc c' is the accuracy (recall) on class c. "
                  f"Machine: {machine(self.output.threads)}. Extra arguments: {self.output.trainer_args or 'none'}"
-                 f"{'; quick (smoke) run' if self.output.quick else ''}. Wall time: {seconds:.0f} s.")
+                 f"{'; quick (smoke) run' if self.output.quick else ''}. Wall time of the runs: {trained:.0f} s (each run's "
+                 f"own, runs read back from the results store included); of this invocation: {seconds:.0f} s.")
         print(write_table(self.output.tables("table1"), "table1", "Table I, as measured", notes, header, rows, csv_rows))
