@@ -109,6 +109,10 @@ class MusicCLI(LightningCLI):
                 raise SystemExit(EXIT_SIGINT) from None
             raise
         except RuntimeError as err:  # strict loading of a --ckpt_path the shape check could not see into
+            if self._running and isinstance(err.__context__, KeyboardInterrupt):
+                # Ctrl-C while a loader was being rebuilt: Lightning's teardown then fails before its sys.exit(1)
+                _stopped("SIGINT", self.subcommand)
+                raise SystemExit(EXIT_SIGINT) from None
             if not self._running or "Error(s) in loading state_dict" not in str(err):
                 raise
             path = self.config[self.subcommand].get("ckpt_path")
