@@ -1,17 +1,19 @@
 """``music taskvectors`` on tiny training budgets: it trains only the stages its recipes read,
-chooses λ on ``val`` only, reuses (or refuses) stages, and its merge output is a model that
-``music test --model.init_from`` evaluates to the accuracy the merge reported."""
+chooses λ on ``val`` only, reuses stored stages (refusing changed ones and ones whose file is
+gone), and its merge output is a model that ``music test --model.init_from`` evaluates to the
+accuracy the merge reported."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 from conftest import run
 
 from music.config import shipped_config
-from music.experiments import instantiate, parser_for
-from music.experiments.common import Data, Output
+from music.experiments import instantiate, parser_for, study_db
+from music.experiments.common import Data, Output, results_db
 from music.experiments.taskvectors import RECIPES, TaskVectors
 from music.merging import MergeMethod
 
@@ -63,15 +65,31 @@ def test_the_merge_output_is_a_model_music_test_evaluates_to_the_reported_accura
     assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(r["tables"]["edited"]["test"]["acc"], abs=1e-6)
 
 
-def test_stages_are_reused_and_stale_ones_refused(negation, data_dir, monkeypatch):
+def test_a_second_run_reuses_the_stored_stages_and_writes_the_same_csvs(negation, data_dir, monkeypatch):
     _, _, work = negation
+    before = (work / "out" / "task_vectors_negation_3.csv").read_text()
     monkeypatch.setattr("music.experiments.taskvectors.lightning",
                         lambda *a, **k: pytest.fail("a stage was retrained instead of reused"))
     again = study(data_dir, work)
-    again.train()
+    again.run()
     assert again.trained == []
-    with pytest.raises(ValueError, match="finetuned_class_3.safetensors was trained with"):
+    assert (work / "out" / "task_vectors_negation_3.csv").read_text() == before
+    assert "nothing (all stages reused)" in (work / "out" / "task_vectors.md").read_text()
+    stored = study_db.stored_run(results_db(again.output, "taskvectors"), "taskvectors", "finetuned_class_3")
+    assert json.loads(stored["result"])["path"].endswith("stages/finetuned_class_3.safetensors")
+    with pytest.raises(ValueError, match="taskvectors run 'finetuned_class_3' .* was finished with other settings"):
         study(data_dir, work, finetune_epochs=2).train()
+
+
+def test_a_stored_stage_whose_file_is_gone_is_refused_in_one_line(data_dir, monkeypatch, tmp_path):
+    study(data_dir, tmp_path).train()
+    (tmp_path / "work" / "taskvectors" / "stages" / "finetuned_class_3.safetensors").unlink()
+    monkeypatch.setattr("music.experiments.taskvectors.lightning",
+                        lambda *a, **k: pytest.fail("a stage whose file is gone was retrained"))
+    with pytest.raises(ValueError) as refused:
+        study(data_dir, tmp_path).train()
+    message = str(refused.value)
+    assert "\n" not in message and "'finetuned_class_3'" in message and "is gone" in message
 
 
 def test_shipped_configs_parse_and_name_their_methods_by_class_path():

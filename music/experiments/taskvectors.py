@@ -5,9 +5,11 @@ Every model is a ``music fit`` of a shipped config (``pretrain``, ``merged_finet
 code as ``music merge``: this experiment only trains the stages the recipes name and collects
 their tables into ``task_vectors.md`` (``Output.tables``).
 
-Stages (``<output.root>/taskvectors/stages/<name>.safetensors``, with the fit arguments that made them in
-their metadata; a stage whose file holds the same arguments is reused, one with other arguments
-is refused, so a stale model never feeds a new study):
+Stages (``<output.root>/taskvectors/stages/<name>.safetensors``) follow the experiments' one
+reuse rule (``common.reuse_or_run``, the results store ``<output.root>/taskvectors/results.db``):
+a stage stored with the same settings is reused, one with other settings is refused, so a stale
+model never feeds a new study. A stored stage whose file is gone is refused too, rather than
+retrained: the stages fine-tuned from it would no longer match it.
 
 - ``pretrained`` (A): ``pretrain``; ``similar_seed`` (B): ``pretrain`` from ``similar_seed``;
 - ``similar_further`` (B'): A trained ``further_epochs`` more on ``remaining`` from ``similar_seed``;
@@ -30,15 +32,15 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import save_file
+from sqlalchemy.engine import Engine
 
 from music.checkpoint import write_atomically
-from music.runner import lightning
 from music.config import BASE_CONFIG, resolve_configs, shipped_config
 from music.experiments import instantiate, parser_for
-from music.experiments.common import Data, Output
+from music.experiments.common import Data, Output, results_db, reuse_or_run
 from music.experiments.merge import Evaluation, Merge
+from music.runner import lightning, phase_metrics, run_dir
 
 RECIPES = ["merge/addition_sum", "merge/addition_ties", "merge/addition_dare", "merge/negation_3", "merge/negation_4",
            "merge/negation_7", "merge/transfer_further", "merge/transfer_seed"]
@@ -84,7 +86,7 @@ class TaskVectors:
         if not recipes:
             raise ValueError("recipes is empty: name at least one merge recipe.")
         self.data, self.val_size, self.held_out = data, val_size, list(held_out_classes)
-        self.similar_seed, self.further_epochs = similar_seed, further_epochs
+        self.similar_seed, self.further_epochs, self.output = similar_seed, further_epochs, output
         self.pretrain_epochs, self.finetune_epochs = pretrain_epochs, finetune_epochs
         quick = ["--trainer.limit_train_batches", "5"] if output.quick else []
         self.recipes, self.fit_args = list(recipes), [*quick, *(str(a) for a in output.trainer_args)]
@@ -105,29 +107,38 @@ class TaskVectors:
                   | ({"split": split, "name": name or split} if split is not None else {}) for p in _shipped_phases(config)]
         return ["--schedule.phases", json.dumps(phases)]
 
-    def stage(self, name: str, args: list[str]) -> Path:
-        """Fit one stage (or reuse it) and keep its network weights as a safetensors file."""
+    def stage(self, engine: Engine, name: str, args: list[str]) -> Path:
+        """One stage's network weights as a safetensors file, from the results store or from
+        fitting it; what decides the stage (its fit arguments: configs, seed, epochs, the stage
+        it starts from; the data; smoke mode; extra arguments) is its settings, so changing any
+        of them refuses a stored stage instead of feeding a stale model to the study."""
         path = self.work_dir / "stages" / f"{name}.safetensors"
-        spec = [*args, *self.data_args(), *self.fit_args]
-        if path.exists():
-            with safe_open(str(path), framework="pt") as f:
-                saved = json.loads((f.metadata() or {}).get("fit_args", "null"))
-            if saved != spec:
-                raise ValueError(f"{path} was trained with {saved}, not {spec}: delete it or choose another "
-                                 "output.root (a stale model would silently feed the study).")
-            return path
-        start = time.perf_counter()
-        logs = ["--trainer.logger.init_args.save_dir", str(self.work_dir / "logs"),
-                "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false", "--data.log_eda", "false"]
-        cli = lightning(["fit", *spec, *logs])
-        state = {k: v.detach().cpu().contiguous() for k, v in cli.model.backbone.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, f"{path}.tmp", metadata={"format": "pt", "fit_args": json.dumps(spec)})
-        os.replace(f"{path}.tmp", path)  # a killed run leaves no half-written stage behind
-        print(f"[taskvectors] trained {name} in {time.perf_counter() - start:.0f} s")
-        self.trained.append(name)
-        return path
+        settings = {"args": args, "data": self.data_args(), "quick": self.output.quick,
+                    "trainer_args": [str(a) for a in self.output.trainer_args]}
+
+        def train() -> tuple[dict[str, Any], Path, float]:
+            start = time.perf_counter()
+            logs = ["--trainer.logger.init_args.save_dir", str(self.work_dir / "logs"),
+                    "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false", "--data.log_eda", "false"]
+            cli = lightning(["fit", *args, *self.data_args(), *self.fit_args, *logs])
+            state = {k: v.detach().cpu().contiguous() for k, v in cli.model.backbone.state_dict().items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, f"{path}.tmp", metadata={"format": "pt"})
+            os.replace(f"{path}.tmp", path)  # a killed run leaves no half-written stage behind
+            folder = Path(run_dir(cli.trainer))
+            phases = phase_metrics(folder) if (folder / "phase_metrics.json").exists() else {}
+            seconds = time.perf_counter() - start
+            print(f"[taskvectors] trained {name} in {seconds:.0f} s")
+            self.trained.append(name)
+            test = list(phases.values())[-1] if phases else {}
+            return {"path": str(path.resolve()), "test": test}, folder, seconds
+
+        stored = Path(reuse_or_run(engine, "taskvectors", name, settings, train)["path"])
+        if not stored.exists():
+            raise ValueError(f"taskvectors stage {name!r} is stored in {engine.url} but its file {stored} is gone: "
+                             "delete its row (and the stages trained from it) or choose another output.root to retrain it.")
+        return stored
 
     def stages(self) -> dict[str, list[str]]:
         """Every stage's ``music fit`` arguments (``--model.init_from`` names the stage it starts from)."""
@@ -158,9 +169,9 @@ class TaskVectors:
         return [name for name in self.stages() if name in named]
 
     def train(self, recipes: list[str] | None = None) -> None:
-        stages = self.stages()
+        stages, engine = self.stages(), results_db(self.output, "taskvectors")
         for name in self.needed(recipes):
-            self.stage(name, stages[name])
+            self.stage(engine, name, stages[name])
 
     # -- recipes ------------------------------------------------------------------------------
 
