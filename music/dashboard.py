@@ -32,7 +32,6 @@ from music.plots import pyplot
 # evaluate()'s macro keys -> the tag's last part; "f1" alone would read as a per-class value
 MACRO_NAMES = {"acc": "acc", "loss": "loss", "f1": "f1_macro", "precision": "precision_macro",
                "recall": "recall_macro"}
-PER_CLASS = ("f1", "recall", "precision")
 # The phase axis: its group sorts first in TensorBoard (groups are sorted by name).
 PHASE_GROUP = "by_phase"
 PHASE_METRICS = {"test/acc": "test_acc", "test/loss": "test_loss", "test/f1_macro": "f1_macro"}

@@ -46,26 +46,23 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 # What a value refused by the parser's type check must be, in the user's terms.
 ALLOWED = {"model.lr": f"the learning rate must be a finite number > 0 and <= {MAX_LR:g}"}
-# Per thread (a Dask worker may run cells in threads): the run directories held (``RunLock``)
-# for the run under way and the version folders created for it; released when ``lightning`` returns.
-_runs = threading.local()
-
-
-def _held() -> list[RunLock]:
-    if not hasattr(_runs, "held"):
-        _runs.held, _runs.created = [], []
-    return _runs.held
-
-
-def _created() -> list[str]:
-    _held()
-    return _runs.created
 # Errors that mean "the input is wrong", reported in one line; anything else is a bug and
 # keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, MisconfigurationException)
 # Steps between progress-bar redraws: Lightning's default bar redraws every step, which costs
 # more than a SimpleNN step itself.
 PROGRESS_BAR_REFRESH_RATE = 50
+
+
+# Per thread (a Dask worker may run cells in threads): the run directories held (``RunLock``)
+# for the run under way and the version folders created for it; released when ``lightning`` returns.
+_runs = threading.local()
+
+
+def _run_state() -> threading.local:
+    if not hasattr(_runs, "held"):
+        _runs.held, _runs.created = [], []
+    return _runs
 
 
 class UsageError(Exception):
@@ -95,6 +92,7 @@ class MusicCLI(LightningCLI):
     ``music fit ... && music test ...`` does not go on as if it had finished."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._checkpoint: tuple[str, dict] | None = None  # --ckpt_path and its state_dict, read once
         self._running = False  # True once the objects are built and checked: what is raised then comes from the run
         try:
             super().__init__(*args, **kwargs)
@@ -170,7 +168,7 @@ class MusicCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "") or {}
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
-            read_checkpoint(ckpt_path)
+            self._checkpoint = (ckpt_path, read_checkpoint(ckpt_path))  # kept for the shape check
 
     def before_instantiate_classes(self) -> None:
         config = _of_run(self.config, self.subcommand)
@@ -193,7 +191,8 @@ class MusicCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         """Checks that need the built model, before a run starts."""
         if self.subcommand is not None:
-            _check_model(self.model, self.config[self.subcommand])
+            _check_model(self.model, self.config[self.subcommand], self._checkpoint)
+            self._checkpoint = None  # the shape check was its one use
             self._running = True
 
 
@@ -208,7 +207,7 @@ def _stopped(signal_name: str, subcommand: str) -> None:
     print(f"music {subcommand} stopped by {signal_name} before it finished.{resume}", file=sys.stderr)
 
 
-def _check_model(model: Classifier, config) -> None:
+def _check_model(model: Classifier, config, checkpoint: tuple[str, dict] | None) -> None:
     """Weights and head that cannot fit the model, named before Lightning trips over them
     mid-run: a size mismatch on loading, or a target index out of the head's range."""
     head = model.backbone.get_classifier() if hasattr(model.backbone, "get_classifier") else \
@@ -220,7 +219,8 @@ def _check_model(model: Classifier, config) -> None:
         check_fits(model.init_from, load_state_dict(model.init_from), model.backbone.state_dict())
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and config.get("weights_only") is not False:
-        check_fits(ckpt_path, read_checkpoint(ckpt_path), model.state_dict(), require_common=False)
+        read = checkpoint[1] if checkpoint and checkpoint[0] == ckpt_path else read_checkpoint(ckpt_path)
+        check_fits(ckpt_path, read, model.state_dict(), require_common=False)
 
 
 def _rank() -> int:
@@ -228,7 +228,7 @@ def _rank() -> int:
 
 
 def _hold(path: str, what: str) -> None:
-    _held().append(RunLock(path, what))
+    _run_state().held.append(RunLock(path, what))
 
 
 def _own_run_directories(config, subcommand: str) -> None:
@@ -278,8 +278,8 @@ def _own_run_directories(config, subcommand: str) -> None:
             os.environ["MUSIC_RUN_VERSION"] = str(latest)
             return
     version, lock = reserve_version(root, "trainer.logger.init_args.save_dir")
-    _held().append(lock)
-    _created().append(lock.path)
+    _run_state().held.append(lock)
+    _run_state().created.append(lock.path)
     init_args.version = version
     os.environ["MUSIC_RUN_VERSION"] = str(version)
 
@@ -313,7 +313,7 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     asked = args[0] if run and args and args[0] in LIGHTNING_SUBCOMMANDS else None
     subcommands = [asked] if asked else list(LIGHTNING_SUBCOMMANDS)
     cli = MusicCLI.only(asked) if asked else MusicCLI
-    held, created = len(_held()), len(_created())
+    held, created = len(_run_state().held), len(_run_state().created)
     failed = True
     try:
         built = cli(
@@ -331,12 +331,12 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
     except ArgumentError as err:  # the parser's own errors: unknown keys, wrong types, bad class paths
         raise UsageError(f"{user_message(str(err))} (see `music {args[0] if args else 'fit'} --help`)") from err
     finally:
-        for lock in _held()[held:]:
+        for lock in _run_state().held[held:]:
             lock.release()
-        for path in _created()[created:]:
+        for path in _run_state().created[created:]:
             if failed and os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)  # reserved for a run that never wrote anything
-        del _held()[held:], _created()[created:]
+        del _run_state().held[held:], _run_state().created[created:]
         os.environ.pop("MUSIC_RUN_VERSION", None)
 
 
