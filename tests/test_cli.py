@@ -9,7 +9,7 @@ import yaml
 from conftest import REPO, run
 
 from music.cli import main
-from music.config import BASE_CONFIG, CONFIG_DIR, config_path, shipped_config, shipped_names
+from music.config import CONFIG_DIR, shipped_config, shipped_names
 from music.experiments import EXPERIMENTS, parser_for
 
 TESTS = Path(__file__).parent
