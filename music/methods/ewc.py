@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch import Tensor
 
+from music.fisher import log_likelihood, squared_gradients
 from music.methods.base import Method, Model, Task, trainable
 
 
@@ -18,19 +17,18 @@ def diagonal_fisher(model: Model, task: Task, samples: int | None, labels: str, 
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Mean over the task's samples of the squared per-sample gradient of ``log p(label | x)``,
     the label being the model's prediction (``predicted``: the usual estimate of the Fisher)
-    or the sample's own (``true``: the empirical Fisher).
-
-    A network of ``nn.Linear`` layers on flat inputs (the MLPs) gets its per-sample squared
-    gradients in closed form, ``(g^2)^T (a^2)`` from each layer's input ``a`` and output
-    gradient ``g``, one backward per chunk; any other network goes through ``torch.func``
-    (vmap of grad), much slower on a CPU (docs/continual.md)."""
+    or the sample's own (``true``: the empirical Fisher), the logits as the scenario scores
+    them (``music.fisher`` computes the squares)."""
     images, targets = task.dataset.images, task.dataset.labels
     if samples is not None and samples < len(targets):
         pick = torch.randperm(len(targets), generator=generator)[:samples].to(targets.device)
         images, targets = images[pick], targets[pick]
     params = trainable(model)
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
-    linear = _linear_layers(model, params)
+
+    def likelihood(logits: Tensor, y: Tensor) -> Tensor:
+        return log_likelihood(model.scenario_logits(logits, y), y)
+
     was_training = model.training
     model.eval()
     device = next(iter(params.values())).device
@@ -40,72 +38,10 @@ def diagonal_fisher(model: Model, task: Task, samples: int | None, labels: str, 
         if labels == "predicted":
             with torch.no_grad():
                 y = model.scenario_logits(model(x), y).argmax(1)
-        squares = _closed_form(model, linear, x, y) if linear is not None else None
-        if squares is None:
-            squares = _per_sample(model, params, x, y)
-        for name, square in squares.items():
+        for name, square in squared_gradients(model.backbone, params, x, y, likelihood).items():
             fisher[name] += square
     model.train(was_training)
     return {name: f / len(targets) for name, f in fisher.items()}
-
-
-def _log_likelihood(model: Model, logits: Tensor, y: Tensor) -> Tensor:
-    return F.log_softmax(model.scenario_logits(logits, y), dim=1).gather(1, y.view(-1, 1)).sum()
-
-
-def _linear_layers(model: Model, params: dict[str, Tensor]) -> dict[str, nn.Linear] | None:
-    """The backbone's linear layers by name, if they hold every trainable parameter."""
-    layers = {name: m for name, m in model.backbone.named_modules() if type(m) is nn.Linear}
-    covered = {f"{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters(recurse=False)}
-    return layers if set(params) <= covered else None
-
-
-def _closed_form(model: Model, layers: dict[str, nn.Linear], x: Tensor, y: Tensor) -> dict[str, Tensor] | None:
-    seen: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def keep(name: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            seen[name] = (inputs[0].detach(), output)
-        return hook
-
-    handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
-    try:
-        with torch.enable_grad():
-            logits = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if any(a.ndim != 2 for a, _ in seen.values()):
-        return None  # e.g. tokens: a sample's gradient sums over positions, no closed form
-    names = list(seen)
-    grads = torch.autograd.grad(_log_likelihood(model, logits, y), [seen[n][1] for n in names], allow_unused=True)
-    squares = {}
-    for name, g in zip(names, grads):
-        a = seen[name][0]
-        g = torch.zeros_like(seen[name][1]) if g is None else g
-        layer = layers[name]
-        if layer.weight.requires_grad:
-            squares[f"{name}.weight"] = g.pow(2).T @ a.pow(2)
-        if layer.bias is not None and layer.bias.requires_grad:
-            squares[f"{name}.bias"] = g.pow(2).sum(0)
-    return squares
-
-
-def _per_sample(model: Model, params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    weights = {name: p.detach() for name, p in params.items()}
-    frozen = {name: p.detach() for name, p in model.backbone.named_parameters() if name not in weights}
-    buffers = dict(model.backbone.named_buffers())
-
-    def log_likelihood(weights: dict[str, Tensor], x: Tensor, label: Tensor) -> Tensor:
-        logits = functional_call(model.backbone, (weights | frozen, buffers), (x.unsqueeze(0),))
-        return _log_likelihood(model, logits, label.unsqueeze(0))
-
-    out = {}
-    for start in range(0, len(y), 32):
-        grads = vmap(grad(log_likelihood), in_dims=(None, 0, 0))(weights, x[start:start + 32], y[start:start + 32])
-        for name, g in grads.items():
-            out[name] = out.get(name, 0) + g.pow(2).sum(0)
-    return out
 
 
 class EWC(Method):

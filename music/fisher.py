@@ -1,0 +1,91 @@
+"""Per-sample squared gradients of a log-likelihood: the diagonal Fisher that EWC's penalty and
+Fisher merging weight parameters by, computed once for both.
+
+A network of ``nn.Linear`` layers on flat inputs (the MLPs) gets its per-sample squared
+gradients in closed form, ``(g^2)^T (a^2)`` from each layer's input ``a`` and output gradient
+``g``, one backward per batch; any other network goes through ``torch.func`` (vmap of grad),
+much slower on a CPU (docs/continual.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+#: ``log p(y | x)`` summed over a batch, from the network's logits and the labels.
+LogLikelihood = Callable[[Tensor, Tensor], Tensor]
+
+
+def log_likelihood(logits: Tensor, y: Tensor) -> Tensor:
+    """The plain classifier's: log-softmax of the logits at each sample's label, summed."""
+    return F.log_softmax(logits, dim=1).gather(1, y.view(-1, 1)).sum()
+
+
+def squared_gradients(network: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor,
+                      likelihood: LogLikelihood = log_likelihood) -> dict[str, Tensor]:
+    """Σ over the batch of each sample's squared gradient of ``likelihood(network(x), y)`` with
+    respect to ``params`` (the network's parameters by name)."""
+    layers = linear_layers(network, params)
+    squares = _closed_form(network, layers, x, y, likelihood) if layers is not None else None
+    return squares if squares is not None else per_sample_squared_gradients(network, params, x, y, likelihood)
+
+
+def linear_layers(network: nn.Module, params: dict[str, Tensor]) -> dict[str, nn.Linear] | None:
+    """The network's linear layers by name, if they hold every parameter in ``params``."""
+    layers = {name: m for name, m in network.named_modules() if type(m) is nn.Linear}
+    covered = {f"{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters(recurse=False)}
+    return layers if set(params) <= covered else None
+
+
+def _closed_form(network: nn.Module, layers: dict[str, nn.Linear], x: Tensor, y: Tensor,
+                 likelihood: LogLikelihood) -> dict[str, Tensor] | None:
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            seen[name] = (inputs[0].detach(), output)
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = network(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(a.ndim != 2 for a, _ in seen.values()):
+        return None  # e.g. tokens: a sample's gradient sums over positions, no closed form
+    names = list(seen)
+    grads = torch.autograd.grad(likelihood(logits, y), [seen[n][1] for n in names], allow_unused=True)
+    squares = {}
+    for name, g in zip(names, grads):
+        a = seen[name][0]
+        g = torch.zeros_like(seen[name][1]) if g is None else g
+        layer = layers[name]
+        if layer.weight.requires_grad:
+            squares[f"{name}.weight"] = g.pow(2).T @ a.pow(2)
+        if layer.bias is not None and layer.bias.requires_grad:
+            squares[f"{name}.bias"] = g.pow(2).sum(0)
+    return squares
+
+
+def per_sample_squared_gradients(network: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor,
+                                 likelihood: LogLikelihood = log_likelihood, chunk: int = 32) -> dict[str, Tensor]:
+    """The same sum for any network, one sample's gradient at a time (``vmap`` of ``grad``)."""
+    weights = {name: p.detach() for name, p in params.items()}
+    frozen = {name: p.detach() for name, p in network.named_parameters() if name not in weights}
+    buffers = dict(network.named_buffers())
+
+    def one(weights: dict[str, Tensor], x: Tensor, label: Tensor) -> Tensor:
+        logits = functional_call(network, (weights | frozen, buffers), (x.unsqueeze(0),))
+        return likelihood(logits, label.unsqueeze(0))
+
+    out: dict[str, Tensor] = {}
+    for start in range(0, len(y), chunk):
+        grads = vmap(grad(one), in_dims=(None, 0, 0))(weights, x[start:start + chunk], y[start:start + chunk])
+        for name, g in grads.items():
+            out[name] = out.get(name, 0) + g.pow(2).sum(0)
+    return out
