@@ -6,7 +6,11 @@ recipe names it by class path, exactly like a continual-learning method:
 ``merge`` once per edited key, in sorted key order, with that key's task vectors τ_i (computed
 wide, float64 in ``music merge``) and the entries' weights w_i; the result is the update that λ
 scales and adds to the base. A method that needs statistics over the whole model first (global
-TIES trimming) sets ``observes`` and receives every key through ``observe`` before any ``merge``.
+TIES trimming) sets ``observes`` and receives every key through ``observe`` before any ``merge``;
+one that needs data statistics of each entry (Fisher, RegMean) names them in ``needs`` and
+receives them through ``provide``. The methods of later papers sit beside this file, one per
+family: ``spectral`` (TSV-M, Iso-C, Iso-CTS), ``masks`` (Consensus, Breadcrumbs), ``weighted``
+(Fisher, RegMean).
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class MergeMethod:
     #: True when ``observe`` must see every key before the first ``merge`` (whole-model statistics;
     #: such a method cannot stream in one tensor's memory).
     observes: bool = False
+
+    #: The data statistics each entry must bring (``music.merging.statistics``: ``fisher``,
+    #: ``gram``); they arrive through ``provide`` before the first ``merge``.
+    needs: frozenset[str] = frozenset()
+
+    def provide(self, statistics: list[dict[str, Tensor]]) -> None:
+        """One statistics dict per entry, in the entries' order (only when ``needs``)."""
 
     def reset(self) -> None:
         """Forget what ``observe`` gathered: a merge starts from here."""

@@ -21,6 +21,7 @@ import torch
 from music.merging.checks import finite
 from music.merging.engine import Entry, Merger
 from music.merging.methods import MergeMethod, TaskArithmetic
+from music.merging.statistics import load_statistics
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
@@ -38,12 +39,15 @@ class Source:
         base: models only: the checkpoint this model was fine-tuned from, when that is not the
             recipe's ``base`` (transfer: τ = θ(A fine-tuned) − θ(A), added to another model B).
         name: its name in the tables (default: the file name without suffix).
+        statistics: a file of this model's data statistics (``music.merging.statistics``), for
+            methods that weight models by them (``Fisher``, ``RegMean``); read only by those.
     """
 
     path: str
     weight: float = 1.0
     base: str | None = None
     name: str | None = None
+    statistics: str | None = None
 
 
 @dataclass
@@ -95,6 +99,10 @@ class Recipe:
                 raise ValueError(f"{name}.base is not allowed: a saved vector already is a difference; "
                                  "`base` belongs to `models` entries.")
         self.method.check_entries(len(self.models) + len(self.vectors))
+        if self.method.needs and (missing := [name for name, e in self.named() if e.statistics is None]):
+            raise ValueError(f"{', '.join(missing)} without `statistics` is not allowed with method {self.method!r}: "
+                             f"it weights every model by its {'/'.join(sorted(self.method.needs))} statistics; give "
+                             "each entry a `statistics` file (music.merging.save_statistics).")
         if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not allowed: choose one of {sorted(OUTPUT_DTYPES)} or null.")
         if self.stream:
@@ -144,6 +152,8 @@ class Recipe:
             files.append((f"{name}.path", self.resolve(entry.path)))
             if entry.base is not None:
                 files.append((f"{name}.base", self.resolve(entry.base)))
+            if entry.statistics is not None and self.method.needs:
+                files.append((f"{name}.statistics", self.resolve(entry.statistics)))
         return files
 
     def entries(self) -> list[Entry]:
@@ -159,7 +169,10 @@ class Recipe:
     # -- running ------------------------------------------------------------------------------
 
     def open(self) -> Merger:
-        """The recipe's inputs, opened and checked against each other (see ``Merger``)."""
+        """The recipe's inputs, opened and checked against each other (see ``Merger``), and the
+        entries' statistics given to a method that needs them."""
+        if self.method.needs:
+            self.method.provide([load_statistics(self.resolve(e.statistics)) for _, e in self.named()])
         return Merger(self.base_path, self.entries(), self.method, include=self.include, exclude=self.exclude,
                       dtype=OUTPUT_DTYPES[self.dtype] if self.dtype else None, compute_dtype=COMPUTE_DTYPE)
 
