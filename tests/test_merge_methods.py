@@ -331,6 +331,8 @@ def test_each_shipped_recipe_builds_its_method(name):
     ({"class_path": "music.merging.Consensus", "init_args": {"min_tasks": 3}}, r"Consensus min_tasks=3 is not allowed with 2 entries"),
     ({"class_path": "music.merging.Consensus", "init_args": {"mask_lambda": 0.0}}, r"Consensus mask_lambda=0.0 is not allowed: it must be > 0"),
     ({"class_path": "music.merging.Consensus", "init_args": {"mask_lambda": [0.4]}}, r"Consensus mask_lambda=\[0.4\] gives 1 values for 2 entries"),
+    ({"class_path": "music.merging.Consensus", "init_args": {"combine": {"class_path": "music.merging.Fisher"}}},
+     r"Consensus combine=Fisher\(floor=1e-06\) is not allowed: give a MergeMethod that needs no statistics"),
     ({"class_path": "music.merging.Breadcrumbs", "init_args": {"beta": 1.0}}, r"Breadcrumbs beta=1.0 is not allowed: it must be in \[0, 1\)"),
     ({"class_path": "music.merging.Breadcrumbs", "init_args": {"gamma": -0.1}}, r"Breadcrumbs gamma=-0.1 is not allowed: it must be in \[0, 1\)"),
     ({"class_path": "music.merging.Breadcrumbs", "init_args": {"beta": 0.5, "gamma": 0.5}}, r"Breadcrumbs beta=0.5 with gamma=0.5 is not allowed: beta \+ gamma must be < 1"),

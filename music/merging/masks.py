@@ -48,7 +48,8 @@ class Consensus(MergeMethod):
                  combine: MergeMethod = TaskArithmetic()) -> None:
         if isinstance(min_tasks, bool) or not isinstance(min_tasks, int) or min_tasks < 0:
             raise TaskVectorError(f"Consensus min_tasks={min_tasks!r} is not allowed: it must be an integer >= 0.")
-        for value in mask_lambda if isinstance(mask_lambda, Sequence) and not isinstance(mask_lambda, str) else [mask_lambda]:
+        lambdas = mask_lambda if isinstance(mask_lambda, Sequence) and not isinstance(mask_lambda, str) else [mask_lambda]
+        for value in lambdas:
             if finite("Consensus mask_lambda", value) <= 0:
                 raise TaskVectorError(f"Consensus mask_lambda={value!r} is not allowed: it must be > 0.")
         if not isinstance(combine, MergeMethod) or combine.needs:
