@@ -25,12 +25,14 @@ def log_likelihood(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def squared_gradients(network: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor,
-                      likelihood: LogLikelihood = log_likelihood) -> dict[str, Tensor]:
+                      likelihood: LogLikelihood = log_likelihood, scale: Tensor | None = None) -> dict[str, Tensor]:
     """Σ over the batch of each sample's squared gradient of ``likelihood(network(x), y)`` with
-    respect to ``params`` (the network's parameters by name)."""
+    respect to ``params`` (the network's parameters by name), each sample's gradient times its
+    ``scale`` first (√p(y | x) makes the sum over labels y the expected Fisher)."""
     layers = linear_layers(network, params)
-    squares = _closed_form(network, layers, x, y, likelihood) if layers is not None else None
-    return squares if squares is not None else per_sample_squared_gradients(network, params, x, y, likelihood)
+    squares = _closed_form(network, layers, x, y, likelihood, scale) if layers is not None else None
+    return squares if squares is not None else per_sample_squared_gradients(network, params, x, y, likelihood,
+                                                                              scale=scale)
 
 
 def linear_layers(network: nn.Module, params: dict[str, Tensor]) -> dict[str, nn.Linear] | None:
@@ -41,7 +43,7 @@ def linear_layers(network: nn.Module, params: dict[str, Tensor]) -> dict[str, nn
 
 
 def _closed_form(network: nn.Module, layers: dict[str, nn.Linear], x: Tensor, y: Tensor,
-                 likelihood: LogLikelihood) -> dict[str, Tensor] | None:
+                 likelihood: LogLikelihood, scale: Tensor | None) -> dict[str, Tensor] | None:
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     def keep(name: str):
@@ -64,6 +66,8 @@ def _closed_form(network: nn.Module, layers: dict[str, nn.Linear], x: Tensor, y:
     for name, g in zip(names, grads):
         a = seen[name][0]
         g = torch.zeros_like(seen[name][1]) if g is None else g
+        if scale is not None:
+            g = g * scale.view(-1, 1)
         layer = layers[name]
         if layer.weight.requires_grad:
             squares[f"{name}.weight"] = g.pow(2).T @ a.pow(2)
@@ -73,7 +77,8 @@ def _closed_form(network: nn.Module, layers: dict[str, nn.Linear], x: Tensor, y:
 
 
 def per_sample_squared_gradients(network: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor,
-                                 likelihood: LogLikelihood = log_likelihood, chunk: int = 32) -> dict[str, Tensor]:
+                                 likelihood: LogLikelihood = log_likelihood, chunk: int = 32,
+                                 scale: Tensor | None = None) -> dict[str, Tensor]:
     """The same sum for any network, one sample's gradient at a time (``vmap`` of ``grad``)."""
     weights = {name: p.detach() for name, p in params.items()}
     frozen = {name: p.detach() for name, p in network.named_parameters() if name not in weights}
@@ -87,5 +92,7 @@ def per_sample_squared_gradients(network: nn.Module, params: dict[str, Tensor], 
     for start in range(0, len(y), chunk):
         grads = vmap(grad(one), in_dims=(None, 0, 0))(weights, x[start:start + chunk], y[start:start + chunk])
         for name, g in grads.items():
+            if scale is not None:
+                g = g * scale[start:start + chunk].view(-1, *[1] * (g.ndim - 1))
             out[name] = out.get(name, 0) + g.pow(2).sum(0)
     return out

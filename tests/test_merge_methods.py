@@ -249,9 +249,35 @@ def test_statistics_are_the_input_grams_and_the_per_sample_fisher(tmp_path):
     assert set(compute_statistics(net, loader(), {"gram"})) == {"gram/0.weight", "gram/2.weight"}
 
 
+def expected_fisher_by_hand(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ_c p(c | x) (∇ log p(c | x))², one backward pass per sample and class, averaged."""
+    out = {name: torch.zeros_like(p) for name, p in net.named_parameters()}
+    for sample in x:
+        log_p = torch.log_softmax(net(sample.unsqueeze(0))[0], dim=0)
+        for c in range(len(log_p)):
+            grads = torch.autograd.grad(log_p[c], list(net.parameters()), retain_graph=True)
+            for (name, _), g in zip(net.named_parameters(), grads):
+                out[name] += log_p[c].exp().detach() * g.pow(2)
+    return {name: f / len(x) for name, f in out.items()}
+
+
+@pytest.mark.parametrize("normed", [False, True])  # True: a LayerNorm, so no closed form (vmap of grad)
+def test_the_default_fisher_is_the_expectation_over_the_models_labels(normed):
+    net = network()
+    if normed:
+        net = nn.Sequential(net[0], nn.LayerNorm(5), nn.ReLU(), net[2])
+    stats = compute_statistics(net, loader(), {"fisher"})
+    reference = expected_fisher_by_hand(net, torch.cat([b[0] for b in loader()]))
+    assert set(stats) == {f"fisher/{name}" for name in reference}
+    for name, f in reference.items():
+        torch.testing.assert_close(stats[f"fisher/{name}"], f)
+
+
 def test_bad_statistics_are_one_line_errors(tmp_path):
     with pytest.raises(TaskVectorError, match=r"statistics kinds \['hessian'\] are not allowed"):
         compute_statistics(network(), loader(), {"hessian"})
+    with pytest.raises(TaskVectorError, match=r"labels='sampled' is not allowed: choose 'expected', 'predicted' or 'true'"):
+        compute_statistics(network(), loader(), {"fisher"}, labels="sampled")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(TaskVectorError, match=r"^statistics file .*junk.safetensors' cannot be read: [^\n]*$"):
         load_statistics(tmp_path / "junk.safetensors")

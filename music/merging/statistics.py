@@ -1,8 +1,9 @@
 """Data statistics of a fine-tuned model that some merge methods weight its task vector by.
 
 - ``fisher``: the diagonal Fisher of every trainable parameter, the mean over samples of the
-  squared per-sample gradient of ``log p(y | x)`` (Fisher merging, Matena & Raffel 2022). The
-  computation is EWC's (``music.fisher``).
+  squared per-sample gradient of ``log p(y | x)`` (Fisher merging, Matena & Raffel 2022), by
+  default in expectation over y ~ p(y | x), summed exactly over the classes as the paper's code
+  does. The squared gradients are EWC's (``music.fisher``).
 - ``gram``: each ``nn.Linear`` layer's input Gram matrix ``XᵀX / n`` over the ``n`` input rows
   the data gives it (RegMean, Jin et al. 2023); token or spatial positions count as rows.
 
@@ -25,28 +26,29 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from music.checkpoint import write_atomically
-from music.fisher import LogLikelihood, log_likelihood, squared_gradients
+from music.fisher import squared_gradients
 from music.merging.checks import TaskVectorError
 
 KINDS = ("fisher", "gram")
 
 
 def compute_statistics(model: nn.Module, loader: Iterable, kinds: set[str], *,
-                       labels: Literal["predicted", "true"] = "predicted",
-                       likelihood: LogLikelihood = log_likelihood) -> dict[str, Tensor]:
+                       labels: Literal["expected", "predicted", "true"] = "expected") -> dict[str, Tensor]:
     """``kinds`` of statistics of ``model`` (the network whose ``state_dict`` keys the merge
-    reads) over the ``(x, y)`` batches of ``loader``, in eval mode.
+    reads, its output the logits of a softmax classifier) over the ``(x, y)`` batches of
+    ``loader``, in eval mode.
 
     Args:
-        labels: the Fisher's labels: the model's prediction (``predicted``, the Fisher the
-            paper uses) or the batch's (``true``, the empirical Fisher).
-        likelihood: ``log p(y | x)`` summed over a batch, from the logits and labels.
+        labels: the Fisher's labels: every class weighted by the model's probability of it
+            (``expected``: the Fisher itself, one backward pass per class), the model's
+            prediction (``predicted``: EWC's one-pass estimate) or the batch's (``true``: the
+            empirical Fisher).
     """
     kinds = set(kinds)
     if unknown := sorted(kinds - set(KINDS)):
         raise TaskVectorError(f"statistics kinds {unknown} are not allowed: choose from {list(KINDS)}.")
-    if labels not in ("predicted", "true"):
-        raise TaskVectorError(f"labels={labels!r} is not allowed: choose 'predicted' or 'true'.")
+    if labels not in ("expected", "predicted", "true"):
+        raise TaskVectorError(f"labels={labels!r} is not allowed: choose 'expected', 'predicted' or 'true'.")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     fisher = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
@@ -78,11 +80,16 @@ def compute_statistics(model: nn.Module, loader: Iterable, kinds: set[str], *,
                     for handle in handles:
                         handle.remove()
             if "fisher" in kinds:
-                if labels == "predicted":
+                if labels != "true":
                     with torch.no_grad():
-                        y = (logits if "gram" in kinds else model(x)).argmax(1)
-                for name, square in squared_gradients(model, params, x, y, likelihood).items():
-                    fisher[name] += square.to(torch.float64)
+                        probabilities = torch.softmax(logits if "gram" in kinds else model(x), dim=1)
+                if labels == "expected":
+                    draws = [(torch.full_like(y, c), probabilities[:, c].sqrt()) for c in range(probabilities.shape[1])]
+                else:
+                    draws = [(probabilities.argmax(1) if labels == "predicted" else y, None)]
+                for label, scale in draws:
+                    for name, square in squared_gradients(model, params, x, label, scale=scale).items():
+                        fisher[name] += square.to(torch.float64)
     finally:
         model.train(was_training)
     if not samples:
