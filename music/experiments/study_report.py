@@ -119,7 +119,7 @@ def strategies_at(records: list[dict], lr: float) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         c = r["cell"]
-        if c.kind not in NOT_RANKED and (c.lr == lr if trained_at_every_lr(c) else True):
+        if c.kind not in NOT_RANKED and (not trained_at_every_lr(c) or c.lr == lr):
             out[strategy(c)].append(r)
     return out
 
@@ -223,7 +223,7 @@ def methods_table(records: list[dict], settings: Settings) -> list[str]:
     rows.append(("merged (all classes at once)", lambda c: c.kind == "merged"))
     table = []
     for lr in settings.lrs:
-        none = by_seed(records, lambda c: c.lr == lr and rows[0][1](c))
+        none = by_seed(records, lambda c, lr=lr: c.lr == lr and rows[0][1](c))
         for i, (label, chosen) in enumerate(rows):
             rs = [r for r in records if r["cell"].lr == lr and chosen(r["cell"])]
             versus = "" if i == 0 else fmt_paired(paired(by_seed(rs, lambda c: True), none))
