@@ -133,3 +133,26 @@ def test_runs_take_python_values_as_settings():
         as_args([], {"--seed": 1})
     with pytest.raises(ValueError, match="subcommand='train' is not allowed"):
         run("train", ["seq"])
+
+
+def test_continual_table_pairs_each_method_with_naive_fine_tuning_by_seed(tmp_path):
+    from music.experiments.common import Data, Output
+    from music.experiments.continual import METRICS, ContinualStudy
+
+    study = ContinualStudy(methods={"None": [], "EWC": ["ewc"], "Joint": ["split_mnist_joint"]}, scenarios=["class"],
+                           seeds=[0, 1, 2], data=Data(data_dir=str(tmp_path), download=False),
+                           output=Output(root=str(tmp_path), name="cl"))
+    final = {"None": [0.20, 0.21, 0.19], "EWC": [0.25, 0.27, 0.28], "Joint": [0.90, 0.90, 0.90]}
+    results = [{"method": m, "scenario": "class", "seed": seed, "seconds": 1.0, "accuracy_after_task": [0.5] * 5,
+                **{k: 0.5 for k in METRICS}, "final_accuracy": final[m][seed], "backward_transfer": float("nan")}
+               for m in final for seed in range(3)]
+    study.write(results, 1.0)
+    table = (tmp_path / "cl" / "cl.md").read_text()
+    # EWC − None per seed 0.05, 0.06, 0.09: mean 0.0667, sample std 0.0208, ± t(0.975, 2) 0.0208 / sqrt(3) = 0.0517
+    assert "| EWC | +6.7 [+1.5, +11.8] pp, p = 0.25 (3 seeds) | +0.0 [+0.0, +0.0] pp, p n/a (3 seeds) |" in table
+    assert "| Joint | +70.0 [+67.5, +72.5] pp, p = 0.25 (3 seeds) |" in table and "| None | +" not in table
+    assert "minus naive fine-tuning (`None`), paired by seed" in table
+    rows = list(csv.DictReader(open(tmp_path / "cl" / "cl_paired.csv")))
+    assert [(r["method"], r["metric"]) for r in rows] == [("EWC", "final_accuracy"), ("EWC", "average_accuracy"),
+                                                         ("Joint", "final_accuracy"), ("Joint", "average_accuracy")]
+    assert float(rows[0]["mean_diff"]) == pytest.approx(0.2 / 3) and rows[1]["p_wilcoxon"] == "" and rows[0]["wins"] == "3"

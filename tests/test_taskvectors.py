@@ -40,6 +40,9 @@ def test_trains_only_the_stages_its_recipes_read_and_writes_the_tables(negation)
     assert s.trained == ["pretrained", "finetuned_class_3"]
     text = (work / "out" / "task_vectors.md").read_text()
     assert text.startswith("# Task vectors") and "## negation_3" in text
+    # the geometry of the vectors trained (τ_3 alone: cosine 1 with itself, no sign conflict possible)
+    assert "## Task-vector geometry" in text and "| finetuned_class_3 | 1.000 |" in text
+    assert (work / "out" / "task_vectors_analysis.png").exists() and (work / "out" / "task_vectors_analysis_layers.csv").exists()
     with open(work / "out" / "task_vectors_negation_3.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"base (pretrained)", "τ_3 model", "edited"}

@@ -1,5 +1,6 @@
 """What the experiments share: where data and outputs go, fitting a shipped config, the results
-store with its one reuse rule, the one spread statistic, and the table writer.
+store with its one reuse rule, the one spread statistic, the one paired comparison, and the
+table writer.
 
 Every experiment trains through ``music fit`` with the shipped configs (the same entry point a
 user runs), so an experiment is a plan of runs plus a table, never a second training loop; and
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from sqlalchemy.engine import Engine
 
 from music.checkpoint import write_atomically
@@ -168,6 +170,73 @@ def fmt_mean_std(values: Iterable[float], digits: int = 3, scale: float = 1.0) -
     if n == 0:
         return "–"
     return f"{scale * mean:.{digits}f}" + ("" if n == 1 else f" ± {scale * std:.{digits}f}")
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """How much ``a`` beats ``b`` when the two were measured in pairs (the same seed, the same
+    checkpoint): the differences ``a - b`` pair by pair, their mean, sample std (ddof=1), the 95 %
+    Student-t interval of the mean difference, and the two-sided Wilcoxon signed-rank p-value.
+
+    Pairs, not two samples, because the seed's own luck (its pretrained model, its held-out
+    samples) moves both members of a pair together; comparing two means ± stds would count that
+    luck as noise twice. A pair with a NaN or None on either side is left out (a metric that is
+    undefined for one of them). The Wilcoxon test drops zero differences (Wilcoxon's rule) and
+    is exact for small n: the exact null distribution without ties (n <= 50), the full
+    enumeration of the 2^n sign flips when differences tie (n <= 13), the normal approximation
+    beyond. With fewer than two pairs, or no nonzero difference, there is nothing to test:
+    ``p_wilcoxon`` is None (and the interval NaN with fewer than two pairs).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_comparison needs as many values on each side: got {len(a)} and {len(b)}.")
+    pairs = [(float(x), float(y)) for x, y in zip(a, b)
+             if x is not None and y is not None and not math.isnan(x) and not math.isnan(y)]
+    # rounded so that float noise (0.6 - 0.5 != 0.5 - 0.4) makes no false win, tie or rank
+    d = np.round(np.array([x - y for x, y in pairs], dtype=float), 12)
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    std = float(d.std(ddof=1)) if n > 1 else math.nan
+    low = high = math.nan
+    if n > 1:
+        half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+        low, high = mean - half, mean + half
+    p = None
+    nonzero = d[d != 0]
+    if n > 1 and len(nonzero):
+        tied = len(np.unique(np.abs(nonzero))) < len(nonzero)
+        method = "exact" if not tied and len(nonzero) <= 50 else "auto"
+        p = float(stats.wilcoxon(nonzero, alternative="two-sided", method=method).pvalue)
+    return {"n": n, "mean_diff": mean, "std_diff": std, "ci_low": low, "ci_high": high, "p_wilcoxon": p,
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum())}
+
+
+def fmt_p(p: float | None) -> str:
+    """``p = 0.031``, ``p < 0.001``, or ``p n/a`` when nothing could be tested."""
+    if p is None or math.isnan(p):
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def fmt_paired(result: dict[str, Any], scale: float = 100.0, digits: int = 1, unit: str = "pp",
+               count: str = "seeds") -> str:
+    """A paired comparison in one cell: ``+3.1 [+1.2, +5.0] pp, p = 0.031 (5 seeds)`` — the mean
+    difference, its 95 % interval and the Wilcoxon p (accuracies in percentage points by default);
+    ``n/a`` without pairs, no interval for a single pair."""
+    n = result["n"]
+    if n == 0:
+        return "n/a"
+    noun = count.removesuffix("s") if n == 1 else count
+    unit = f" {unit}" if unit else ""
+    mean = f"{scale * result['mean_diff']:+.{digits}f}"
+    if n == 1:
+        return f"{mean}{unit} (1 {noun}: no interval, {fmt_p(None)})"
+    interval = f"[{scale * result['ci_low']:+.{digits}f}, {scale * result['ci_high']:+.{digits}f}]"
+    return f"{mean} {interval}{unit}, {fmt_p(result['p_wilcoxon'])} ({n} {noun})"
+
+
+PAIRED_NOTE = ("Paired differences: mean [95 % Student-t interval of the mean difference] and the two-sided "
+               "Wilcoxon signed-rank p (exact for small n; zero differences dropped) over the pairs named. With n "
+               "pairs the exact test cannot go below p = 2/2^n (0.0625 for 5 seeds): a p above 0.05 with 5 seeds is "
+               "no evidence of no difference.")
 
 
 def spread_note(counts: Iterable[int], unit: str = "seeds") -> str:

@@ -28,8 +28,9 @@ from music.config import config_path
 from music.continual import accuracy_on, average_incremental_accuracy, backward_transfer, forward_transfer
 from music.dashboard import markdown_table
 from music.experiments import study_db
-from music.experiments.common import (Data, Output, fit, fmt_mean_std, machine, mean_std, mean_std_columns,
-                                      results_db, reuse_or_run, spread_note, write_csv)
+from music.experiments.common import (PAIRED_NOTE, Data, Output, fit, fmt_mean_std, fmt_paired, machine, mean_std,
+                                      mean_std_columns, paired_comparison, results_db, reuse_or_run, spread_note,
+                                      write_csv)
 from music.module import SCENARIOS
 from music.plots import pyplot, save_figure
 from music.runner import RunResult
@@ -38,6 +39,7 @@ from music.evaluation import PhaseEvaluation
 SPLIT_MNIST_METHODS = {"None": [], "Joint": ["split_mnist_joint"], "EWC": ["ewc"], "Online EWC": ["online_ewc"],
                        "SI": ["si"], "LwF": ["lwf"], "Replay (100/class)": ["replay"]}
 METRICS = ("final_accuracy", "average_accuracy", "backward_transfer", "forgetting", "forward_transfer", "average_incremental_accuracy")
+PAIRED_METRICS = {"final_accuracy": "test accuracy", "average_accuracy": "average accuracy"}
 
 
 @dataclass
@@ -204,10 +206,38 @@ class ContinualStudy:
         write_csv(self.table + "_runs.csv", [{"scenario": r["scenario"], "method": r["method"], "seed": r["seed"],
                                               **{m: f"{r[m]:.6f}" for m in METRICS}, "seconds": f"{r['seconds']:.1f}"}
                                              for r in results])
+        paired = ["n", "mean_diff", "std_diff", "ci_low", "ci_high", "p_wilcoxon", "wins", "losses", "ties"]
+        write_csv(self.table + "_paired.csv",
+                  [[scenario, method, self.baseline, metric, *(_cell(result[k]) for k in paired)]
+                   for (scenario, method, metric), result in self.versus_baseline(summary).items()],
+                  ["scenario", "method", "baseline", "metric", *paired])
         write_atomically(self.table + ".md", self.markdown(summary, results, seconds))
         self.plot(summary)
-        print(f"[continual] wrote {self.table}.md, .csv, _runs.csv, .png", flush=True)
+        print(f"[continual] wrote {self.table}.md, .csv, _runs.csv, _paired.csv, .png", flush=True)
         return {"table": table, "seconds": seconds}
+
+    @property
+    def baseline(self) -> str | None:
+        """Naive fine-tuning, the method every other is paired against: the first with no config delta."""
+        return next((method for method, deltas in self.methods.items() if not deltas), None)
+
+    def versus_baseline(self, summary: dict) -> dict[tuple[str, str, str], dict]:
+        """``(scenario, method, metric) -> paired_comparison`` of each method with naive
+        fine-tuning: the runs of the same seed (same initialisation and shuffling) pair up."""
+        out = {}
+        for scenario in self.scenarios:
+            base = summary.get((scenario, self.baseline))
+            if base is None:
+                continue
+            base_runs = {r["seed"]: r for r in base["runs"]}
+            for method in self.methods:
+                if method == self.baseline or (scenario, method) not in summary:
+                    continue
+                runs = [r for r in summary[(scenario, method)]["runs"] if r["seed"] in base_runs]
+                for metric in PAIRED_METRICS:
+                    out[(scenario, method, metric)] = paired_comparison([r[metric] for r in runs],
+                                                                        [base_runs[r["seed"]][metric] for r in runs])
+        return out
 
     def markdown(self, summary: dict, results: list[dict], seconds: float) -> str:
         names = {"class": "Class-incremental", "task": "Task-incremental"}
@@ -233,6 +263,7 @@ class ContinualStudy:
         if missing:
             lines += [f"**Incomplete:** {missing} of the {len(self.runs())} configured runs were not run; the "
                       "`seeds` column gives each row's number of seeds (the first seeds of the list).", ""]
+        versus = self.versus_baseline(summary)
         for scenario in self.scenarios:
             rows = [[method, len(entry["runs"]), *(fmt_mean_std(entry["values"][m], 1, 100) for m in METRICS),
                      f"{np.median([r['seconds'] for r in entry['runs']]):.0f}"]
@@ -240,6 +271,14 @@ class ContinualStudy:
             lines += [f"## {names[scenario]}", "",
                       markdown_table(["method", "seeds", "test accuracy (all classes)", "average accuracy", "BWT",
                                       "forgetting", "FWT", "average incremental accuracy", "s / run"], rows), ""]
+            paired = [[method, *(fmt_paired(versus[(scenario, method, m)]) for m in PAIRED_METRICS)]
+                      for method in self.methods if (scenario, method, "final_accuracy") in versus]
+            if paired:
+                lines += [f"Each method minus naive fine-tuning (`{self.baseline}`), paired by seed:", "",
+                          markdown_table(["method", *(f"{label} − {self.baseline}'s [95 % CI]"
+                                                      for label in PAIRED_METRICS.values())], paired), ""]
+        if versus:
+            lines += [PAIRED_NOTE, ""]
         lines += [f"![average accuracy on the tasks so far]({self.name}.png)", "",
                   f"Machine: {machine(self.output.threads)}. {len(results)} runs, "
                   f"{sum(run_seconds) / 60:.1f} min of run time in all (median {np.median(run_seconds):.0f} s a run); "
@@ -248,7 +287,7 @@ class ContinualStudy:
                   "measurement (`docs/speed.md` has those).",
                   "", "Generated by `music continual`; per-run results (confusion matrices per evaluation) are in "
                   f"`{self.runs_dir}/results.db` (table `experiment_runs`) on the machine that ran them, every run's "
-                  f"metrics in `{self.name}_runs.csv`.", ""]
+                  f"metrics in `{self.name}_runs.csv`, the paired comparisons in `{self.name}_paired.csv`.", ""]
         return "\n".join(lines)
 
     def plot(self, summary: dict) -> None:
@@ -271,6 +310,11 @@ class ContinualStudy:
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=8, loc="lower left")
         save_figure(fig, self.table + ".png", 120)
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: undefined (None, NaN) as empty."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _flags(overrides: dict[str, Any]) -> str:

@@ -5,6 +5,11 @@ Everything in the report is read from the database the grid writes (``study_db``
 typed in by hand — including the statement of when sequential fine-tuning beats merged, which
 compares, for every seed and learning rate, each ordering's final test accuracy with the merged
 model's (same seed, same pretrained checkpoint, same learning rate).
+
+Every comparison of two strategies is paired by seed (``common.paired_comparison``): cells of
+one seed share its pretrained model and held-out samples, so the seed's luck moves both sides
+together and only the paired difference, its interval and its Wilcoxon p say whether one
+strategy is better than the other.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ from music.dashboard import markdown_table
 from music.data import MusicDataModule
 from music.eda import class_counts, write_pngs
 from music.experiments import study_db
-from music.experiments.common import Data, fmt_mean_std, mean_std, mean_std_columns, spread_note, write_csv
-from music.experiments.study_grid import Cell, Grid as Settings, method_name, plan
+from music.experiments.common import (PAIRED_NOTE, Data, fmt_mean_std, fmt_paired, mean_std, mean_std_columns,
+                                      paired_comparison, spread_note, write_csv)
+from music.experiments.study_grid import Cell, Grid as Settings, lr_tag, method_name, plan
 from music.plots import pyplot, save_figure
 
 METRICS = study_db.METRICS
+# Cells that are an ingredient of other strategies (one task's fine-tune, which a merge combines),
+# not a way of learning every task: they are not ranked.
+NOT_RANKED = {"task"}
 LABELS = {"final_acc": "test acc", "held_out_acc": "acc on held-out classes", "untouched_acc": "acc on other classes",
           "average_accuracy": "avg acc (tasks)", "backward_transfer": "BWT", "mean_forgetting": "forgetting (tasks)",
           "untouched_forgetting": "forgetting (untouched, vs pretrained)", "collapse_share": "share predicted as last class"}
@@ -72,6 +81,89 @@ def order_name(cell: Cell) -> str:
 def arrow(ordering) -> str:
     """``[3, 4, 7]`` -> ``3→4→7``, as the report names an ordering."""
     return "→".join(map(str, ordering))
+
+
+# -- paired comparisons ------------------------------------------------------------------------
+
+def strategy(cell: Cell) -> str:
+    """A cell's strategy: its name without its learning-rate tag (``seq_3-4-7``, ``merged``,
+    ``method_ewc_3-4-7``, ``joint``), so that a kind of cell the grid gains later is ranked
+    without being named here."""
+    return cell.name.removesuffix(f"_{lr_tag(cell.lr)}")
+
+
+def trained_at_every_lr(cell: Cell) -> bool:
+    """Whether the cell is one of a learning-rate axis (its name carries the lr); the others
+    (pretrained, joint) are trained once per seed and stand beside every fine-tuning lr."""
+    return cell.name.endswith(f"_{lr_tag(cell.lr)}")
+
+
+def by_seed(records: list[dict], chosen) -> dict[int, float]:
+    """``seed -> final test accuracy`` of the chosen cells, the mean over them when a seed has
+    several (e.g. its orderings): one value per seed, the unit that pairs."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        if chosen(r["cell"]):
+            values[r["cell"].seed].append(nan(r["metrics"].get("final_acc")))
+    return {seed: statistics.mean(v) for seed, v in values.items()}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """``a - b`` over the seeds both have."""
+    seeds = sorted(set(a) & set(b))
+    return paired_comparison([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def strategies_at(records: list[dict], lr: float) -> dict[str, list[dict]]:
+    """The ranked strategies at one fine-tuning lr and their cells (one per seed)."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        c = r["cell"]
+        if c.kind not in NOT_RANKED and (not trained_at_every_lr(c) or c.lr == lr):
+            out[strategy(c)].append(r)
+    return out
+
+
+def ranking(records: list[dict], settings: Settings) -> list[dict]:
+    """Per fine-tuning lr, every strategy ranked by its mean final test accuracy over seeds
+    (equal means share a rank), with its paired difference to the best one (same seeds)."""
+    rows = []
+    for lr in settings.lrs:
+        cells = strategies_at(records, lr)
+        acc = {name: mean_std(nan(r["metrics"].get("final_acc")) for r in rs) for name, rs in cells.items()}
+        level = {name: round(acc[name][0], 12) for name in cells}  # float noise makes no rank
+        scored = sorted((name for name in cells if acc[name][2]), key=lambda name: (-level[name], name))
+        best = by_seed(cells[scored[0]], lambda c: True) if scored else {}
+        for name in scored:
+            held = mean_std(nan(r["metrics"].get("held_out_acc")) for r in cells[name])
+            rank = 1 + sum(level[other] > level[name] for other in scored)
+            versus = None if name == scored[0] else paired(by_seed(cells[name], lambda c: True), best)
+            rows.append({"lr": lr, "rank": rank, "strategy": name, "kind": cells[name][0]["cell"].kind,
+                         "seeds": acc[name][2], "final_acc_mean": acc[name][0], "final_acc_std": acc[name][1],
+                         "held_out_acc_mean": held[0], "held_out_acc_std": held[1], "best": scored[0],
+                         "vs_best": versus, "cells": cells[name]})
+    return rows
+
+
+def ranking_table(rows: list[dict]) -> list[str]:
+    """The ranking as Markdown: mean ± sample std beside the paired difference to the best."""
+    table = [[f"{row['lr']:g}", row["rank"], f"`{row['strategy']}`", row["seeds"],
+              *(fmt([nan(r["metrics"].get(m)) for r in row["cells"]]) for m in ("final_acc", "held_out_acc")),
+              "best" if row["vs_best"] is None else fmt_paired(row["vs_best"])] for row in rows]
+    return [markdown_table(["lr", "rank", "strategy", "seeds", LABELS["final_acc"], LABELS["held_out_acc"],
+                            "test acc − best's, paired by seed [95 % CI]"], table)]
+
+
+def ranking_csv(rows: list[dict], path: Path) -> None:
+    """The ranking at full precision, one row per lr and strategy."""
+    out = []
+    for row in rows:
+        row = {k: v for k, v in row.items() if k != "cells"}
+        versus = row.pop("vs_best") or {}
+        out.append(row | {f"vs_best_{k}": versus.get(k) for k in
+                          ("n", "mean_diff", "ci_low", "ci_high", "p_wilcoxon", "wins", "losses", "ties")})
+    write_csv(path, [{k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v for k, v in row.items()}
+                     for row in out])
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -131,10 +223,13 @@ def methods_table(records: list[dict], settings: Settings) -> list[str]:
     rows.append(("merged (all classes at once)", lambda c: c.kind == "merged"))
     table = []
     for lr in settings.lrs:
-        for label, chosen in rows:
+        none = by_seed(records, lambda c, lr=lr: c.lr == lr and rows[0][1](c))
+        for i, (label, chosen) in enumerate(rows):
             rs = [r for r in records if r["cell"].lr == lr and chosen(r["cell"])]
-            table.append([f"{lr:g}", label, len(rs), *(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns)])
-    return [markdown_table(["lr", "fine-tuning", "seeds", *(LABELS[c] for c in columns)], table)]
+            versus = "" if i == 0 else fmt_paired(paired(by_seed(rs, lambda c: True), none))
+            table.append([f"{lr:g}", label, len(rs), *(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns), versus])
+    return [markdown_table(["lr", "fine-tuning", "seeds", *(LABELS[c] for c in columns),
+                            "test acc − none's, paired by seed [95 % CI]"], table)]
 
 
 def comparisons(records: list[dict], settings: Settings) -> dict:
@@ -156,12 +251,16 @@ def ordering_table(records: list[dict], settings: Settings) -> list[str]:
         accs = [fmt([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "seq" and r["cell"].lr == lr
                      and r["cell"].ordering == ordering]) for lr in settings.lrs]
         wins = [f"{sum(d > 0 for d in diffs[lr].get(name, []))}/{len(diffs[lr].get(name, []))}" for lr in settings.lrs]
-        rows.append([name, *accs, *wins])
+        versus = [fmt_paired(paired(by_seed(records, lambda c, lr=lr: c.kind == "seq" and c.lr == lr and c.ordering == ordering),
+                                    by_seed(records, lambda c, lr=lr: c.kind == "merged" and c.lr == lr)))
+                  for lr in settings.lrs]
+        rows.append([name, *accs, *wins, *versus])
     merged = [fmt([r["metrics"]["final_acc"] for r in records if r["cell"].kind == "merged" and r["cell"].lr == lr])
               for lr in settings.lrs]
-    rows.append(["merged", *merged, *([""] * len(settings.lrs))])
+    rows.append(["merged", *merged, *([""] * 2 * len(settings.lrs))])
     return [markdown_table(["ordering", *(f"lr {lr:g}: test acc" for lr in settings.lrs),
-                            *(f"lr {lr:g}: wins vs merged" for lr in settings.lrs)], rows)]
+                            *(f"lr {lr:g}: wins vs merged" for lr in settings.lrs),
+                            *(f"lr {lr:g}: − merged, paired by seed [95 % CI]" for lr in settings.lrs)], rows)]
 
 
 def statement(records: list[dict], settings: Settings, train_size: int) -> list[str]:
@@ -177,9 +276,12 @@ def statement(records: list[dict], settings: Settings, train_size: int) -> list[
         better = [o for o, ds in diffs[lr].items() if statistics.mean(ds) > 0]
         verdict = ("never beat merged" if wins == 0 else "beat merged in every cell" if wins == n
                    else f"beat merged in {wins} of {n} cells")
+        seeds = paired(by_seed(records, lambda c, lr=lr: c.kind == "seq" and c.lr == lr),
+                       by_seed(records, lambda c, lr=lr: c.kind == "merged" and c.lr == lr))
         lines.append(
-            f"- **lr {lr:g}**: sequential {verdict} ({wins}/{n} seed × ordering cells); the final test accuracy "
-            f"of sequential minus merged is {mean:+.3f}{'' if n == 1 else f' ± {std:.3f}'} ({spread_note([n], 'cells')}). "
+            f"- **lr {lr:g}**: sequential {verdict} ({wins}/{n} seed × ordering cells). Sequential (each seed's mean "
+            f"over its orderings) minus merged, paired by seed: {fmt_paired(seeds)}; per cell "
+            f"{mean:+.3f}{'' if n == 1 else f' ± {std:.3f}'} ({spread_note([n], 'cells')}). "
             + (f"Orderings better than merged on average: {', '.join(better)}." if better
                else "No ordering is better than merged on average.")
         )
@@ -192,23 +294,32 @@ def statement(records: list[dict], settings: Settings, train_size: int) -> list[
                      for o in diffs[lr]}
         if len(per_order) > 1:
             best, worst = max(per_order, key=per_order.get), min(per_order, key=per_order.get)
-            spreads.append(f"lr {lr:g}: best {best} ({per_order[best]:.3f}), worst {worst} ({per_order[worst]:.3f})")
+            gap = paired(*(by_seed(records, lambda c, lr=lr, o=o: c.kind == "seq" and c.lr == lr and order_name(c) == o)
+                           for o in (best, worst)))
+            spreads.append(f"lr {lr:g}: best {best} ({per_order[best]:.3f}), worst {worst} ({per_order[worst]:.3f}), "
+                           f"best − worst paired by seed {fmt_paired(gap)}")
     if spreads:
         lines.append("- **Does the order matter?** Mean final test accuracy of the best and worst ordering — "
-                     + "; ".join(spreads) + ".")
+                     + "; ".join(spreads) + ". (Best and worst are picked on these seeds, so their p is optimistic.)")
     replay = {lr: [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "replay" and r["cell"].lr == lr]
               for lr in settings.lrs}
     pretrained = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "pretrain"]
     parts = []
+    first = settings.orderings[0]
     for lr in settings.lrs:
         if replay[lr] and seq_by_lr[lr]:
-            parts.append(f"lr {lr:g}: replay {fmt(replay[lr])} vs sequential without replay {fmt(seq_by_lr[lr])}")
+            gain = paired(by_seed(records, lambda c, lr=lr: c.kind == "replay" and c.lr == lr),
+                          by_seed(records, lambda c, lr=lr: c.kind == "seq" and c.lr == lr and c.ordering == first))
+            parts.append(f"lr {lr:g}: replay {fmt(replay[lr])} vs sequential without replay {fmt(seq_by_lr[lr])}; "
+                         f"replay − sequential in the same ordering ({arrow(first)}), paired by seed: {fmt_paired(gain)}")
     joint = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "joint"]
     if joint and pretrained:
         relation = "above" if statistics.mean(joint) > statistics.mean(pretrained) else "below"
+        gap = paired(by_seed(records, lambda c: c.kind == "joint"), by_seed(records, lambda c: c.kind == "pretrain"))
         lines.append(f"- **Joint** ({settings.joint_epochs or settings.pretrain_epochs} epochs on all {train_size:,} training "
                      f"samples): {fmt(joint)}, {relation} the pretrained model ({fmt(pretrained)}, "
-                     f"{settings.pretrain_epochs} epochs without the held-out samples)"
+                     f"{settings.pretrain_epochs} epochs without the held-out samples; joint − pretrained, paired by seed: "
+                     f"{fmt_paired(gap)})"
                      + ("; with fewer epochs than pretraining it is not a true upper bound here."
                         if relation == "below" else "."))
     if parts:
@@ -353,6 +464,8 @@ def write_report(settings: Settings, data: Data) -> Path:
     if not records:
         raise FileNotFoundError(f"No finished cells of this grid in {settings.db_url}: run the grid first.")
     write_csvs(records, out)
+    ranked = ranking(records, settings)
+    ranking_csv(ranked, out / "study_ranking.csv")
     grid = Path(settings.runs_dir) / "grid.json"
     if grid.exists():  # the settings and cell list travel with the report (run directories do not)
         write_atomically(out / "study_grid.json", grid.read_text())
@@ -393,7 +506,8 @@ def write_report(settings: Settings, data: Data) -> Path:
         f"- Wall time: {wall}; sum of cell times {cell_seconds / 60:.1f} min. Machine: {platform.machine()}, "
         f"{platform.system()}, {os.cpu_count()} CPU cores; {s.threads} torch thread(s) per cell; cells ran on "
         f"{', '.join(sorted({r['host'] for r in records}))}.",
-        "- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, accuracy matrices: "
+        "- Full settings and cell list: `study_grid.json`; per-cell numbers: `study_cells.csv`, the ranking: "
+        "`study_ranking.csv`, accuracy matrices: "
         "`study_accuracy_matrices.csv`.",
         "",
         "## When does sequential beat merged?",
@@ -402,6 +516,18 @@ def write_report(settings: Settings, data: Data) -> Path:
         "checkpoint at the same learning rate.",
         "",
         *statement(records, settings, train_size),
+        "",
+        PAIRED_NOTE,
+        "",
+        "## Ranking of every strategy (final test accuracy)",
+        "",
+        "Per fine-tuning learning rate, every kind of cell of the grid — each ordering of sequential fine-tuning, "
+        "merged, replay, each method, and the pretrained and joint models (trained once per seed, shown at every "
+        "lr) — ranked by its mean final test accuracy over seeds, beside its paired difference to the best one "
+        f"(same seeds); {spread_note([r['seeds'] for r in ranked]) if ranked else 'no cells'}. Strategy names are the cells' names without "
+        "their lr (`study_cells.csv`); full precision: `study_ranking.csv`.",
+        "",
+        *ranking_table(ranked),
         "",
         f"## Reference points ({spread_note([len(rs) for _, rs in groups(records, s) if rs], 'cells')})",
         "",

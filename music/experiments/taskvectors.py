@@ -40,7 +40,9 @@ from music.config import BASE_CONFIG, resolve_configs, shipped_config
 from music.experiments import instantiate, parser_for
 from music.experiments.common import Data, Output, results_db, reuse_or_run
 from music.experiments.merge import Evaluation, Merge
+from music.experiments.task_vector_report import write_analysis_section
 from music.runner import lightning, phase_metrics, run_dir
+from music.task_vector import TaskVector
 
 RECIPES = ["merge/addition_sum", "merge/addition_ties", "merge/addition_dare", "merge/negation_3", "merge/negation_4",
            "merge/negation_7", "merge/transfer_further", "merge/transfer_seed"]
@@ -244,7 +246,20 @@ class TaskVectors:
             lines += merge.markdown(r).split("\n")[2:]
             lines += [f"CSVs: `{stem}.csv` (every model, `val` and test), `{stem}_lambda.csv`; "
                       f"curve: `{stem}_lambda.png`."]
+        if vectors := self.task_vectors():
+            lines += ["", write_analysis_section(vectors, self.out_dir, "task_vectors_analysis")]
         write_atomically(self.out_dir / "task_vectors.md", "\n".join(lines) + "\n")
+
+
+    def task_vectors(self) -> dict[str, TaskVector]:
+        """τ = stage − pretrained of every trained stage that starts from the pretrained model (A)."""
+        folder = self.work_dir / "stages"
+        pretrained = folder / "pretrained.safetensors"
+        starts = {name: args[args.index("--model.init_from") + 1] for name, args in self.stages().items()
+                  if "--model.init_from" in args}
+        return {name: TaskVector.from_checkpoints(pretrained, folder / f"{name}.safetensors")
+                for name, start in starts.items()
+                if start == str(pretrained) and pretrained.exists() and (folder / f"{name}.safetensors").exists()}
 
 
 def _shipped_phases(config: str) -> list[dict[str, Any]]:
