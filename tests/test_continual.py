@@ -199,3 +199,18 @@ def test_domain_incremental_split_mnist_labels_each_digit_by_its_position_in_the
     assert list(rows[0]) == ["row", "phase", "acc_0", "acc_1", "task_task_1", "task_task_2", "acc"]
     acc = cli.model.evaluate(datamodule.dataloader("classes_2_3", test=True))[0]["acc"]
     assert float(rows[-1]["task_task_2"]) == pytest.approx(acc, abs=1e-6)
+
+
+@pytest.mark.mnist
+def test_permuted_mnist_two_tasks_on_real_mnist(shrink_mnist):
+    """The shipped Permuted MNIST protocol, two tasks, a few batches each: every row scores
+    both permuted test sets (10,000 digits each), and the tasks are really different inputs."""
+    config = shrink_mnist("permuted_mnist", phases=PERMUTED, iterations_per_epoch=None)
+    cli = run("fit", "--config", config, "--trainer.limit_train_batches", 3, "--model.backbone.init_args.hidden", "[100, 100]")
+    rows = read_matrix(Path(cli.trainer.log_dir))
+    assert [r["phase"] for r in rows] == ["start", "perm_1", "perm_2"]
+    assert all(0 <= float(r[c]) <= 1 for r in rows for c in ("task_perm_1", "task_perm_2"))
+    datamodule = cli.datamodule
+    assert len(datamodule.dataset("train@perm_2", test=True)) == 10_000
+    assert torch.equal(datamodule.dataset("train@perm_1").labels, datamodule.train_labels)  # labels unchanged
+    assert not torch.equal(datamodule.dataset("train@perm_1").images, datamodule.dataset("train@perm_2").images)
