@@ -5,6 +5,7 @@ import torch
 from conftest import SYNTHETIC
 
 from music.data import Domain, MusicDataModule, split_classes, split_domain
+from music.imagefolder import ImageFolderSource
 
 
 def test_split_sizes(mnist):
@@ -176,6 +177,7 @@ def test_bad_domain_split_names_are_refused_in_one_line(tmp_path, kwargs, split,
     ({"label_map": [0, 2] * 5}, r"every one used \(unused: \[1\]\)"),
     ({"label_map": [0] * 10}, "K >= 2"),
     ({"label_map": [0, -1] * 5}, "one integer label >= 0 per dataset class"),
+    ({"domains": DOMAINS, "image_folder": ImageFolderSource(image_size=8)}, "image_folder datasets are read per batch"),
 ])
 def test_bad_domains_and_label_maps_are_refused_in_one_line(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
