@@ -117,7 +117,9 @@ class Domain:
         if self.rotate:
             from torchvision.transforms.functional import InterpolationMode, rotate  # torchvision: only when used
 
-            return torch.cat([rotate(chunk, float(self.rotate), interpolation=InterpolationMode.BILINEAR, fill=BLACK)
+            # rotated with black at 0: grid_sample's zero padding then blends the border into black
+            # exactly (torchvision's `fill` blends it through an interpolated mask, leaving grey seams)
+            return torch.cat([rotate(chunk - BLACK, float(self.rotate), interpolation=InterpolationMode.BILINEAR) + BLACK
                               for chunk in images.split(ROTATION_CHUNK)]) if len(images) else images
         return images
 

@@ -119,6 +119,8 @@ def test_rotation_turns_the_images_counter_clockwise_the_same_in_train_and_test(
     assert torch.equal(again.dataset("class_3@r").images, synthetic(tmp_path, domains=[{"name": "r", "rotate": 30}])
                        .dataset("class_3@r").images)  # deterministic
     assert again.dataset("class_3@r").images.min() == -1  # the uncovered corners are black
+    black = torch.full((2, 1, 28, 28), -1.0)
+    assert torch.equal(Domain("r", rotate=30).apply(black), black)  # no grey seam where the corners meet the image
 
 
 def test_a_permutation_is_fixed_by_its_seed_and_shared_by_train_and_test(tmp_path):
