@@ -21,6 +21,13 @@ Definitions (``T`` = the last row):
   the average accuracy on tasks ``1..t`` right after task ``t``;
 - collapse share: the share of test predictions equal to one class (the last phase's) — 1/10
   on a balanced 10-class test set for a healthy model, near 1 for a collapsed one.
+
+A class task's accuracy is read off the test set's confusion matrix (its classes' rows). A
+domain task (rotated or permuted inputs, or labels mapped to the position in the task) has a
+test set of its own, so its runs give ``summarise`` the task-accuracy matrix directly; the
+task metrics (average accuracy, BWT, FWT, average incremental accuracy) are then computed from
+it, and forgetting is Chaudhry et al.'s per task, ``forgetting_per_task``, its mean
+``mean_forgetting``.
 """
 
 from __future__ import annotations
@@ -120,12 +127,14 @@ def forgetting_vs_reference(matrix: np.ndarray, reference_row: int, columns: Seq
 
 
 def summarise(confusions: Sequence[Sequence[Sequence[int]]], task_classes: Sequence[Sequence[int] | None],
-              reference_row: int | None) -> dict:
+              reference_row: int | None, task_accuracy: Sequence[Sequence[float]] | None = None) -> dict:
     """All the metrics of one run from its confusion matrices, one per row.
 
     ``task_classes[i]`` is what row ``i``'s phase trained on (``None``: not a fine-tuning task,
     e.g. the initial evaluation or pretraining). ``reference_row`` is the row before the first
-    task (``None`` when there is none)."""
+    task (``None`` when there is none). ``task_accuracy[i][j]``: the accuracy after row ``i`` on
+    the ``j``-th task's own test set (tasks in row order), for tasks whose accuracy the confusion
+    matrices cannot give (domain tasks); ``None``: read off the confusion matrices."""
     if len(confusions) != len(task_classes):
         raise ValueError(f"{len(confusions)} confusion matrices but {len(task_classes)} task entries: one per row.")
     matrix = np.stack([per_class_accuracy(c) for c in confusions])
@@ -133,7 +142,13 @@ def summarise(confusions: Sequence[Sequence[Sequence[int]]], task_classes: Seque
     tasks = [(row, list(classes)) for row, classes in enumerate(task_classes) if classes]
     trained = sorted({c for _, classes in tasks for c in classes})
     untouched = [c for c in range(num_classes) if c not in trained]
-    task_matrix = np.array([[accuracy_on(conf, classes) for _, classes in tasks] for conf in confusions])
+    if task_accuracy is None:
+        task_matrix = np.array([[accuracy_on(conf, classes) for _, classes in tasks] for conf in confusions])
+    else:
+        task_matrix = np.asarray(task_accuracy, dtype=float).reshape(len(confusions), -1)
+        if task_matrix.shape != (len(confusions), len(tasks)):
+            raise ValueError(f"task_accuracy has shape {task_matrix.shape}, but the run has {len(confusions)} rows "
+                             f"and {len(tasks)} tasks: one accuracy per row and task.")
     learned = {j: row for j, (row, _) in enumerate(tasks)}
     first = {c: max(row for row, classes in tasks if c in classes) for c in trained}  # last time it was trained
     if reference_row is not None:
@@ -163,6 +178,10 @@ def summarise(confusions: Sequence[Sequence[Sequence[int]]], task_classes: Seque
         result["untouched_forgetting"] = float(np.mean(list(vs_reference.values()))) if untouched else math.nan
     # average forgetting over the tasks' classes (Chaudhry et al.); the last task has none yet
     values = [v for c, v in result["forgetting_per_class"].items() if int(c) in trained and not math.isnan(v)]
+    if task_accuracy is not None:  # a domain task's classes are every task's: forgetting is per task
+        per_task = forgetting(task_matrix, learned) if tasks else {}
+        result["forgetting_per_task"] = [per_task[j] for j in range(len(tasks))]
+        values = [v for v in per_task.values() if not math.isnan(v)]
     result["mean_forgetting"] = float(np.mean(values)) if values else math.nan
     return result
 

@@ -4,6 +4,8 @@ The study needs several training sets drawn from one training set: ``remaining``
 model is pretrained on), one split per held-out class (``class_3`` ...) and ``merged`` (all
 held-out samples at once), optionally a ``val`` split for choosing hyperparameters.  They are
 computed once from ``split_seed`` so every run, process and rank sees identical index lists.
+``domains`` adds domain tasks: ``<split>@<domain>`` is a split's samples under a fixed input
+transform (a rotation, a pixel permutation), for rotated or permuted variants of any dataset.
 Images are scaled to [-1, 1] once and kept in memory; batches are gathered by index, which
 keeps the per-step cost at a single tensor ``index_select`` instead of per-sample Python work.
 """
@@ -13,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -66,6 +69,61 @@ def split_hash(indices: Tensor) -> str:
     return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
+BLACK = -1.0  # the darkest pixel once images are scaled to [-1, 1]: what a rotation uncovers
+ROTATION_CHUNK = 4096  # images rotated at once: grid_sample's temporaries stay tens of MB
+
+
+@dataclass
+class Domain:
+    """One input distribution of a domain-incremental protocol (Rotated MNIST, Permuted MNIST):
+    every image of the dataset under one fixed transform, the labels unchanged. A domain with
+    neither transform is the dataset itself (e.g. ``rot_0``, the first task of a sequence).
+
+    Args:
+        name: what split names call it: ``train@<name>``, ``classes_2_3@<name>``.
+        rotate: degrees to rotate every image, counter-clockwise (bilinear; the corners the
+            rotation uncovers are black).
+        permute_seed: shuffle the pixels by the permutation ``torch.randperm`` draws from this
+            seed: the same for every image, train and test, and for all channels, so the task
+            stays learnable while no spatial structure is shared with the other domains.
+    """
+
+    name: str
+    rotate: float = 0.0
+    permute_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"Domain name {self.name!r} is not allowed: use letters, digits, '_', '.', '-'.")
+        if not math.isfinite(self.rotate):
+            raise ValueError(f"Domain {self.name!r} has rotate={self.rotate}: an angle in degrees must be finite.")
+        if self.permute_seed is not None and self.permute_seed < 0:
+            raise ValueError(f"Domain {self.name!r} has permute_seed={self.permute_seed}: a seed must be >= 0.")
+        if self.rotate and self.permute_seed is not None:
+            raise ValueError(f"Domain {self.name!r} sets both rotate={self.rotate} and permute_seed="
+                             f"{self.permute_seed}: a domain is one transform; define two domains.")
+
+    def permutation(self, pixels: int) -> Tensor | None:
+        """The pixel order of ``permute_seed`` for images of ``pixels`` pixels (None: no permutation)."""
+        if self.permute_seed is None:
+            return None
+        return torch.randperm(pixels, generator=torch.Generator().manual_seed(self.permute_seed))
+
+    def apply(self, images: Tensor) -> Tensor:
+        """``images`` (N, C, H, W), transformed (the input is never modified in place)."""
+        if self.permute_seed is not None:
+            order = self.permutation(images.shape[-2] * images.shape[-1])
+            return images.flatten(-2)[..., order].reshape(images.shape)
+        if self.rotate:
+            from torchvision.transforms.functional import InterpolationMode, rotate  # torchvision: only when used
+
+            # rotated with black at 0: grid_sample's zero padding then blends the border into black
+            # exactly (torchvision's `fill` blends it through an interpolated mask, leaving grey seams)
+            return torch.cat([rotate(chunk - BLACK, float(self.rotate), interpolation=InterpolationMode.BILINEAR) + BLACK
+                              for chunk in images.split(ROTATION_CHUNK)]) if len(images) else images
+        return images
+
+
 class MusicDataModule(LightningDataModule):
     """Serves the study's training splits by name and the full official test set.
 
@@ -101,6 +159,15 @@ class MusicDataModule(LightningDataModule):
             (``music.eda.LogEDA``, which ``music fit`` installs), so a run documents the data it saw.
         image_folder: read a class-per-folder image dataset under ``data_dir`` instead of
             ``dataset`` (see ``music.imagefolder``); the splits work the same.
+        domains: input domains (``Domain``: a fixed rotation or pixel permutation) that split
+            names may add: ``train@rot_45`` is ``train``'s samples rotated by that domain's 45
+            degrees, the same samples and labels. Transformed once per split and kept, like
+            every split. Phase evaluation then also scores each domain task on its own test set.
+        label_map: ``label_map[c]`` is the label every sample of class ``c`` is trained and
+            tested with, e.g. ``[0, 1, 0, 1, ...]`` for domain-incremental Split-MNIST (the
+            position of the digit in its task, a two-output head). Splits still select samples by
+            their dataset class (``classes_2_3`` is digits 2 and 3, labelled 0 and 1);
+            ``num_classes`` is the number of mapped labels. ``None``: the dataset's labels.
     """
 
     def __init__(
@@ -120,16 +187,30 @@ class MusicDataModule(LightningDataModule):
         num_workers: int = 0,
         log_eda: bool = False,
         image_folder: ImageFolderSource | None = None,
+        domains: list[Domain] = [],
+        label_map: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # a plain dict: checkpoints stay loadable with weights_only=True
+        domains = [d if isinstance(d, Domain) else Domain(**d) for d in domains]  # dicts: from a checkpoint
+        # plain dicts: checkpoints stay loadable with weights_only=True
         self.hparams["image_folder"] = asdict(image_folder) if image_folder is not None else None
+        self.hparams["domains"] = [asdict(d) for d in domains]
         self.dataset_class = import_class(dataset, "dataset")
         classes = getattr(self.dataset_class, "classes", None)
         self._declared_num_classes = len(classes) if classes and image_folder is None else None
         self.image_folder = image_folder
         _check_held_out(held_out_classes, self._declared_num_classes, dataset)
+        names = [d.name for d in domains]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"domains names {repeated} more than once: each domain name must be unique {names}.")
+        if image_folder is not None and (domains or label_map is not None):
+            raise ValueError("domains and label_map transform in-memory images and labels; image_folder datasets "
+                             "are read per batch: use them without domains and label_map.")
+        _check_label_map(label_map, self._declared_num_classes, dataset)
+        self.domains = {d.name: d for d in domains}
+        self.label_map = list(label_map) if label_map is not None else None
         if isinstance(samples_per_class, str) and samples_per_class != "all":
             raise ValueError(f"samples_per_class={samples_per_class!r} is not allowed: an integer >= 1 or 'all'.")
         for name, value, low in (("samples_per_class", 1 if samples_per_class == "all" else samples_per_class, 1),
@@ -166,12 +247,18 @@ class MusicDataModule(LightningDataModule):
         return names + (["val"] if self.val_size else []) + ["train"]
 
     def check_split(self, name: str) -> str:
+        base, domain = split_domain(name)
+        if domain is not None:
+            self._check_domain(name, domain)
+            self.check_split(base)
+            return name
         if name in self.split_names:
             return name
         classes = task_split_classes(name)
         if classes is None:
+            domains = f", and any of them on a domain, <split>@{{{','.join(self.domains)}}}" if self.domains else ""
             raise ValueError(f"Unknown split {name!r}: the data module serves {self.split_names} "
-                             "and tasks of several classes, classes_<a>_<b>...")
+                             f"and tasks of several classes, classes_<a>_<b>...{domains}")
         num_classes = self._declared_num_classes or (int(self.train_labels.max()) + 1 if self.splits else None)
         outside = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
         if outside:
@@ -184,14 +271,32 @@ class MusicDataModule(LightningDataModule):
                                  f"out every sample of them: train on class_{unseen[0]} instead, or hold out fewer.")
         return name
 
+    def _check_domain(self, split: str, domain: str) -> None:
+        if domain not in self.domains:
+            defined = f"data.domains defines {list(self.domains)}" if self.domains else "data.domains is empty"
+            raise ValueError(f"Split {split!r} names the domain {domain!r}, but {defined}.")
+
     def task_classes(self, split: str) -> list[int]:
-        """The classes a training split holds: a phase's task, e.g. for task-incremental masking."""
-        classes = split_classes(self.check_split(split), self.held_out_classes)
+        """The labels a training split holds, as the model sees them (through ``label_map``):
+        a phase's task, e.g. for task-incremental masking. A domain does not change them."""
+        classes = self._dataset_classes(split_domain(self.check_split(split))[0])
+        return classes if self.label_map is None else sorted({self.label_map[c] for c in classes})
+
+    def _dataset_classes(self, split: str) -> list[int]:
+        """The dataset classes of a split without a domain (before ``label_map``)."""
+        classes = split_classes(split, self.held_out_classes)
         if classes is not None:
             return classes
         self.setup()
         labels = self.train_labels if split == "train" else self.train_labels[self.splits[split]]
         return labels.unique().tolist()
+
+    @property
+    def separate_task_tests(self) -> bool:
+        """Whether a task's test accuracy needs its own test set (``dataloader(split, test=True)``):
+        a domain's test images are transformed, and with ``label_map`` the plain confusion matrix
+        no longer tells one task's classes from another's."""
+        return bool(self.domains) or self.label_map is not None
 
     @property
     def train_split(self) -> str:
@@ -203,6 +308,9 @@ class MusicDataModule(LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """The size of the model's label space: the dataset's classes, or ``label_map``'s labels."""
+        if self.label_map is not None:
+            return max(self.label_map) + 1
         if self._declared_num_classes is not None:
             return self._declared_num_classes
         self.setup()
@@ -228,6 +336,7 @@ class MusicDataModule(LightningDataModule):
         if not self.splits:
             self.train_images, self.train_labels = self._load(train=True)
             self.test_images, self.test_labels = self._load(train=False)
+            _check_label_map(self.label_map, int(self.train_labels.max()) + 1, self.hparams.dataset)
             self.splits = self._make_splits()
         if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
             self._device = self.trainer.strategy.root_device  # batches are then gathered on the GPU
@@ -295,27 +404,45 @@ class MusicDataModule(LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def dataset(self, split: str) -> Dataset:
-        """A training split by name, or ``"test"`` for the full official test set.
+    def dataset(self, split: str, *, test: bool = False) -> Dataset:
+        """A training split by name, or ``"test"`` for the full official test set (``test@<domain>``:
+        under a domain). ``test=True``: the test set of the training split's task instead, the
+        test samples of its classes under its domain (``classes_2_3@perm_1``: test digits 2
+        and 3, permuted), labelled as the split is.
 
-        Each split is gathered once and kept: phases reload the training loader every epoch,
-        and copying the ``remaining`` images again each time would add to every epoch
-        (docs/speed.md). When
-        training on a GPU the split is kept there, so no batch is copied from the host."""
-        key = (split, str(self._device))
+        Each split is gathered (and transformed) once and kept: phases reload the training
+        loader every epoch, and copying the ``remaining`` images again each time would add to
+        every epoch (docs/speed.md). When training on a GPU the split is kept there, so no
+        batch is copied from the host."""
+        key = (split, str(self._device), test)
         if key not in self._datasets:
-            self._datasets[key] = self._gather(split)
+            self._datasets[key] = self._gather(split, test)
         return self._datasets[key]
 
-    def _gather(self, split: str) -> Dataset:
+    def _gather(self, split: str, test: bool = False) -> Dataset:
+        base, domain = split_domain(split)
+        if base != "test":
+            self.check_split(split)
+        elif domain is not None:
+            self._check_domain(split, domain)
         index = None  # None: the whole train or test set
-        if split != "test" and self.check_split(split) != "train":
-            index = self.splits[split] if split in self.splits else self._task_index(split)
+        if base == "test":
+            test = True
+        elif test:
+            classes = self._dataset_classes(base)
+            if set(classes) != set(self.test_labels.unique().tolist()):
+                index = torch.isin(self.test_labels, torch.tensor(classes)).nonzero().flatten()
+        elif base != "train":
+            index = self.splits[base] if base in self.splits else self._task_index(base)
         if self.image_folder is not None:
-            return self.image_folder.dataset(self.data_dir, train=split != "test", index=index)
-        images, labels = (self.test_images, self.test_labels) if split == "test" else (self.train_images, self.train_labels)
+            return self.image_folder.dataset(self.data_dir, train=not test, index=index)
+        images, labels = (self.test_images, self.test_labels) if test else (self.train_images, self.train_labels)
         if index is not None:
             images, labels = images[index], labels[index]
+        if domain is not None:
+            images = self.domains[domain].apply(images)
+        if self.label_map is not None:
+            labels = torch.tensor(self.label_map)[labels]
         return InMemoryDataset(images.to(self._device), labels.to(self._device))
 
     def _task_index(self, split: str) -> Tensor:
@@ -333,13 +460,14 @@ class MusicDataModule(LightningDataModule):
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
                    distributed: bool = False, batches_per_block: int = 1,
-                   iterations: int | None = None) -> DataLoader:
-        """Any split as a loader; ``distributed`` shards it over the ranks (for evaluation run
+                   iterations: int | None = None, test: bool = False) -> DataLoader:
+        """Any split as a loader (``test``: its task's test set, see ``dataset``); ``distributed``
+        shards it over the ranks (for evaluation run
         outside Lightning's loops, where no sampler is injected). With ``batches_per_block``
         > 1 it yields ``Block``s of that many batches, in the order a batch loader would (the
         shuffled order does not depend on the batch size). ``iterations``: a shuffled loader
         serves that many batches, through as many reshuffled passes as it takes."""
-        dataset = self.dataset(split)
+        dataset = self.dataset(split, test=test)
         if shuffle and len(dataset) == 0:
             raise ValueError(f"Split {split!r} is empty: there is nothing to train on.")
         sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
@@ -382,19 +510,33 @@ class MusicDataModule(LightningDataModule):
             return entry | ({"sha256": split_hash(index)} if index is not None else {})
 
         splits = {n: describe(self.train_labels[i], i) for n, i in self.splits.items()}
-        return {
+        manifest = {
             "dataset": self.hparams.dataset if self.image_folder is None else os.path.abspath(self.data_dir),
             "held_out_classes": self.held_out_classes,
             "samples_per_class": self.samples_per_class,
             "split_seed": self.split_seed,
             "splits": splits | {"train": describe(self.train_labels), "test": describe(self.test_labels)},
         }
+        if self.domains:  # a domain split <split>@<domain> holds <split>'s samples (same sha256), transformed so
+            pixels = self.train_images.shape[-2] * self.train_images.shape[-1]
+            manifest["domains"] = {name: asdict(d) | ({"permutation_sha256": split_hash(d.permutation(pixels))}
+                                                     if d.permute_seed is not None else {})
+                                   for name, d in self.domains.items()}
+        if self.label_map is not None:  # class_counts count dataset classes; the model sees these labels
+            manifest["label_map"] = self.label_map
+        return manifest
 
     @rank_zero_only
     def write_manifest(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(self.manifest(), f, indent=2)
+
+
+def split_domain(name: str) -> tuple[str, str | None]:
+    """``train@rot_45`` -> ``("train", "rot_45")``; ``("train", None)`` for a split on no domain."""
+    base, at, domain = name.partition("@")
+    return (base, domain) if at else (name, None)
 
 
 def split_classes(name: str, held_out_classes: Sequence[int]) -> list[int] | None:
@@ -416,6 +558,20 @@ def task_split_classes(name: str) -> list[int] | None:
     if len(set(classes)) < len(classes):
         raise ValueError(f"Split {name!r} repeats a class: each class of a task is named once.")
     return classes
+
+
+def _check_label_map(label_map: Sequence[int] | None, num_classes: int | None, dataset: str) -> None:
+    if label_map is None:
+        return
+    if len(label_map) < 1 or any(not isinstance(v, int) or v < 0 for v in label_map):
+        raise ValueError(f"label_map={list(label_map)} is not allowed: one integer label >= 0 per dataset class.")
+    unused = sorted(set(range(max(label_map) + 1)) - set(label_map))
+    if unused or max(label_map) < 1:
+        raise ValueError(f"label_map={list(label_map)} is not allowed: its labels must be 0..K-1 with K >= 2, every "
+                         f"one used{f' (unused: {unused})' if unused else ''}.")
+    if num_classes is not None and len(label_map) != num_classes:
+        raise ValueError(f"label_map={list(label_map)} has {len(label_map)} entries but {dataset} has {num_classes} "
+                         "classes: give one label per class.")
 
 
 def _check_held_out(classes: Sequence[int], num_classes: int | None, dataset: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import time
 
@@ -28,7 +29,7 @@ from music import dashboard
 from music.callbacks import Phase, SequentialFineTuning
 from music.checkpoint import write_atomically
 from music.continual import accuracy_on, per_class_accuracy, summarise, to_json
-from music.data import split_classes
+from music.data import split_classes, split_domain
 from music.figures import accuracy_matrix_figure, confusion_matrix_figure, phase_figure
 from music.rundir import run_dir
 
@@ -54,7 +55,12 @@ class PhaseEvaluation(Callback):
     accuracy per class and per fine-tuning task, row by row) and ``continual_metrics.json``
     (``music.continual``: average accuracy, forgetting, BWT, collapse share), and the metrics
     to TensorBoard under ``continual/``. A phase is a fine-tuning task when its split is defined
-    by its classes (``class_<c>``, ``merged``, ``classes_<a>_<b>...``).
+    by its classes (``class_<c>``, ``merged``, ``classes_<a>_<b>...``) or on a domain
+    (``train@rot_45``). When the data module has domains or a label map
+    (``MusicDataModule.separate_task_tests``), every evaluation also scores the test set of each
+    task of the schedule (``dataloader(split, test=True)``: its classes, under its domain), and
+    the task columns and continual metrics come from those accuracies; ``acc`` and the per-class
+    columns stay those of the plain test set.
     """
 
     def __init__(self, evaluate_test: bool = True, evaluate_initial: bool = True, log_figures: bool = True) -> None:
@@ -63,6 +69,7 @@ class PhaseEvaluation(Callback):
         self.log_figures = log_figures
         self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
         self.evaluations: dict[str, dict] = {}  # evaluated row name -> split, step, epoch, headline metrics
+        self.task_accuracy: dict[str, dict[str, float]] = {}  # row name -> task split -> accuracy on its test set
         self._phase_start: float | None = None  # wall clock of the phase under way (since a resume, if resumed)
         self._started = False  # HParams and layout written in this fit
 
@@ -101,11 +108,12 @@ class PhaseEvaluation(Callback):
             dashboard.log_hparams(trainer.logger, {}, start=False)
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "evaluations": self.evaluations}
+        return {"rows": self.rows, "evaluations": self.evaluations, "task_accuracy": self.task_accuracy}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = dict(state_dict.get("rows", {}))
         self.evaluations = dict(state_dict.get("evaluations", {}))
+        self.task_accuracy = dict(state_dict.get("task_accuracy", {}))
 
     # -- evaluation and its records ----------------------------------------------------------
 
@@ -132,6 +140,11 @@ class PhaseEvaluation(Callback):
             _record(run_dir(trainer), index, phase, {"train_seconds": seconds, "trainable_params": trainable},
                     filename="phase_costs.json")
         self.rows[phase.name] = confusion.tolist()
+        datamodule = trainer.datamodule
+        if getattr(datamodule, "separate_task_tests", False):
+            self.task_accuracy[phase.name] = {
+                split: pl_module.evaluate(datamodule.dataloader(split, test=True, distributed=trainer.world_size > 1))[0]["acc"]
+                for split in dict.fromkeys(p.split for p in schedule.phases if _is_task(p.split, datamodule))}
         self.evaluations[phase.name] = {"split": phase.split if index is not None else "–", "step": step,
                                         "epoch": epoch, "acc": metrics["acc"], "f1_macro": metrics["f1"],
                                         "loss": metrics["loss"]}
@@ -141,20 +154,34 @@ class PhaseEvaluation(Callback):
 
     def _continual(self, trainer: Trainer, step: int, schedule: SequentialFineTuning, index: int | None) -> None:
         """Accuracy matrix and continual-learning metrics over the rows evaluated so far."""
-        held_out = trainer.datamodule.held_out_classes
+        datamodule = trainer.datamodule
+        held_out = datamodule.held_out_classes
         names = list(self.rows)
-        tasks = [split_classes(self.evaluations[n]["split"], held_out) for n in names]
         confusions = [self.rows[n] for n in names]
-        summary = _summary(confusions, tasks, names)
         last = index == len(schedule.phases) - 1
         later = schedule.phases[0 if index is None else index + 1:]
-        later_classes = {c for p in later for c in split_classes(p.split, held_out) or []}
-        earlier = _summary(confusions[:-1], tasks[:-1], names[:-1]) if last and len(names) > 1 else None
-        task_columns = [(f"task_{n}", t) for n, t in zip(names, tasks) if t]
-        header = ["row", "phase", *(f"acc_{c}" for c in range(len(confusions[0]))),
-                  *(name for name, _ in task_columns), "acc"]
-        table = [[i, n, *per_class_accuracy(conf).tolist(), *(accuracy_on(conf, t) for _, t in task_columns),
-                  accuracy_on(conf, range(len(conf)))] for i, (n, conf) in enumerate(zip(names, confusions))]
+        if getattr(datamodule, "separate_task_tests", False):
+            splits = [self.evaluations[n]["split"] for n in names]
+            tasks = [datamodule.task_classes(s) if _is_task(s, datamodule) else None for s in splits]
+            task_splits = [s for s, t in zip(splits, tasks) if t]
+            accuracies = [[self.task_accuracy.get(n, {}).get(s, math.nan) for s in task_splits] for n in names]
+            later_classes = {c for p in later if _is_task(p.split, datamodule) for c in datamodule.task_classes(p.split)}
+        else:
+            tasks = [split_classes(self.evaluations[n]["split"], held_out) for n in names]
+            accuracies = None
+            later_classes = {c for p in later for c in split_classes(p.split, held_out) or []}
+        summary = _summary(confusions, tasks, names, accuracies)
+        earlier = (_summary(confusions[:-1], tasks[:-1], names[:-1],
+                            None if accuracies is None else [row[:-1] if tasks[-1] else row for row in accuracies[:-1]])
+                   if last and len(names) > 1 else None)
+        task_names = [f"task_{n}" for n, t in zip(names, tasks) if t]
+        header = ["row", "phase", *(f"acc_{c}" for c in range(len(confusions[0]))), *task_names, "acc"]
+        if accuracies is None:
+            task_values = [[accuracy_on(conf, t) for t in tasks if t] for conf in confusions]
+        else:
+            task_values = accuracies
+        table = [[i, n, *per_class_accuracy(conf).tolist(), *values, accuracy_on(conf, range(len(conf)))]
+                 for i, (n, conf, values) in enumerate(zip(names, confusions, task_values))]
         if trainer.logger is not None and trainer.is_global_zero:
             scalars = dashboard.continual_scalars(summary, earlier, sorted(later_classes), last)
             trainer.logger.log_metrics(scalars, step=step)
@@ -202,12 +229,22 @@ def settings(trainer: Trainer, pl_module: LightningModule, schedule: SequentialF
     return values
 
 
-def _summary(confusions: list, tasks: list, names: list[str]) -> dict:
+def _summary(confusions: list, tasks: list, names: list[str], task_accuracy: list | None = None) -> dict:
     """``music.continual.summarise`` of these rows, the reference row being the one before the
-    first fine-tuning task, NaN as ``None``."""
+    first fine-tuning task, NaN as ``None``; with ``task_accuracy`` (domain tasks), it also
+    names the task columns."""
     first_task = next((i for i, t in enumerate(tasks) if t), None)
     reference = first_task - 1 if first_task else None
-    return to_json(summarise(confusions, tasks, reference) | {"row_names": names, "reference_row": reference})
+    summary = summarise(confusions, tasks, reference, task_accuracy) | {"row_names": names, "reference_row": reference}
+    if task_accuracy is not None:
+        summary["task_columns"] = [f"task_{n}" for n, t in zip(names, tasks) if t]
+    return to_json(summary)
+
+
+def _is_task(split: str, datamodule) -> bool:
+    """A phase on this split is a fine-tuning task: a split defined by its classes, or any
+    split on a domain."""
+    return split_domain(split)[1] is not None or split_classes(split, datamodule.held_out_classes) is not None
 
 
 def _describe(row: str) -> str:

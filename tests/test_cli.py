@@ -15,7 +15,8 @@ from music.experiments import EXPERIMENTS, parser_for
 TESTS = Path(__file__).parent
 
 # deltas that need a base besides base.yaml
-NEEDS = {"lora": ["seq_finetune"], "head_only": ["seq_finetune"], "vit_lora": ["vit_full"]}
+NEEDS = {"lora": ["seq_finetune"], "head_only": ["seq_finetune"], "vit_lora": ["vit_full"],
+         "split_mnist_domain": ["split_mnist"]}
 LIGHTNING_KEYS = {"seed_everything", "trainer", "model", "data", "schedule", "evaluation", "checkpoint", "optimizer", "lr_scheduler"}
 SHIPPED = {name: set(yaml.safe_load(shipped_config(name).read_text()) or {}) for name in shipped_names()}
 LIGHTNING_CONFIGS = sorted(name for name, keys in SHIPPED.items() if keys <= LIGHTNING_KEYS)

@@ -137,3 +137,80 @@ def test_summarise_reports_forward_transfer_against_the_reference_row():
     summary = continual.summarise(rows, [None, [1], [2], [3]], reference_row=0)
     assert summary["forward_transfer"] == pytest.approx(0.0)
     assert summary["average_incremental_accuracy"] == pytest.approx(np.mean([1.0, 0.7, 0.6]))
+
+
+# -- domain tasks: each task scored on its own test set ----------------------------------------
+
+def test_summarise_takes_a_task_accuracy_matrix_for_domain_tasks():
+    """Domain tasks share every class: their accuracies come as a matrix, and forgetting is
+    per task (Chaudhry et al.), not per class."""
+    rows = [confusion(row, sink=0) for row in A]
+    tasks = A[:, 1:]  # as if each column were a domain task's own test set
+    summary = continual.summarise(rows, [None, *[[0, 1, 2, 3]] * 3], reference_row=0, task_accuracy=tasks)
+    assert summary["average_accuracy"] == pytest.approx((0.2 + 0.6 + 1.0) / 3)
+    assert summary["backward_transfer"] == pytest.approx(((0.2 - 1.0) + (0.6 - 0.9)) / 2)
+    assert summary["forgetting_per_task"][:2] == pytest.approx([1.0 - 0.2, 0.9 - 0.6])
+    assert math.isnan(summary["forgetting_per_task"][2])  # the last task: none yet
+    assert summary["mean_forgetting"] == pytest.approx((0.8 + 0.3) / 2)
+    assert summary["average_incremental_accuracy"] == pytest.approx(np.mean([1.0, 0.7, 0.6]))
+    assert "forgetting_per_task" not in continual.summarise(rows, [None, [1], [2], [3]], reference_row=0)
+    with pytest.raises(ValueError, match=r"task_accuracy has shape \(4, 2\), but the run has 4 rows and 3 tasks"):
+        continual.summarise(rows, [None, [1], [2], [3]], reference_row=0, task_accuracy=tasks[:, :2])
+
+
+PERMUTED = [{"name": "perm_1", "split": "train@perm_1", "epochs": 1}, {"name": "perm_2", "split": "train@perm_2", "epochs": 1}]
+
+
+def test_a_domain_run_scores_each_task_on_its_own_test_set_and_resumes_them(shrink):
+    config = shrink("permuted_mnist", phases=PERMUTED, iterations_per_epoch=None)
+    args = ["--config", config, "--trainer.limit_train_batches", 2, "--model.backbone.init_args.hidden", "[64, 32]"]
+    whole = run("fit", *args)
+    log_dir = Path(whole.trainer.log_dir)
+    rows = read_matrix(log_dir)
+    assert list(rows[0]) == ["row", "phase", *(f"acc_{c}" for c in range(10)), "task_perm_1", "task_perm_2", "acc"]
+    assert [r["phase"] for r in rows] == ["start", "perm_1", "perm_2"]
+    datamodule, model = whole.datamodule, whole.model
+    for column, split in (("task_perm_1", "train@perm_1"), ("task_perm_2", "train@perm_2")):
+        # the final row: the model as it ended, on that task's permuted test set
+        acc = model.evaluate(datamodule.dataloader(split, test=True))[0]["acc"]
+        assert float(rows[-1][column]) == pytest.approx(acc, abs=1e-6)
+    phases = json.loads((log_dir / "phase_metrics.json").read_text())
+    assert float(rows[-1]["acc"]) == pytest.approx(phases["perm_2"]["acc"], abs=1e-6)  # acc: the plain test set
+    assert phases["perm_2"]["acc"] == pytest.approx(model.evaluate(datamodule.dataloader("test"))[0]["acc"], abs=1e-6)
+    metrics = json.loads((log_dir / "continual_metrics.json").read_text())
+    final = [float(rows[-1][c]) for c in ("task_perm_1", "task_perm_2")]
+    assert metrics["average_accuracy"] == pytest.approx(np.mean(final), abs=1e-6)
+    assert metrics["backward_transfer"] == pytest.approx(final[0] - float(rows[1]["task_perm_1"]), abs=1e-6)
+    assert metrics["task_columns"] == ["task_perm_1", "task_perm_2"] and metrics["reference_row"] == 0
+    resumed = run("fit", *args, "--ckpt_path", log_dir / "checkpoints" / "phase-0-perm_1.ckpt")
+    assert read_matrix(Path(resumed.trainer.log_dir)) == rows  # the earlier rows' task accuracies come from the state
+    assert json.loads((Path(resumed.trainer.log_dir) / "continual_metrics.json").read_text()) == metrics
+
+
+def test_domain_incremental_split_mnist_labels_each_digit_by_its_position_in_the_task(shrink):
+    phases = [{"name": "task_1", "classes": [0, 1], "epochs": 1}, {"name": "task_2", "classes": [2, 3], "epochs": 1}]
+    config = shrink("split_mnist", "split_mnist_domain", phases=phases, held_out_classes=[], iterations_per_epoch=None)
+    cli = run("fit", "--config", config, "--trainer.limit_train_batches", 2)
+    assert cli.model.num_classes == 2 and cli.model.backbone.fc3.out_features == 2
+    datamodule = cli.datamodule
+    assert torch.equal(datamodule.dataset("classes_2_3").labels, datamodule.train_labels[
+        (datamodule.train_labels == 2) | (datamodule.train_labels == 3)] - 2)
+    rows = read_matrix(Path(cli.trainer.log_dir))
+    assert list(rows[0]) == ["row", "phase", "acc_0", "acc_1", "task_task_1", "task_task_2", "acc"]
+    acc = cli.model.evaluate(datamodule.dataloader("classes_2_3", test=True))[0]["acc"]
+    assert float(rows[-1]["task_task_2"]) == pytest.approx(acc, abs=1e-6)
+
+
+@pytest.mark.mnist
+def test_permuted_mnist_two_tasks_on_real_mnist(shrink_mnist):
+    """The shipped Permuted MNIST protocol, two tasks, a few batches each: every row scores
+    both permuted test sets (10,000 digits each), and the tasks are really different inputs."""
+    config = shrink_mnist("permuted_mnist", phases=PERMUTED, iterations_per_epoch=None)
+    cli = run("fit", "--config", config, "--trainer.limit_train_batches", 3, "--model.backbone.init_args.hidden", "[100, 100]")
+    rows = read_matrix(Path(cli.trainer.log_dir))
+    assert [r["phase"] for r in rows] == ["start", "perm_1", "perm_2"]
+    assert all(0 <= float(r[c]) <= 1 for r in rows for c in ("task_perm_1", "task_perm_2"))
+    datamodule = cli.datamodule
+    assert len(datamodule.dataset("train@perm_2", test=True)) == 10_000
+    assert torch.equal(datamodule.dataset("train@perm_1").labels, datamodule.train_labels)  # labels unchanged
+    assert not torch.equal(datamodule.dataset("train@perm_1").images, datamodule.dataset("train@perm_2").images)
