@@ -6,6 +6,7 @@
   and torch files are read through the same reader interface.
 - ``engine``: ``Merger``, the one loop every merge and apply runs.
 - ``recipe``: ``Recipe`` and ``Source``, the recipe as checked data.
+- ``sequential``: ``sequential_merge``, the task vectors absorbed one at a time in an order.
 - ``checks``: the checks they share.
 
 Evaluation, λ selection and reports are the experiment's (``music merge``,
@@ -25,7 +26,8 @@ from music.merging.io import (
 )
 from music.merging.methods import DARE, TIES, MergeMethod, TaskArithmetic
 from music.merging.recipe import Recipe, Source
+from music.merging.sequential import Step, sequential_merge
 
 __all__ = ["DARE", "Entry", "Hasher", "MergeMethod", "MergeReport", "Merger", "Recipe", "SafetensorsReader", "Source",
-           "StateDictReader", "TIES", "TaskArithmetic", "TaskVectorError", "apply_update", "fingerprint",
-           "hashing_beside", "open_reader", "write_safetensors"]
+           "StateDictReader", "Step", "TIES", "TaskArithmetic", "TaskVectorError", "apply_update", "fingerprint",
+           "hashing_beside", "open_reader", "sequential_merge", "write_safetensors"]
