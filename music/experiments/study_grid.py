@@ -58,7 +58,8 @@ class Grid:
         seeds: one replicate per seed: its own pretrained model (and held-out samples, with
             ``split_seed_follows_seed``).
         held_out_classes: the classes fine-tuned on, one phase each in sequential cells.
-        orderings: the sequential orderings; null: every permutation of ``held_out_classes``.
+        orderings: the sequential orderings; null: every permutation of ``held_out_classes`` (of
+            ``tasks``, when given: then an ordering lists task names).
         lrs: the fine-tuning learning rates.
         pretrain_lr: learning rate of pretraining and of the joint model.
         pretrain_epochs: epochs of pretraining on ``remaining``.
@@ -101,7 +102,7 @@ class Grid:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     held_out_classes: list[int] = field(default_factory=lambda: [3, 4, 7])
-    orderings: list[list[int]] | None = None
+    orderings: list[list[int]] | list[list[str]] | None = None
     lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
     pretrain_lr: float = 1e-3
     pretrain_epochs: int = 5
@@ -164,6 +165,9 @@ class Grid:
                 if not re.fullmatch(r"class_\d+|[A-Za-z0-9_]+@[A-Za-z0-9_]+", task):
                     raise ValueError(f"task {task!r} is not allowed: give a split `class_<c>` or `<split>@<domain>` "
                                      "(e.g. train@rot_45).")
+            names = [phase_name(t) for t in self.tasks]
+            if len(set(names)) != len(names):
+                raise ValueError(f"tasks={self.tasks} give phases of one name ({names}): give one task per domain.")
         if self.data is not None:
             owned = sorted(set(self.data) & GRID_DATA)
             if owned:
@@ -261,10 +265,11 @@ def merge_method(config: str) -> MergeMethod:
 
 
 def phase_name(task: str) -> str:
-    """A task's phase name: ``class_3`` -> ``class_3``, ``train@rot_45`` -> ``rot_45``,
-    ``remaining@perm_1`` -> ``remaining_perm_1``."""
+    """A task's phase name: ``class_3`` -> ``class_3``; the domain for the training or held-out
+    samples under it (``train@rot_45``, ``merged@rot_45`` -> ``rot_45``); ``remaining@perm_1``
+    -> ``remaining_perm_1``."""
     split, _, domain = task.partition("@")
-    return task if not domain else domain if split == "train" else f"{split}_{domain}"
+    return task if not domain else domain if split in ("train", "merged") else f"{split}_{domain}"
 
 
 def ordering_tag(ordering: list) -> str:
