@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from music.config import config_path
-from music.experiments import study_db
+from music.experiments import instantiate, study_db
 from music.merging import MergeMethod
 
 
@@ -243,8 +244,11 @@ def merge_spec(config: str) -> dict[str, Any]:
         path = config_path(config)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"merges: {err}") from None
-    with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    else:  # inline YAML
+        loaded = yaml.safe_load(path)
     spec = loaded.get("method", loaded) if isinstance(loaded, dict) else None
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"merges: {config!r} ({path}) names no merge method: give a `music merge` recipe with a "
@@ -258,7 +262,7 @@ def merge_method(config: str) -> MergeMethod:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=MergeMethod)
     try:
-        return parser.instantiate_classes(parser.parse_object({"method": spec})).method
+        return instantiate(parser, parser.parse_object({"method": spec}))["method"]
     except Exception as err:  # jsonargparse's errors, or the method's own check of its arguments
         first = " ".join(str(err).split())[:300]
         raise ValueError(f"merges: {config!r} does not build a MergeMethod from {spec}: {first}") from None
