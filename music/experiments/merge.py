@@ -97,8 +97,8 @@ class Evaluator:
     """Loads weights into the configured network and evaluates them on a named split.
 
     Inside ``selecting()`` only the selection split (also under a domain: ``val@rot_45``) may
-    be evaluated, so no code path can
-    choose λ on the test set; ``log`` holds ``(split, selecting)`` for every evaluation.
+    be evaluated, so no code path can choose λ on the test set; ``log`` holds
+    ``(split, selecting)`` for every evaluation.
     """
 
     def __init__(self, evaluation: Evaluation) -> None:

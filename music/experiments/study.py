@@ -134,7 +134,7 @@ def _output_to(path: Path):
 
 
 def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
-    """Run one cell (``music fit`` in this process) and store it in the database; a cell
+    """Run one cell (``music fit``, or a merge cell's merges, in this process) and store it in the database; a cell
     stored already is not run again, an interrupted one resumes from its ``last.ckpt``.
     ``after``: the results this cell waits for (its seed's pretraining; a merge cell: its task cells)."""
     engine = study_db.connect(grid.db_url)
