@@ -3,7 +3,6 @@ merge cells, λ chosen on ``val`` only, a merge cell's rows, and a tiny grid on 
 cluster that stores them."""
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,8 @@ from test_study import placed, stored, study_args
 from music.cli import main
 from music.experiments import study_db, study_merge
 from music.experiments.merge import Evaluator
-from music.experiments.study import read_cell
+from music.experiments.common import Data
+from music.experiments.study import read_cell, run_cell
 from music.experiments.study_grid import (Grid, cell_dir, fingerprint, plan, pretrained_checkpoint, task_cells,
                                           task_checkpoint)
 from music.merging import TIES, Entry, Merger, StateDictReader, TaskArithmetic, sequential_merge
@@ -155,11 +155,6 @@ class ScoredEvaluator(Evaluator):
         ScoredEvaluator.made.append(evaluator)
 
 
-@contextmanager
-def no_op():
-    yield
-
-
 def test_lambda_is_chosen_on_val_and_the_test_set_is_evaluated_only_at_it(tmp_path, monkeypatch):
     grid = Grid(seeds=[0], lrs=[1e-3], held_out_classes=[3, 4], orderings=[[3, 4]], merges=["addition_sum"],
                 data={"val_size": 10}).placed(tmp_path, tmp_path)
@@ -194,7 +189,7 @@ def test_lambda_is_chosen_on_val_and_the_test_set_is_evaluated_only_at_it(tmp_pa
 # -- a tiny grid on a local Dask cluster -------------------------------------------------------
 
 @pytest.mark.mnist
-def test_a_tiny_merge_grid_runs_on_dask_and_stores_merge_cells_once(tmp_path, data_dir, capsys):
+def test_a_tiny_merge_grid_runs_on_dask_and_stores_merge_cells_once(tmp_path, data_dir):
     settings = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 1,
                 "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2, "methods": [],
                 "merges": ["addition_ties"], "data": {"val_size": 200}, "workers": 2}
@@ -210,6 +205,5 @@ def test_a_tiny_merge_grid_runs_on_dask_and_stores_merge_cells_once(tmp_path, da
     assert sequential["fingerprint"] == fingerprint(grid, next(c for c in cells if c.name == sequential["name"]))
     assert json.loads(sequential["continual_metrics"])["merge_lambda"] in grid.merge_lambdas
     assert "addition_ties, sequential" in (Path(grid.out) / "MERGE_REPORT.md").read_text()
-    capsys.readouterr()
-    main(study_args(data_dir, tmp_path, **settings))  # exactly once: a second run runs nothing
-    assert "9 cells, 9 already done, 0 to run" in capsys.readouterr().out
+    again = run_cell(grid, Data(data_dir=data_dir, download=False), next(c for c in cells if c.kind == "merge"))
+    assert again == {"cell": "seed_0/merge_addition_ties_all_lr1e-3", "ran": False}  # stored once, never re-run
