@@ -5,6 +5,7 @@ cluster that stores them."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_study import placed, stored, study_args
@@ -184,6 +185,21 @@ def test_lambda_is_chosen_on_val_and_the_test_set_is_evaluated_only_at_it(tmp_pa
     matrix = (cell_dir(grid, cells[-1]) / "accuracy_matrix.csv").read_text().splitlines()
     assert matrix[0].endswith("task_class_3,task_class_4,acc") and [r.split(",")[1] for r in matrix[1:]] == \
         ["start", "class_3", "class_4"]
+
+
+def test_domain_task_metrics_come_from_the_task_accuracy_matrix():
+    sequential = study_merge.task_matrix_metrics(np.array([[0.5, 0.5], [0.9, 0.4], [0.8, 0.9]]), merged_row=False)
+    assert sequential["average_accuracy"] == pytest.approx(0.85) and sequential["backward_transfer"] == pytest.approx(-0.1)
+    assert sequential["mean_forgetting"] == pytest.approx(0.1)
+    at_once = study_merge.task_matrix_metrics(np.array([[0.5, 0.5], [0.7, 0.6]]), merged_row=True)
+    assert at_once["average_accuracy"] == pytest.approx(0.65) and np.isnan(at_once["backward_transfer"])
+
+
+def test_normalised_accuracy_divides_by_each_task_fine_tuned_alone():
+    from music.experiments.study_merge_report import normalised_accuracy
+
+    assert normalised_accuracy({"a": 0.8, "b": 0.45}, {"a": 0.8, "b": 0.9}) == pytest.approx(0.75)
+    assert np.isnan(normalised_accuracy({"a": 0.8}, {"a": 0.8, "b": 0.9}))
 
 
 # -- a tiny grid on a local Dask cluster -------------------------------------------------------
