@@ -96,8 +96,9 @@ class SelectionError(RuntimeError):
 class Evaluator:
     """Loads weights into the configured network and evaluates them on a named split.
 
-    Inside ``selecting()`` only the selection split may be evaluated, so no code path can
-    choose λ on the test set; ``log`` holds ``(split, selecting)`` for every evaluation.
+    Inside ``selecting()`` only the selection split (also under a domain: ``val@rot_45``) may
+    be evaluated, so no code path can choose λ on the test set; ``log`` holds
+    ``(split, selecting)`` for every evaluation.
     """
 
     def __init__(self, evaluation: Evaluation) -> None:
@@ -129,7 +130,7 @@ class Evaluator:
 
     def evaluate(self, state: Mapping[str, Tensor], split: str) -> dict[str, Any]:
         """Accuracy, loss and per-class accuracy (recall) of ``state`` on ``split``."""
-        if self._selecting and split != self.split:
+        if self._selecting and split.partition("@")[0] != self.split:  # `val@<domain>`: val under a domain
             raise SelectionError(f"split {split!r} requested while choosing λ: only {self.split!r} may be used.")
         self.log.append((split, self._selecting))
         self.model.backbone.load_state_dict(dict(state))
@@ -250,7 +251,7 @@ class Merge:
             values = {lam: evaluator.evaluate(edit(lam), split) for lam in self.lambdas}
             reference = evaluator.evaluate(base, split) if evaluation.objective == "forget" else None
         if evaluation.objective == "accuracy":
-            chosen = max(self.lambdas, key=lambda lam: (values[lam]["acc"], -abs(lam)))
+            chosen = best_lambda({lam: values[lam]["acc"] for lam in self.lambdas})
         else:
             n = len(reference["per_class"])
             others = [c for c in range(n) if c not in evaluation.forget]
@@ -369,6 +370,11 @@ class Merge:
                 lines.append(f"| {lam:g}{mark} | " + " | ".join(cells) + " |")
             lines.append("")
         return "\n".join(lines)
+
+
+def best_lambda(scores: Mapping[float, float]) -> float:
+    """The λ of the best selection score; ties go to the smallest |λ| (the least edit)."""
+    return max(scores, key=lambda lam: (scores[lam], -abs(lam)))
 
 
 def mean_of(values: Mapping[str, Any], classes: Sequence[int]) -> float:

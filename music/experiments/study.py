@@ -16,7 +16,12 @@ phases, learning rate and seed filled in:
   or any config that sets ``model.methods``), told that the model was pretrained on
   ``remaining`` (``model.pretrained_on``) so that it protects that knowledge too;
 - ``joint``: a model trained from scratch on the whole training set (``split: train``) for as
-  many epochs as pretraining — the upper bound.
+  many epochs as pretraining — the upper bound;
+- ``task_<task>_lr<lr>`` and ``merge_<merge>_{all,<order>}_lr<lr>`` (``merges``): each task
+  fine-tuned alone, and their task vectors merged into the pretrained model by each merge
+  method, all at once and absorbed one at a time in each ordering, λ chosen on ``val``
+  (``study_merge``); a merge cell runs in the worker without training and waits for its
+  seed's task cells.
 
 Cells are Dask tasks: each seed's pretraining is a task and its fine-tuning cells depend on it.
 By default they run on an in-process ``LocalCluster`` (one single-threaded worker process per
@@ -58,6 +63,8 @@ from music.continual import accuracy_on
 from music.experiments import study_db
 from music.experiments.common import Data, Output
 from music.experiments.study_grid import Cell, Grid, cell_dir, determinants, fingerprint, plan, pretrained_checkpoint
+from music.experiments.study_merge import run_merge_cell
+from music.experiments.study_merge_report import write_merge_report
 from music.experiments.study_report import write_report
 from music.runner import lightning
 from music.speed import plain_process_malloc
@@ -96,6 +103,9 @@ def cell_config(grid: Grid, data: Data, cell: Cell) -> dict:
              "split_seed": cell.seed if grid.split_seed_follows_seed else 0}
     if grid.samples_per_class is not None:
         split["samples_per_class"] = grid.samples_per_class
+    split |= grid.data or {}
+    if cell.kind == "merge":  # no training: the data and accelerator the merged models are evaluated with
+        return {"seed_everything": cell.seed, "trainer": {"accelerator": grid.accelerator}, "data": split}
     # figures: the report draws them from all cells at once
     return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases},
             "evaluation": {"log_figures": False},
@@ -124,9 +134,9 @@ def _output_to(path: Path):
 
 
 def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
-    """Run one cell (``music fit`` in this process) and store it in the database; a cell
+    """Run one cell (``music fit``, or a merge cell's merges, in this process) and store it in the database; a cell
     stored already is not run again, an interrupted one resumes from its ``last.ckpt``.
-    ``after``: the results this cell waits for (its seed's pretraining)."""
+    ``after``: the results this cell waits for (its seed's pretraining; a merge cell: its task cells)."""
     engine = study_db.connect(grid.db_url)
     if study_db.has_cell(engine, cell.seed, cell.name):  # re-run after its worker died: stored once
         return {"cell": cell.label, "ran": False}
@@ -136,15 +146,20 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     delta = run_dir / "cell.yaml"
     delta.write_text(yaml.safe_dump(cell_config(grid, data, cell), sort_keys=False))
-    method = ["--config", cell.method] if cell.method else []
-    args = ["fit", "--config", cell.config, *method, "--config", str(delta), "--run_dir", str(run_dir)]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resumed = last.exists()
-    if resumed:
-        args += ["--ckpt_path", str(last)]
     start = time.perf_counter()
-    with _output_to(run_dir / "cell.log"):
-        lightning(args)
+    if cell.kind == "merge":  # in this process, no training: nothing to resume
+        resumed = False
+        with _output_to(run_dir / "cell.log"):
+            run_merge_cell(grid, cell, delta, run_dir)
+    else:
+        method = ["--config", cell.method] if cell.method else []
+        args = ["fit", "--config", cell.config, *method, "--config", str(delta), "--run_dir", str(run_dir)]
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resumed = last.exists()
+        if resumed:
+            args += ["--ckpt_path", str(last)]
+        with _output_to(run_dir / "cell.log"):
+            lightning(args)
     seconds = time.perf_counter() - start
     stored = study_db.record_cell(engine, *read_cell(grid, cell, run_dir, seconds, resumed))
     return {"cell": cell.label, "ran": stored, "seconds": seconds}
@@ -252,13 +267,18 @@ def run_grid(grid: Grid, data: Data) -> dict:
               f"({grid.scheduler or 'local cluster'}); results in {grid.db_url}")
         resources = {"GPU": 1} if grid.accelerator in ("gpu", "cuda") else None
         pretrained: dict[int, Any] = {}
+        tasks: dict[tuple[int, float], list] = {}  # (seed, lr) -> the futures of its task cells
         futures = {}
         for cell in todo:
             after = [pretrained[cell.seed]] if cell.needs_pretrained and cell.seed in pretrained else []
+            if cell.kind == "merge":
+                after += tasks.get((cell.seed, cell.lr), [])
             future = client.submit(run_cell, grid, data, cell, *after, key=f"{cell.label}-{fingerprint(grid, cell)}",
                                    priority=priority(cell), resources=resources, pure=False)
             if cell.kind == "pretrain":
                 pretrained[cell.seed] = future
+            if cell.kind == "task":
+                tasks.setdefault((cell.seed, cell.lr), []).append(future)
             futures[future] = cell
         for future in as_completed(list(futures)):
             cell = futures[future]
@@ -317,6 +337,8 @@ class Study:
         if not self.report_only:
             result = run_grid(self.grid, self.data)
         print(f"report: {write_report(self.grid, self.data)}")
+        if self.grid.merges:
+            print(f"merge report: {write_merge_report(self.grid)}")
         if result["failed"]:
             print(f"{len(result['failed'])} cells failed:\n" + "\n".join(f"  {k}: {v}" for k, v in result["failed"].items()),
                   file=sys.stderr)

@@ -9,8 +9,9 @@ so the database holds a cell completely or not at all, and holding it is what "f
 Schema (documented in ``docs/study.md``, queried by ``study_report.py``):
 
 - ``cells``: one row per finished cell — ``seed``, ``name``, ``kind`` (pretrain, joint, seq,
-  merged, replay, method), ``method`` (the continual-learning method config of a ``method``
-  cell, e.g. ``ewc``; NULL for others), ``lr``, ``ordering`` (``"3-4-7"``, NULL for others),
+  merged, replay, method, task, merge), ``method`` (the continual-learning method config of a
+  ``method`` cell, e.g. ``ewc``, the merge config of a ``merge`` cell; NULL for others), ``lr``,
+  ``ordering`` (``"3-4-7"``, NULL for others),
   ``replay_size``,
   ``fingerprint``, ``settings`` (JSON: what determines the result), the final metrics
   (``final_acc``, ``held_out_acc``, ``untouched_acc``, ``average_accuracy``,

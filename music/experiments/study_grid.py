@@ -6,18 +6,27 @@ result what it is (``fingerprint``). Running the grid (``study``) and reporting 
 from __future__ import annotations
 
 import itertools
+import math
+import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import yaml
+from jsonargparse import ArgumentParser
 
 from music.config import config_path
-from music.experiments import study_db
+from music.experiments import instantiate, study_db
+from music.merging import MergeMethod
 
 
 @dataclass
 class Cell:
-    """One run of the grid. ``kind`` is pretrain, joint, seq, merged, replay or method;
-    ``config`` the shipped config it is built on, ``method`` the method config added to it."""
+    """One run of the grid. ``kind`` is pretrain, joint, seq, merged, replay, method, task or
+    merge; ``config`` the shipped config it is built on, ``method`` the method config added to it
+    (a ``merge`` cell: its merge config). A ``merge`` cell's ``phases`` are the tasks it absorbs,
+    in its ``ordering`` (None: all at once)."""
 
     seed: int
     kind: str
@@ -25,13 +34,13 @@ class Cell:
     config: str
     phases: list[dict]
     lr: float
-    ordering: list[int] | None = None
+    ordering: list[int] | list[str] | None = None
     replay_size: int = 0
     method: str | None = None
 
     @property
     def needs_pretrained(self) -> bool:
-        return self.kind in ("seq", "merged", "replay", "method")
+        return self.kind in ("seq", "merged", "replay", "method", "task", "merge")
 
     @property
     def label(self) -> str:
@@ -50,7 +59,8 @@ class Grid:
         seeds: one replicate per seed: its own pretrained model (and held-out samples, with
             ``split_seed_follows_seed``).
         held_out_classes: the classes fine-tuned on, one phase each in sequential cells.
-        orderings: the sequential orderings; null: every permutation of ``held_out_classes``.
+        orderings: the sequential orderings; null: every permutation of ``held_out_classes`` (of
+            ``tasks``, when given: then an ordering lists task names).
         lrs: the fine-tuning learning rates.
         pretrain_lr: learning rate of pretraining and of the joint model.
         pretrain_epochs: epochs of pretraining on ``remaining``.
@@ -76,11 +86,24 @@ class Grid:
         accelerator: the cells' Lightning accelerator. With ``gpu`` every cell asks its Dask
             worker for the resource ``GPU=1``: only workers started with ``--resources GPU=1``
             take it.
+        tasks: the fine-tuning tasks, as training splits: ``class_<c>`` or ``<split>@<domain>``
+            (``train@rot_45``, with ``data.domains`` defining the domain); null: one ``class_<c>``
+            task per held-out class. With tasks given, ``orderings`` list task names and there are
+            no ``merged`` cells (no split holds every domain's samples).
+        data: more settings of every cell's data (``MusicDataModule`` arguments such as
+            ``val_size``, ``domains``, ``dataset``), beside those the grid sets itself.
+        merges: merge method configs (``addition_ties``, ``merge/addition_dare`` or a path: a
+            ``music merge`` recipe, whose ``method`` is used, or a file that is itself
+            ``{class_path, init_args}``). Each adds, per learning rate, one ``task`` cell per task
+            (fine-tuned alone from the seed's pretrained model), one ``merge`` cell merging all task
+            vectors at once and one absorbing them sequentially in each ordering
+            (``music.merging.sequential_merge``), λ chosen on ``val`` (``data.val_size`` > 0).
+        merge_lambdas: the λ grid of every merge cell, chosen per absorbed task on ``val``.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     held_out_classes: list[int] = field(default_factory=lambda: [3, 4, 7])
-    orderings: list[list[int]] | None = None
+    orderings: list[list[int]] | list[list[str]] | None = None
     lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
     pretrain_lr: float = 1e-3
     pretrain_epochs: int = 5
@@ -96,6 +119,10 @@ class Grid:
     db: str | None = None
     logger: dict | None = None
     accelerator: str = "cpu"
+    tasks: list[str] | None = None
+    data: dict | None = None
+    merges: list[str] = field(default_factory=list)
+    merge_lambdas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
     runs_dir: str = field(default="", init=False)
     out: str = field(default="", init=False)
     threads: int = field(default=1, init=False)
@@ -132,11 +159,46 @@ class Grid:
                 not isinstance(self.samples_per_class, int) or self.samples_per_class < 1):
             raise ValueError(f"samples_per_class={self.samples_per_class!r} is not allowed: give an integer >= 1, "
                              "'all', or null.")
+        if self.tasks is not None:
+            if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+                raise ValueError(f"tasks={self.tasks} is not allowed: give distinct tasks, or null for one per held-out class.")
+            for task in self.tasks:
+                if not re.fullmatch(r"class_\d+|[A-Za-z0-9_]+@[A-Za-z0-9_]+", task):
+                    raise ValueError(f"task {task!r} is not allowed: give a split `class_<c>` or `<split>@<domain>` "
+                                     "(e.g. train@rot_45).")
+            names = [phase_name(t) for t in self.tasks]
+            if len(set(names)) != len(names):
+                raise ValueError(f"tasks={self.tasks} give phases of one name ({names}): give one task per domain.")
+        if self.data is not None:
+            owned = sorted(set(self.data) & GRID_DATA)
+            if owned:
+                raise ValueError(f"data.{owned[0]} is not allowed in study.data: the grid sets it (use the study's own "
+                                 "setting, or --data.data_dir).")
+        self._check_merges()
+        tasks = self.held_out_classes if self.tasks is None else self.tasks
+        what = "held_out_classes" if self.tasks is None else "tasks"
         if self.orderings is None:
-            self.orderings = [list(p) for p in itertools.permutations(self.held_out_classes)]
+            self.orderings = [list(p) for p in itertools.permutations(tasks)]
         for ordering in self.orderings:
-            if sorted(ordering) != sorted(self.held_out_classes):
-                raise ValueError(f"ordering {ordering} is not a permutation of held_out_classes {self.held_out_classes}.")
+            if sorted(map(str, ordering)) != sorted(map(str, tasks)) or len(ordering) != len(tasks):
+                raise ValueError(f"ordering {ordering} is not a permutation of {what} {tasks}.")
+
+    def _check_merges(self) -> None:
+        if len(set(self.merges)) != len(self.merges):
+            raise ValueError(f"merges={self.merges} repeats a merge method.")
+        for merge in self.merges:
+            merge_method(merge)  # an unknown or bad merge config fails here, before any cell runs
+        if not self.merge_lambdas or len(set(self.merge_lambdas)) != len(self.merge_lambdas) or not all(
+                math.isfinite(x) for x in self.merge_lambdas):
+            raise ValueError(f"merge_lambdas={self.merge_lambdas} is not allowed: give distinct finite numbers.")
+        val_size = (self.data or {}).get("val_size", 0)
+        if self.merges and not (isinstance(val_size, int) and val_size > 0):
+            raise ValueError(f"merges={self.merges} with val_size={val_size} is not allowed: λ is chosen on the `val` "
+                             "split; set study.data.val_size > 0.")
+
+    def task_list(self) -> list[str]:
+        """The tasks as training splits (``class_3``, ``train@rot_45``), in the grid's order."""
+        return [f"class_{c}" for c in self.held_out_classes] if self.tasks is None else list(self.tasks)
 
     def placed(self, runs_dir: str | Path, out: str | Path, threads: int = 1, **changes) -> Grid:
         """This grid (with ``changes`` to its settings) writing to ``runs_dir`` and ``out``, its
@@ -171,13 +233,65 @@ def method_name(method: str) -> str:
     return Path(method).stem
 
 
+# data settings the grid sets in every cell itself
+GRID_DATA = {"data_dir", "download", "held_out_classes", "split_seed", "samples_per_class", "log_eda"}
+
+
+def merge_spec(config: str) -> dict[str, Any]:
+    """The merge method a merge config names, as ``{class_path, init_args}``: a recipe's
+    ``method`` (``configs/merge/addition_ties.yaml``), or the file itself."""
+    try:
+        path = config_path(config)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"merges: {err}") from None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    else:  # inline YAML
+        loaded = yaml.safe_load(path)
+    spec = loaded.get("method", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"merges: {config!r} ({path}) names no merge method: give a `music merge` recipe with a "
+                         "`method`, or a file {class_path: music.merging.TIES, init_args: {...}}.")
+    return {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
+
+
+def merge_method(config: str) -> MergeMethod:
+    """The ``MergeMethod`` a merge config names, built by class path (no code runs from the file)."""
+    spec = merge_spec(config)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--method", type=MergeMethod)
+    try:
+        return instantiate(parser, parser.parse_object({"method": spec}))["method"]
+    except Exception as err:  # jsonargparse's errors, or the method's own check of its arguments
+        first = " ".join(str(err).split())[:300]
+        raise ValueError(f"merges: {config!r} does not build a MergeMethod from {spec}: {first}") from None
+
+
+def phase_name(task: str) -> str:
+    """A task's phase name: ``class_3`` -> ``class_3``; the domain for the training or held-out
+    samples under it (``train@rot_45``, ``merged@rot_45`` -> ``rot_45``); ``remaining@perm_1``
+    -> ``remaining_perm_1``."""
+    split, _, domain = task.partition("@")
+    return task if not domain else domain if split in ("train", "merged") else f"{split}_{domain}"
+
+
+def ordering_tag(ordering: list) -> str:
+    """An ordering in cell names: ``3-4-7`` (classes), ``rot_0-rot_45`` (tasks)."""
+    return "-".join(str(o) if isinstance(o, int) else phase_name(o) for o in ordering)
+
+
 def plan(grid: Grid) -> list[Cell]:
     """Every cell of the grid, pretraining first."""
     cells = []
     fine = grid.finetune_epochs
 
-    def one_phase_per_class(ordering: list[int]) -> list[dict]:
-        return [{"name": f"class_{c}", "split": f"class_{c}", "epochs": fine} for c in ordering]
+    def phase(task: int | str) -> dict:
+        split = f"class_{task}" if isinstance(task, int) else task
+        return {"name": phase_name(split), "split": split, "epochs": fine}
+
+    def one_phase_per_class(ordering: list) -> list[dict]:
+        return [phase(t) for t in ordering]
 
     for seed in grid.seeds:
         cells.append(Cell(seed, "pretrain", "pretrain", "pretrain",
@@ -188,19 +302,43 @@ def plan(grid: Grid) -> list[Cell]:
                           grid.pretrain_lr))
         for lr in grid.lrs:
             for ordering in grid.orderings:
-                cells.append(Cell(seed, "seq", f"seq_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
+                cells.append(Cell(seed, "seq", f"seq_{ordering_tag(ordering)}_{lr_tag(lr)}", "seq_finetune",
                                   one_phase_per_class(ordering), lr, list(ordering)))
-            cells.append(Cell(seed, "merged", f"merged_{lr_tag(lr)}", "merged_finetune",
-                              [{"name": "merged", "split": "merged", "epochs": fine}], lr))
+            if grid.tasks is None:
+                cells.append(Cell(seed, "merged", f"merged_{lr_tag(lr)}", "merged_finetune",
+                                  [{"name": "merged", "split": "merged", "epochs": fine}], lr))
             if grid.replay_size:
                 ordering = grid.orderings[0]
-                cells.append(Cell(seed, "replay", f"replay_{'-'.join(map(str, ordering))}_{lr_tag(lr)}", "seq_finetune",
+                cells.append(Cell(seed, "replay", f"replay_{ordering_tag(ordering)}_{lr_tag(lr)}", "seq_finetune",
                                   one_phase_per_class(ordering), lr, list(ordering), grid.replay_size))
             for method in grid.methods:
                 ordering = grid.orderings[0]
-                cells.append(Cell(seed, "method", f"method_{method_name(method)}_{'-'.join(map(str, ordering))}_{lr_tag(lr)}",
+                cells.append(Cell(seed, "method", f"method_{method_name(method)}_{ordering_tag(ordering)}_{lr_tag(lr)}",
                                   "seq_finetune", one_phase_per_class(ordering), lr, list(ordering), method=method))
+            if grid.merges:
+                tasks = grid.task_list()
+                for task in tasks:
+                    cells.append(Cell(seed, "task", f"task_{phase_name(task)}_{lr_tag(lr)}", "seq_finetune",
+                                      [phase(task)], lr))
+                for merge in grid.merges:
+                    name = f"merge_{method_name(merge)}"
+                    cells.append(Cell(seed, "merge", f"{name}_all_{lr_tag(lr)}", "pretrain",
+                                      [phase(t) for t in tasks], lr, method=merge))
+                    for ordering in grid.orderings:
+                        cells.append(Cell(seed, "merge", f"{name}_{ordering_tag(ordering)}_{lr_tag(lr)}", "pretrain",
+                                          one_phase_per_class(ordering), lr, list(ordering), method=merge))
     return cells
+
+
+def task_cells(grid: Grid, cell: Cell) -> dict[str, Cell]:
+    """Split -> the ``task`` cell (same seed and learning rate) whose fine-tuned model gives
+    that task's vector to the merge cell ``cell``."""
+    return {c.phases[0]["split"]: c for c in plan(grid) if c.kind == "task" and c.seed == cell.seed and c.lr == cell.lr}
+
+
+def task_checkpoint(grid: Grid, cell: Cell) -> Path:
+    """The fine-tuned model a ``task`` cell leaves."""
+    return cell_dir(grid, cell) / "checkpoints" / f"phase-0-{cell.phases[0]['name']}.ckpt"
 
 
 def cell_dir(grid: Grid, cell: Cell) -> Path:
@@ -223,6 +361,10 @@ def determinants(grid: Grid, cell: Cell) -> dict:
            "pretrain": [grid.pretrain_epochs, grid.pretrain_lr] if cell.needs_pretrained else None}
     if grid.samples_per_class is not None:
         out["samples_per_class"] = grid.samples_per_class
+    if grid.data is not None:
+        out["data"] = grid.data
+    if cell.kind == "merge":
+        out["merge"] = {"method": merge_spec(cell.method), "lambdas": grid.merge_lambdas, "select_on": "val"}
     return out
 
 

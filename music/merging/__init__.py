@@ -10,6 +10,7 @@
   and torch files are read through the same reader interface.
 - ``engine``: ``Merger``, the one loop every merge and apply runs.
 - ``recipe``: ``Recipe`` and ``Source``, the recipe as checked data.
+- ``sequential``: ``sequential_merge``, the task vectors absorbed one at a time in an order.
 - ``checks``: the checks they share.
 
 Evaluation, λ selection and reports are the experiment's (``music merge``,
@@ -30,11 +31,13 @@ from music.merging.io import (
 from music.merging.masks import Breadcrumbs, Consensus
 from music.merging.methods import DARE, TIES, MergeMethod, TaskArithmetic
 from music.merging.recipe import Recipe, Source
+from music.merging.sequential import Step, sequential_merge
 from music.merging.spectral import TSVM, IsoC, IsoCTS
 from music.merging.statistics import compute_statistics, load_statistics, save_statistics
 from music.merging.weighted import Fisher, RegMean
 
 __all__ = ["Breadcrumbs", "Consensus", "DARE", "Entry", "Fisher", "Hasher", "IsoC", "IsoCTS", "MergeMethod",
-           "MergeReport", "Merger", "Recipe", "RegMean", "SafetensorsReader", "Source", "StateDictReader", "TIES",
-           "TSVM", "TaskArithmetic", "TaskVectorError", "apply_update", "compute_statistics", "fingerprint",
-           "hashing_beside", "load_statistics", "open_reader", "save_statistics", "write_safetensors"]
+           "MergeReport", "Merger", "Recipe", "RegMean", "SafetensorsReader", "Source", "StateDictReader", "Step",
+           "TIES", "TSVM", "TaskArithmetic", "TaskVectorError", "apply_update", "compute_statistics", "fingerprint",
+           "hashing_beside", "load_statistics", "open_reader", "save_statistics", "sequential_merge",
+           "write_safetensors"]
