@@ -17,7 +17,7 @@ from music.experiments.common import Data
 from music.experiments.study import read_cell, run_cell
 from music.experiments.study_grid import (Grid, cell_dir, fingerprint, plan, pretrained_checkpoint, task_cells,
                                           task_checkpoint)
-from music.merging import TIES, Entry, Merger, StateDictReader, TaskArithmetic, sequential_merge
+from music.merging import TIES, Entry, Fisher, Merger, StateDictReader, TaskArithmetic, sequential_merge
 
 MERGE = {"merges": ["addition_sum", "addition_ties"], "data": {"val_size": 500}}
 
@@ -56,6 +56,21 @@ def test_the_last_step_of_a_sequential_ties_merge_is_the_all_at_once_merge():
     with Merger(Path("base"), entries, TIES(density=0.5), readers=readers, compute_dtype=torch.float64) as merger:
         at_once = merger.state(0.7, merger.updates())
     assert all(torch.equal(last.state(0.7)[k], at_once[k]) for k in base)
+
+
+def test_a_sequential_fisher_merge_weights_each_step_by_the_absorbed_tasks_fishers():
+    base, tuned, readers, entries = states()
+    fishers = [{f"fisher/{k}": torch.rand_like(v) + 0.1 for k, v in base.items()} for _ in entries]
+    steps = list(sequential_merge(Path("base"), entries, Fisher(), [2, 0, 1], statistics=fishers, readers=readers,
+                                  compute_dtype=torch.float64))
+    first, second = steps[0].state(1.0), steps[1].state(1.0)
+    assert all(torch.allclose(first[k], tuned[2][k], atol=1e-6) for k in base)  # one task: itself
+    for k in base:  # two tasks: the Fisher-weighted mean of exactly those two
+        f2, f0 = fishers[2][f"fisher/{k}"].double(), fishers[0][f"fisher/{k}"].double()
+        expected = (f2 * tuned[2][k].double() + f0 * tuned[0][k].double()) / (f2 + f0)
+        assert torch.allclose(second[k].double(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="needs statistics"):
+        next(sequential_merge(Path("base"), entries, Fisher(), readers=readers))
 
 
 def test_an_order_that_is_not_a_permutation_is_refused():

@@ -34,7 +34,7 @@ from music.evaluation import START
 from music.experiments.merge import Evaluation, Evaluator, best_lambda
 from music.experiments.study_grid import (Cell, Grid, merge_method, phase_name, pretrained_checkpoint, task_cells,
                                           task_checkpoint)
-from music.merging import Entry, Merger, StateDictReader, sequential_merge
+from music.merging import Entry, Merger, StateDictReader, compute_statistics, sequential_merge
 from music.merging.recipe import COMPUTE_DTYPE
 
 
@@ -71,16 +71,20 @@ def run_merge_cell(grid: Grid, cell: Cell, delta: Path, run_dir: Path) -> dict[s
     method = merge_method(cell.method)
     evaluator = Evaluator(Evaluation(configs=[cell.config, str(delta)], select_on="val"))
     held_out = grid.held_out_classes
+    statistics = entry_statistics(evaluator, method.needs, entries, readers) if method.needs else None
     merged_row = cell.ordering is None
     columns = (["merged"] if merged_row and grid.tasks is None else absorbed)  # the task columns, as splits
     names = ["merged"] if merged_row else [p["name"] for p in cell.phases]
 
     def steps():
         if merged_row:
+            if statistics is not None:
+                method.provide(statistics)
             with Merger(base, entries, method, readers=readers, compute_dtype=COMPUTE_DTYPE) as merger:
                 yield entries, (lambda lam, m=merger, u=merger.updates(): m.state(lam, u))
         else:
-            for step in sequential_merge(base, entries, method, readers=readers, compute_dtype=COMPUTE_DTYPE):
+            for step in sequential_merge(base, entries, method, readers=readers, compute_dtype=COMPUTE_DTYPE,
+                                         statistics=statistics):
                 yield step.absorbed, step.state
 
     rows = [(START, "test", None, readers[base].entries, 0.0)]  # (name, split, λ, state, seconds)
@@ -103,6 +107,19 @@ def run_merge_cell(grid: Grid, cell: Cell, delta: Path, run_dir: Path) -> dict[s
                           "tasks": tasks_acc})
     write_run_files(run_dir, evaluated, columns, held_out, grid.tasks is None, merged_row, curves)
     return {"lambdas": {r["name"]: r["lambda"] for r in evaluated[1:]}}
+
+
+def entry_statistics(evaluator: Evaluator, kinds: frozenset[str], entries: list[Entry],
+                     readers: Mapping[Path, StateDictReader]) -> list[dict]:
+    """Each task model's data statistics (Fisher, input Grams) on its own training split:
+    what a data-using merge method weights its task vector by. Never the validation or test
+    data, so choosing λ on ``val`` stays a fair selection."""
+    model = evaluator.model.backbone
+    out = []
+    for entry in entries:
+        model.load_state_dict(dict(readers[entry.path].entries))
+        out.append(compute_statistics(model, evaluator.datamodule.dataloader(entry.name), set(kinds)))
+    return out
 
 
 def task_matrix_metrics(matrix: np.ndarray, merged_row: bool) -> dict[str, float]:

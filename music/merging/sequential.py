@@ -44,15 +44,21 @@ class Step:
 
 
 def sequential_merge(base: Path, entries: Sequence[Entry], method: MergeMethod, order: Sequence[int] | None = None,
-                     **merger_args: Any) -> Iterator[Step]:
+                     statistics: Sequence[dict[str, Tensor]] | None = None, **merger_args: Any) -> Iterator[Step]:
     """One ``Step`` per absorbed entry, in ``order`` (indices into ``entries``; None: as given).
     A step's ``Merger`` is closed when the next step is drawn; ``merger_args`` go to every
-    ``Merger`` (``readers`` opened once serve every step)."""
+    ``Merger`` (``readers`` opened once serve every step). ``statistics``: one dict per entry,
+    for a method that ``needs`` data statistics; each step gives it those of the entries it
+    absorbs."""
     order = list(range(len(entries))) if order is None else list(order)
     if sorted(order) != list(range(len(entries))):
         raise ValueError(f"order={order} is not a permutation of the {len(entries)} entries' indices.")
     readers: Mapping | None = merger_args.pop("readers", None)
     for k in range(1, len(order) + 1):
         absorbed = tuple(entries[i] for i in order[:k])
+        if method.needs:
+            if statistics is None or len(statistics) != len(entries):
+                raise ValueError(f"{type(method).__name__} needs statistics of each of the {len(entries)} entries.")
+            method.provide([statistics[i] for i in order[:k]])
         with Merger(base, absorbed, method, readers=readers, **merger_args) as merger:
             yield Step(absorbed, merger, merger.updates())
