@@ -374,7 +374,7 @@ class Tune:
             ``tune.md``/``.csv`` and ``best.yaml`` (or those in ``results``); torch threads per trial.
     """
 
-    def __init__(self, configs: list[str], space: dict[str, dict[str, Any]] | str, trials: int = 20,
+    def __init__(self, configs: list[str], space: dict[str, Any] | str, trials: int = 20,
                  overrides: dict[str, Any] = {}, val_size: int | None = 5000,
                  pruner: Literal["median", "none"] = "median", startup_trials: int = 5, seed: int = 0,
                  scheduler: str | None = None, workers: int | None = None, db: str | None = None,
