@@ -102,6 +102,10 @@ def test_bad_settings_of_music_tune_are_refused(tmp_path, capsys):
         Tune(["split_mnist"], SPACE, trials=0)
     with pytest.raises(ValueError, match="space='nope.yaml' is neither a mapping nor a YAML file"):
         Tune(["split_mnist"], "nope.yaml")
+    with pytest.raises(ValueError, match=r"is not valid YAML: .*Quote a key with brackets"):
+        Tune(["split_mnist"], "{model.methods[0].init_args.lambda_: {low: 1, high: 2}}")
+    assert Tune(["split_mnist"], '{"model.methods[0].init_args.lambda_": {low: 1, high: 2}}').params == [
+        Param("model.methods[0].init_args.lambda_", low=1, high=2)]
     with pytest.raises(SystemExit) as exit_:  # through the command line: one line, exit code 2
         main(["tune", "--trials", "0"])
     assert exit_.value.code == 2

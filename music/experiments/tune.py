@@ -547,6 +547,13 @@ class Tune:
 def _load_space(space: dict | str) -> dict:
     if isinstance(space, dict):
         return space
+    if space.lstrip().startswith("{"):  # inline YAML the parser could not read as a mapping
+        try:
+            return yaml.safe_load(space)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"space={space!r} is not valid YAML: {problem}. Quote a key with brackets: "
+                             '\'{"model.methods[0].init_args.lambda_": {low: 1, high: 1e6, log: true}}\'.') from None
     path = Path(space)
     if not path.is_file():
         raise ValueError(f"space={space!r} is neither a mapping nor a YAML file: give {{key: {{low, high}}}} or a path.")
