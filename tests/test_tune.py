@@ -202,3 +202,16 @@ def test_music_tune_resumes_after_its_process_is_killed(tmp_path):
     assert best["model"]["methods"][0]["class_path"] == "music.methods.EWC"
     assert best["model"]["methods"][0]["init_args"]["lambda_"] == study.best_params["model.methods[0].init_args.lambda_"]
     assert best["model"]["lr"] == study.best_params["model.lr"]
+
+
+def test_a_study_started_with_other_settings_is_refused(tmp_path):
+    folder = tmp_path / "logs" / "tune"
+    folder.mkdir(parents=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stored = optuna.create_study(storage=f"sqlite:///{folder / 'tune.db'}", study_name="tune", direction="maximize")
+    stored.set_user_attr("music_settings", {"configs": ["split_mnist", "methods/si"]})
+    tune = Tune(["split_mnist", "methods/ewc"], SPACE, trials=1, overrides=TINY,
+                data=Data(str(tmp_path), download=False), output=Output(str(tmp_path / "logs")))
+    with pytest.raises(ValueError, match=r"the study 'tune' in sqlite:///.*tune.db was started with other settings"):
+        tune.run()
+    assert len(stored.get_trials()) == 0

@@ -425,7 +425,8 @@ class Tune:
     def settings(self) -> dict[str, Any]:
         """What makes trials comparable: a stored study with other settings is refused."""
         return {"configs": self.configs, "space": self.space, "overrides": self.overrides, "val_size": self.val_size,
-                "pruner": self.pruner, "startup_trials": self.startup_trials, "seed": self.seed}
+                "pruner": self.pruner, "startup_trials": self.startup_trials, "seed": self.seed,
+                "quick": self.output.quick}
 
     def run(self) -> dict:
         self.folder.mkdir(parents=True, exist_ok=True)
