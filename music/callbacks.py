@@ -5,6 +5,10 @@ hands. The phase is a function of the epoch, and the epoch about to run is kept 
 callback's state, which Lightning restores before it builds the first training loader, so
 ``fit --ckpt_path last`` continues in the right phase with the right split.
 
+A phase may end before its ``epochs`` (``EarlyStopping``): the epochs it trained are kept in
+the state too, and the phases after it move up, so a resumed run stops and continues where the
+uninterrupted one did.
+
 Other parts of a run hear of the phases through ``PhaseListener``'s two hooks, called on the
 LightningModule first and then on every callback that has them: the model passes them to its
 continual-learning methods, ``music.evaluation.PhaseEvaluation`` evaluates and writes files.
@@ -14,9 +18,10 @@ from __future__ import annotations
 
 import os
 import re
+import math
 from dataclasses import asdict, dataclass
 from itertools import accumulate
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -56,6 +61,43 @@ class Phase:
             raise ValueError(f"Phase {self.name!r} names neither a split nor classes: give one of them.")
 
 
+@dataclass
+class EarlyStopping:
+    """Ends a phase before its ``epochs`` once ``monitor`` has not improved for ``patience``
+    epochs of that phase: ``epochs`` becomes a maximum. Lightning's own ``EarlyStopping``
+    would end the whole fit; this ends one phase, and the next starts.
+
+    Args:
+        monitor: the metric compared after every epoch (``val/loss``, ``val/acc``, ...: what the
+            model logs; ``val/*`` needs ``data.val_size`` > 0).
+        mode: ``min`` (a loss) or ``max`` (an accuracy).
+        patience: epochs without improvement after which the phase ends.
+        min_delta: what counts as an improvement: a change of more than this.
+        restore_best: when a phase ends (early or not), put back the weights of its best epoch,
+            which the checkpoint then holds too (a copy of the model's weights) so a resumed run
+            can restore them. The optimizer keeps its state.
+    """
+
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+    restore_best: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"early_stopping.mode={self.mode!r} is not allowed: choose min or max.")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"early_stopping.patience={self.patience} is not allowed: it must be an integer >= 1.")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ValueError(f"early_stopping.min_delta={self.min_delta} is not allowed: it must be a number >= 0.")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
+
+
 @runtime_checkable
 class PhaseListener(Protocol):
     """Hooks the schedule calls, on the LightningModule first, then on the callbacks in order.
@@ -92,15 +134,21 @@ class SequentialFineTuning(Callback):
         phases: the phases, in order.
         reset_optimizer: give each phase a fresh optimizer (Adam's moments from the previous
             task would otherwise steer the first steps of the next).
+        early_stopping: end every phase early when its validation metric stops improving
+            (``EarlyStopping``); null: every phase trains all its epochs.
     """
 
-    def __init__(self, phases: list[Phase], reset_optimizer: bool = True) -> None:
+    def __init__(self, phases: list[Phase], reset_optimizer: bool = True,
+                 early_stopping: EarlyStopping | None = None) -> None:
         self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in phases]
         _check_phases(self.phases)
         self.reset_optimizer = reset_optimizer
-        self.ends = list(accumulate(p.epochs for p in self.phases))  # epoch after each phase
+        self.early_stopping = early_stopping
+        self.stopped: dict[int, int] = {}  # phase index -> epochs it trained, for phases ended early
+        self.ends = _ends(self.phases, self.stopped)  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
         self._set_lr_on_resume = False  # set by load_state_dict: the restored optimizer gets the phase's lr
+        self._reset_tracking()
 
     def phase_index(self, epoch: int) -> int:
         return next((i for i, end in enumerate(self.ends) if epoch < end), len(self.phases) - 1)
@@ -108,6 +156,10 @@ class SequentialFineTuning(Callback):
     @property
     def phase(self) -> Phase:
         return self.phases[self.phase_index(self.epoch)]
+
+    def trained_epochs(self, index: int) -> int:
+        """The epochs phase ``index`` trains: its ``epochs``, or fewer if it ended early."""
+        return self.stopped.get(index, self.phases[index].epochs)
 
     # -- Lightning hooks ----------------------------------------------------------------------
 
@@ -118,6 +170,10 @@ class SequentialFineTuning(Callback):
         if stage == "fit":
             for phase in self.phases:
                 datamodule.check_split(phase.split)
+            if self.early_stopping is not None and self.early_stopping.monitor.startswith("val/") \
+                    and "val" not in datamodule.split_names:
+                raise ValueError(f"schedule.early_stopping.monitor={self.early_stopping.monitor!r} needs a validation "
+                                 "split: set data.val_size > 0 (or monitor a train/ metric).")
             if trainer.max_epochs not in (None, -1, 1000, self.ends[-1]):  # 1000/-1: Lightning's "not set"
                 rank_zero_warn(f"trainer.max_epochs={trainer.max_epochs} is ignored: the phases define the run "
                                f"({self.ends[-1]} epochs in all). Set `epochs` per phase, or shorten epochs with "
@@ -128,6 +184,7 @@ class SequentialFineTuning(Callback):
             pl_module.set_phase_tasks([datamodule.task_classes(p.split) for p in self.phases])
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        set_max_epochs(trainer, self.ends[-1])  # a resumed run: the phases ended early are restored by now
         trainer.datamodule.train_split = self.phase.split
         if self.epoch == 0:  # a resumed run gets its learning rate back with the optimizer
             self._set_lr(trainer, pl_module)
@@ -147,10 +204,17 @@ class SequentialFineTuning(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.epoch = trainer.current_epoch + 1
+        if self.early_stopping is not None:
+            self._track(trainer, pl_module)
         if self.epoch not in self.ends:
             return
         index = self.ends.index(self.epoch)
+        if self.early_stopping is not None and self.early_stopping.restore_best and self._best_state is not None:
+            pl_module.load_state_dict(self._best_state)
+            rank_zero_info(f"Phase '{self.phases[index].name}': the weights of its best epoch "
+                           f"({self._best_epoch + 1}, {self.early_stopping.monitor} {self._best:.4f}) restored.")
         self._tell(trainer, pl_module, "on_phase_end", index)
+        self._reset_tracking()
         if index + 1 < len(self.phases):
             # Switch before the snapshot, so a run resumed from it starts the next phase as an
             # uninterrupted one does: new split, fresh optimizer, the phase's learning rate.
@@ -169,12 +233,18 @@ class SequentialFineTuning(Callback):
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases], "rng": rng}
+        state = {"epoch": self.epoch, "phases": [asdict(p) for p in self.phases], "rng": rng,
+                 "stopped": dict(self.stopped)}
+        if self.early_stopping is not None:
+            state["early_stopping"] = {"best": self._best, "best_epoch": self._best_epoch, "wait": self._wait,
+                                       "best_state": self._best_state}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = [Phase(**p) for p in state_dict["phases"]]
         epoch = state_dict["epoch"]
-        finished = sum(end <= epoch for end in accumulate(p.epochs for p in saved))  # phases fully trained
+        stopped = {int(i): int(n) for i, n in state_dict.get("stopped", {}).items()}
+        finished = sum(end <= epoch for end in _ends(saved, stopped))  # phases fully trained
         if saved[:finished] != self.phases[:finished]:
             raise ValueError(
                 f"The checkpoint was made with phases {saved}, which differ from the configured {self.phases} "
@@ -187,7 +257,13 @@ class SequentialFineTuning(Callback):
                 f"of phase {self.phases[finished].name!r}, which is configured with epochs="
                 f"{self.phases[finished].epochs}: give it more epochs than it has already trained."
             )
+        self.stopped = {i: n for i, n in stopped.items() if i < finished}
+        self.ends = _ends(self.phases, self.stopped)
         self.epoch = epoch
+        tracking = state_dict.get("early_stopping")
+        if tracking is not None and self.early_stopping is not None:  # the phase under way keeps its best so far
+            self._best, self._best_epoch, self._wait = tracking["best"], tracking["best_epoch"], tracking["wait"]
+            self._best_state = tracking["best_state"]
         # The optimizer comes back with the learning rate it had; the running phase's is set
         # again when no epoch of it has finished or its settings changed (a failed phase resumed
         # with a lower lr), as an uninterrupted run sets it when the phase starts.
@@ -202,6 +278,42 @@ class SequentialFineTuning(Callback):
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _reset_tracking(self) -> None:
+        """Early stopping starts afresh with every phase: the best value, its epoch, the epochs
+        since, and (``restore_best``) its weights."""
+        self._best: float | None = None
+        self._best_epoch = -1
+        self._wait = 0
+        self._best_state: dict | None = None
+
+    def _track(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After an epoch: compare the monitored metric with the phase's best, and end the phase
+        (its end and those of the phases after it move up) after ``patience`` epochs without
+        improvement."""
+        rule = self.early_stopping
+        value = trainer.callback_metrics.get(rule.monitor)
+        if value is None:
+            known = ", ".join(sorted(trainer.callback_metrics)) or "none"
+            raise ValueError(f"schedule.early_stopping.monitor={rule.monitor!r} is not a metric of this run "
+                             f"(logged: {known}).")
+        value = float(value)
+        if rule.improved(value, self._best):
+            self._best, self._best_epoch, self._wait = value, trainer.current_epoch, 0
+            if rule.restore_best:
+                self._best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            return
+        self._wait += 1
+        index = self.phase_index(trainer.current_epoch)
+        if self._wait < rule.patience or self.epoch == self.ends[index]:
+            return
+        start = self.ends[index - 1] if index else 0
+        self.stopped[index] = self.epoch - start
+        self.ends = _ends(self.phases, self.stopped)
+        set_max_epochs(trainer, self.ends[-1])
+        rank_zero_info(f"Phase '{self.phases[index].name}' ends early after {self.stopped[index]} of its "
+                       f"{self.phases[index].epochs} epochs: {rule.monitor} has not improved on {self._best:.4f} "
+                       f"(epoch {self._best_epoch + 1}) for {rule.patience} epochs.")
+
     def _tell(self, trainer: Trainer, pl_module: LightningModule, hook: str, index: int) -> None:
         for listener in [pl_module, *trainer.callbacks]:
             if isinstance(listener, PhaseListener):
@@ -212,6 +324,11 @@ class SequentialFineTuning(Callback):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+
+
+def _ends(phases: list[Phase], stopped: dict[int, int]) -> list[int]:
+    """The epoch after each phase, the phases ended early counted with the epochs they trained."""
+    return list(accumulate(stopped.get(i, p.epochs) for i, p in enumerate(phases)))
 
 
 def _check_phases(phases: list[Phase]) -> None:

@@ -7,7 +7,9 @@ logs the test metrics at that step (``test/acc``, ``test/f1_macro``, per class
 ``test_per_class/f1/class_<c>``, ...; see ``music.dashboard``), so each quantity is one curve
 across the phases, and on the phase axis (``by_phase/...``, at the evaluation's row), and
 writes ``phase_metrics.json``, ``phase_costs.json``, ``accuracy_matrix.csv`` and
-``continual_metrics.json`` in the run's directory. When fitting
+``continual_metrics.json`` in the run's directory; with ``evaluate_val``, the validation split
+too, after every phase, into ``val_metrics.json`` (what hyperparameters are chosen on, so the
+test set is never looked at to choose them). When fitting
 starts it writes the run's settings to TensorBoard's HParams tab and the per-class charts to
 its Custom Scalars tab.
 """
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -50,6 +53,9 @@ class PhaseEvaluation(Callback):
         log_figures: draw the confusion-matrix and accuracy-matrix figures for the loggers.
             Each costs 0.2-0.5 s of matplotlib, about a third of a short fine-tuning cell: grids of
             many cells turn them off and draw their figures once, from all cells, in the report.
+        evaluate_val: also evaluate the validation split (``data.val_size`` > 0) at each phase
+            end: ``val_metrics.json`` (the phase's validation metrics and confusion matrix) and
+            ``val_rows``, for choosing hyperparameters (``music tune``) without the test set.
 
     With ``evaluate_test``, the rows evaluated so far also go to ``accuracy_matrix.csv`` (test
     accuracy per class and per fine-tuning task, row by row) and ``continual_metrics.json``
@@ -63,10 +69,13 @@ class PhaseEvaluation(Callback):
     columns stay those of the plain test set.
     """
 
-    def __init__(self, evaluate_test: bool = True, evaluate_initial: bool = True, log_figures: bool = True) -> None:
+    def __init__(self, evaluate_test: bool = True, evaluate_initial: bool = True, log_figures: bool = True,
+                 evaluate_val: bool = False) -> None:
         self.evaluate_test = evaluate_test
         self.evaluate_initial = evaluate_initial
         self.log_figures = log_figures
+        self.evaluate_val = evaluate_val
+        self.val_rows: dict[str, list] = {}  # phase name -> validation confusion matrix, in order
         self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
         self.evaluations: dict[str, dict] = {}  # evaluated row name -> split, step, epoch, headline metrics
         self.task_accuracy: dict[str, dict[str, float]] = {}  # row name -> task split -> accuracy on its test set
@@ -75,6 +84,8 @@ class PhaseEvaluation(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._started = False  # a new fit writes its HParams and layout again
+        if stage == "fit" and self.evaluate_val and "val" not in getattr(trainer.datamodule, "split_names", []):
+            raise ValueError("evaluation.evaluate_val=true needs a validation split: set data.val_size > 0.")
 
     # -- the schedule's hooks ----------------------------------------------------------------
 
@@ -100,20 +111,25 @@ class PhaseEvaluation(Callback):
 
     def on_phase_end(self, trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning,
                      index: int) -> None:
+        phase = replace(schedule.phases[index], epochs=schedule.trained_epochs(index))  # fewer if it ended early
         if self.evaluate_test:
-            self._evaluate(trainer, pl_module, schedule, index, schedule.phases[index])
+            self._evaluate(trainer, pl_module, schedule, index, phase)
+        if self.evaluate_val:
+            self._validate(trainer, pl_module, index, phase)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
             dashboard.log_hparams(trainer.logger, {}, start=False)
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "evaluations": self.evaluations, "task_accuracy": self.task_accuracy}
+        return {"rows": self.rows, "evaluations": self.evaluations, "task_accuracy": self.task_accuracy,
+                "val_rows": self.val_rows}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = dict(state_dict.get("rows", {}))
         self.evaluations = dict(state_dict.get("evaluations", {}))
         self.task_accuracy = dict(state_dict.get("task_accuracy", {}))
+        self.val_rows = dict(state_dict.get("val_rows", {}))
 
     # -- evaluation and its records ----------------------------------------------------------
 
@@ -151,6 +167,17 @@ class PhaseEvaluation(Callback):
         if logger is not None:  # the phase axis: x = the evaluation's row (0 = start)
             logger.log_metrics(dashboard.phase_scalars(scalars), step=list(self.rows).index(phase.name))
         self._continual(trainer, step, schedule, index)
+
+    def _validate(self, trainer: Trainer, pl_module: LightningModule, index: int, phase: Phase) -> None:
+        """The validation split after a phase, into ``val_rows`` and ``val_metrics.json``; the
+        RNG is put back afterwards (a loader draws a seed), so training is the same with or without."""
+        rng = torch.get_rng_state()
+        metrics, confusion = pl_module.evaluate(trainer.datamodule.dataloader("val", distributed=trainer.world_size > 1))
+        torch.set_rng_state(rng)
+        rank_zero_info(f"Phase '{phase.name}' val: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
+        self.val_rows[phase.name] = confusion.tolist()
+        _record(run_dir(trainer), index, phase, metrics | {"confusion_matrix": confusion.tolist()},
+                filename="val_metrics.json")
 
     def _continual(self, trainer: Trainer, step: int, schedule: SequentialFineTuning, index: int | None) -> None:
         """Accuracy matrix and continual-learning metrics over the rows evaluated so far."""

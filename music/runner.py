@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import ArgumentError
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -303,10 +303,12 @@ def _size_trainer(config, subcommand: str | None) -> None:
             config.trainer.num_sanity_val_steps = 0
 
 
-def lightning(args: list[str], run: bool = True) -> MusicCLI:
+def lightning(args: list[str], run: bool = True, callbacks: Sequence[Callback] = ()) -> MusicCLI:
     """``music fit|validate|test|predict ...`` in-process; returns the CLI (``.trainer``, ...).
     With ``run=False`` nothing runs and the subcommand may be left out: the objects are built
-    from the configs, for code that drives them itself."""
+    from the configs, for code that drives them itself. ``callbacks``: objects a caller adds to
+    the trainer's, after the config's (a ``PhaseListener`` among them hears each phase after the
+    evaluation has run)."""
     base = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": False}
     if not run and args and args[0] in LIGHTNING_SUBCOMMANDS:
         args = args[1:]
@@ -321,7 +323,7 @@ def lightning(args: list[str], run: bool = True) -> MusicCLI:
             MusicDataModule,
             save_config_callback=SaveConfigToRunDir,
             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # a resumed run writes its config again
-            trainer_defaults={"callbacks": [LogEDA()]},  # the data module's figures, when data.log_eda asks for them
+            trainer_defaults={"callbacks": [LogEDA(), *callbacks]},  # LogEDA: the data module's figures, when data.log_eda asks
             parser_kwargs={"exit_on_error": False, **{sub: dict(base) for sub in subcommands}} if run else base,
             args=resolve_configs(args),
             run=run,
@@ -378,13 +380,14 @@ def as_args(configs: list[str], overrides: dict[str, Any]) -> list[str]:
 
 
 def run(subcommand: str, configs: list[str], overrides: dict[str, Any] | None = None,
-        user_args: Sequence[str] = ()) -> RunResult:
+        user_args: Sequence[str] = (), callbacks: Sequence[Callback] = ()) -> RunResult:
     """``music <subcommand> --config <configs...>`` with ``overrides`` (``{"data.download": False,
     "seed_everything": 3}``), in this process. ``user_args``: command-line arguments a user gave
-    as such (an experiment's ``output.trainer_args``), applied last."""
+    as such (an experiment's ``output.trainer_args``), applied last; ``callbacks``: more trainer
+    callbacks (``lightning``)."""
     if subcommand not in LIGHTNING_SUBCOMMANDS:
         raise ValueError(f"subcommand={subcommand!r} is not allowed: choose one of {', '.join(LIGHTNING_SUBCOMMANDS)}.")
-    cli = lightning([subcommand, *as_args(configs, overrides or {}), *map(str, user_args)])
+    cli = lightning([subcommand, *as_args(configs, overrides or {}), *map(str, user_args)], callbacks=callbacks)
     folder = Path(run_dir(cli.trainer))
     phases = phase_metrics(folder) if (folder / "phase_metrics.json").exists() else {}
     return RunResult(folder, cli.trainer, cli.model, cli.datamodule, phases)

@@ -137,3 +137,72 @@ def test_a_resumed_schedule_may_change_only_the_phases_not_yet_finished():
     saved.epoch = 1  # at b's start: the phase's lr is set again, as when a phase starts
     same.load_state_dict(saved.state_dict())
     assert same._set_lr_on_resume
+
+
+# -- early stopping of a phase -----------------------------------------------------------------
+
+# min_delta 1.0 on an accuracy: only a phase's first epoch improves, so every phase ends
+# after exactly 1 + patience epochs, whatever the numbers.
+NEVER_BETTER = ["--schedule.early_stopping.monitor", "val/acc", "--schedule.early_stopping.mode", "max",
+                "--schedule.early_stopping.min_delta", "1.0"]
+TWO_PHASES = [{"name": "pretrain", "split": "remaining", "epochs": 4}, {"name": "class_3", "split": "class_3", "epochs": 4}]
+
+
+def test_early_stopping_ends_each_phase_and_the_next_one_starts(shrink):
+    config = shrink("seq", phases=TWO_PHASES, val_size=200)
+    cli = fit(config, *NEVER_BETTER, "--schedule.early_stopping.patience", 1, "--evaluation.evaluate_val", "true")
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
+    assert schedule.stopped == {0: 2, 1: 2} and schedule.ends == [2, 4]
+    assert cli.trainer.current_epoch == 4  # 2 + 2 of the 8 planned epochs
+    log_dir = Path(cli.trainer.log_dir)
+    assert sorted(p.name for p in (log_dir / "checkpoints").glob("phase-*.ckpt")) == [
+        "phase-0-pretrain.ckpt", "phase-1-class_3.ckpt"]
+    assert [r["epochs"] for r in phase_metrics(log_dir).values()] == [2, 2]  # what each phase trained
+    val = json.loads((log_dir / "val_metrics.json").read_text())
+    assert list(val) == ["pretrain", "class_3"] and all(0 <= r["acc"] <= 1 for r in val.values())
+
+
+def test_restore_best_puts_back_the_weights_of_the_phases_best_epoch(shrink):
+    config = shrink("seq", phases=TWO_PHASES[:1], val_size=200)
+    cli = fit(config, *NEVER_BETTER, "--schedule.early_stopping.patience", 2,
+              "--schedule.early_stopping.restore_best", "true", "--checkpoint.save_top_k", -1)
+    checkpoints = Path(cli.trainer.log_dir) / "checkpoints"
+    first = torch.load(next(checkpoints.glob("epoch=0-*.ckpt")), weights_only=True)["state_dict"]
+    second = torch.load(next(checkpoints.glob("epoch=1-*.ckpt")), weights_only=True)["state_dict"]
+    assert cli.trainer.current_epoch == 3
+    assert any(not torch.equal(second[k], v) for k, v in first.items())  # training moved the weights ...
+    for key, value in first.items():  # ... and the phase ends with its best epoch's (the first)
+        assert torch.equal(cli.model.state_dict()[key], value), key
+
+
+def test_a_run_resumed_inside_an_early_stopped_schedule_equals_the_uninterrupted_one(shrink):
+    config = shrink("seq", phases=TWO_PHASES, val_size=200)
+    args = [*NEVER_BETTER, "--schedule.early_stopping.patience", 2, "--schedule.early_stopping.restore_best", "true",
+            "--evaluation.evaluate_val", "true", "--checkpoint.save_top_k", -1]
+    whole = fit(config, *args)
+    assert whole.trainer.current_epoch == 6  # 3 + 3 of the 8 planned epochs
+    checkpoints = Path(whole.trainer.log_dir) / "checkpoints"
+    for epoch, later in ((1, ["pretrain", "class_3"]), (4, ["class_3"])):  # waiting for improvement, in each phase
+        resumed = fit(config, *args, "--ckpt_path", next(checkpoints.glob(f"epoch={epoch}-*.ckpt")))
+        assert resumed.trainer.current_epoch == 6
+        for key, value in whole.model.state_dict().items():  # bitwise: the same stops, weights and draws
+            assert torch.equal(resumed.model.state_dict()[key], value), key
+        assert list(phase_metrics(resumed.trainer.log_dir)) == later
+        for name in later:
+            assert phase_metrics(resumed.trainer.log_dir)[name] == phase_metrics(whole.trainer.log_dir)[name]
+
+
+def test_early_stopping_settings_are_checked():
+    from music.callbacks import EarlyStopping
+
+    for bad, message in (({"patience": 0}, "patience=0"), ({"mode": "up"}, "mode='up'"),
+                         ({"min_delta": -1.0}, "min_delta=-1.0")):
+        with pytest.raises(ValueError, match=message):
+            EarlyStopping(**bad)
+
+
+def test_early_stopping_on_val_needs_a_validation_split(shrink):
+    with pytest.raises(ValueError, match=r"monitor='val/loss' needs a validation split: set data.val_size > 0"):
+        fit(shrink("seq", phases=TWO_PHASES[:1]), "--schedule.early_stopping.patience", 1)
+    with pytest.raises(ValueError, match=r"monitor='val/nope' is not a metric of this run \(logged: .*val/acc"):
+        fit(shrink("seq", phases=TWO_PHASES[:1], val_size=200), "--schedule.early_stopping.monitor", "val/nope")

@@ -51,6 +51,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                         "edit a model with task vectors from a recipe (task arithmetic, TIES, DARE; λ chosen on val)"),
     "taskvectors": Experiment("music.experiments.taskvectors:TaskVectors",
                               "train the task-vector studies' models, then run their merge recipes", "experiments/taskvectors"),
+    "tune": Experiment("music.experiments.tune:Tune",
+                       "hyperparameter search (Optuna) of a run config on its validation split, pruned per phase, on Dask",
+                       "experiments/tune"),
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
 from scipy import stats
 from sqlalchemy.engine import Engine
 
@@ -118,9 +119,9 @@ def reuse_or_run(engine: Engine, experiment: str, name: str, settings: dict[str,
 
 
 def fit(configs: Sequence[str], name: str, data: Data, output: Output, experiment: str,
-        overrides: dict[str, Any] | None = None) -> RunResult:
+        overrides: dict[str, Any] | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
     """``music fit --config <configs...>`` logged as ``name`` under the experiment's folder
-    (``<root>/<experiment>/<name>/version_N``), quietly."""
+    (``<root>/<experiment>/<name>/version_N``), quietly; ``callbacks`` join the trainer's."""
     torch.set_num_threads(output.threads)
     settings = {"data.data_dir": data.data_dir, "data.download": data.download,
                 "trainer.logger.init_args.save_dir": str(output.folder(experiment)),
@@ -128,7 +129,7 @@ def fit(configs: Sequence[str], name: str, data: Data, output: Output, experimen
                 "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
     if output.quick:
         settings["trainer.limit_train_batches"] = 5
-    return run("fit", list(configs), settings | (overrides or {}), output.trainer_args)
+    return run("fit", list(configs), settings | (overrides or {}), output.trainer_args, callbacks)
 
 
 def final_phase(run_dir: Path) -> tuple[str, dict, Path]:
