@@ -9,6 +9,7 @@ every experiment states its spread the same way, so tables compare.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -17,14 +18,17 @@ import os
 import platform
 import socket
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import torch
+from dask.distributed import Client, LocalCluster
 from lightning.pytorch import Callback
 from scipy import stats
 from sqlalchemy.engine import Engine
@@ -272,3 +276,52 @@ def write_table(out_dir: str | Path, name: str, title: str, notes: str, header: 
     write_atomically(Path(out_dir) / f"{name}.md", markdown)
     write_csv(Path(out_dir) / f"{name}.csv", csv_rows or rows, None if csv_rows else header)
     return markdown
+
+
+# -- running many runs ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """The cell's stdout and stderr (Python's and C's) into its ``cell.log``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None, workers: int | None, threads: int, accelerator: str = "cpu",
+                option: str = "scheduler") -> Iterator[Client]:
+    """A client of ``scheduler``, or of a ``LocalCluster`` of single-threaded worker processes
+    started (and stopped) here: how ``music study`` runs its cells and ``music tune`` its trials.
+    An unreachable scheduler is a ``ValueError`` naming ``option``. With a GPU ``accelerator``
+    the local workers offer the resource ``GPU=1``."""
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="5s")
+        except (OSError, TimeoutError) as err:
+            raise ValueError(f"{option}={scheduler!r}: no Dask scheduler answers there ({type(err).__name__}). "
+                             "Start one with `dask scheduler` or leave it null for a local cluster.") from None
+        with client:
+            yield client
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by the worker processes
+    resources = {"GPU": 1} if accelerator in ("gpu", "cuda") else None
+    # Dask's statistical profiler samples the running thread every 10 ms, which slows a run
+    # markedly (measured in docs/study.md). The workers take this config from here.
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                         # the scheduler's HTTP endpoints (health, metrics) on a free port: 8787 may be taken
+                         dashboard_address=":0", resources=resources) as cluster, Client(cluster) as client:
+        yield client

@@ -38,12 +38,10 @@ cell runs. The report (``study_report``) is made by queries on that database.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib
 import inspect
 import json
-import os
 import socket
 import sys
 import time
@@ -52,16 +50,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import dask
 import torch
 import yaml
-from distributed import Client, LocalCluster, as_completed
+from distributed import as_completed
 
 from music.evaluation import START
 from music.config import BASE_CONFIG
 from music.continual import accuracy_on
 from music.experiments import study_db
-from music.experiments.common import Data, Output
+from music.experiments.common import Data, Output, dask_client, output_to
 from music.experiments.study_grid import Cell, Grid, cell_dir, determinants, fingerprint, plan, pretrained_checkpoint
 from music.experiments.study_merge import run_merge_cell
 from music.experiments.study_merge_report import write_merge_report
@@ -113,26 +110,6 @@ def cell_config(grid: Grid, data: Data, cell: Cell) -> dict:
             "data": split}
 
 
-@contextlib.contextmanager
-def _output_to(path: Path):
-    """The cell's stdout and stderr (Python's and C's) into its ``cell.log``."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (log, *saved):
-            os.close(fd)
-
-
 def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
     """Run one cell (``music fit``, or a merge cell's merges, in this process) and store it in the database; a cell
     stored already is not run again, an interrupted one resumes from its ``last.ckpt``.
@@ -149,7 +126,7 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
     start = time.perf_counter()
     if cell.kind == "merge":  # in this process, no training: nothing to resume
         resumed = False
-        with _output_to(run_dir / "cell.log"):
+        with output_to(run_dir / "cell.log"):
             run_merge_cell(grid, cell, delta, run_dir)
     else:
         method = ["--config", cell.method] if cell.method else []
@@ -158,7 +135,7 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
         resumed = last.exists()
         if resumed:
             args += ["--ckpt_path", str(last)]
-        with _output_to(run_dir / "cell.log"):
+        with output_to(run_dir / "cell.log"):
             lightning(args)
     seconds = time.perf_counter() - start
     stored = study_db.record_cell(engine, *read_cell(grid, cell, run_dir, seconds, resumed))
@@ -212,31 +189,6 @@ def check_stored(grid: Grid, cells: list[Cell], engine) -> set[tuple[int, str]]:
     return {key for key in stored if key in {(c.seed, c.name) for c in cells}}
 
 
-@contextlib.contextmanager
-def dask_client(grid: Grid):
-    """A client of ``grid.scheduler``, or of a ``LocalCluster`` of single-threaded worker
-    processes started (and stopped) here. An unreachable scheduler is a ``ValueError``."""
-    if grid.scheduler is not None:
-        try:
-            client = Client(grid.scheduler, timeout="5s")
-        except (OSError, TimeoutError) as err:
-            raise ValueError(f"study.scheduler={grid.scheduler!r}: no Dask scheduler answers there "
-                             f"({type(err).__name__}). Start one with `dask scheduler` or leave scheduler null "
-                             "for a local cluster.") from None
-        with client:
-            yield client
-        return
-    os.environ.setdefault("OMP_NUM_THREADS", str(grid.threads))  # inherited by the worker processes
-    resources = {"GPU": 1} if grid.accelerator in ("gpu", "cuda") else None
-    # Dask's statistical profiler samples the cell's thread every 10 ms, which slows a cell
-    # markedly (measured in docs/study.md). The workers take this config from here.
-    with dask.config.set({"distributed.worker.profile.enabled": False}), \
-            LocalCluster(n_workers=grid.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                         # the scheduler's HTTP endpoints (health, metrics) on a free port: 8787 may be taken
-                         dashboard_address=":0", resources=resources) as cluster, Client(cluster) as client:
-        yield client
-
-
 def priority(cell: Cell) -> int:
     """Fine-tuning cells of lower seeds first (a grid stopped early tends to keep complete
     seeds), then pretraining, the costly joint runs last. Dask prefers higher priorities among
@@ -258,7 +210,7 @@ def run_grid(grid: Grid, data: Data) -> dict:
     done = check_stored(grid, cells, engine)
     todo = [c for c in cells if (c.seed, c.name) not in done]
     ran, failed = [], {}
-    with dask_client(grid) as client:
+    with dask_client(grid.scheduler, grid.workers, grid.threads, grid.accelerator, "study.scheduler") as client:
         Path(grid.runs_dir).mkdir(parents=True, exist_ok=True)
         (Path(grid.runs_dir) / "grid.json").write_text(
             json.dumps({"settings": asdict(grid), "data": asdict(data), "cells": [asdict(c) for c in cells]}, indent=1))

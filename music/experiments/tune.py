@@ -27,24 +27,21 @@ delta: ``music fit --config <configs...> --config <folder>/best.yaml``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 import re
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import dask
 import optuna
 import torch
 import yaml
-from distributed import Client, LocalCluster, wait
+from distributed import wait
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from music.callbacks import SequentialFineTuning
@@ -54,8 +51,7 @@ from music.continual import accuracy_on
 from music.data import split_classes
 from music.evaluation import PhaseEvaluation
 from music.experiments import study_db
-from music.experiments.common import Data, Output, fit, machine, write_table
-from music.experiments.study import _output_to
+from music.experiments.common import Data, Output, dask_client, fit, machine, output_to, write_table
 from music.runner import UsageError, build
 from music.speed import plain_process_malloc
 
@@ -312,7 +308,7 @@ def run_trial(job: Job, index: int) -> int | None:
         listener = ReportPhases(trial)
         start = time.perf_counter()
         try:
-            with _output_to(job.output.folder(EXPERIMENT) / f"trial_{trial.number}.log"):
+            with output_to(job.output.folder(EXPERIMENT) / f"trial_{trial.number}.log"):
                 result = fit(job.configs, f"trial_{trial.number}", job.data, job.output, EXPERIMENT,
                              job.fixed | overrides_for(values, job.lists), callbacks=[listener])
         except Exception as err:  # noqa: BLE001 - the trial fails, the study goes on; the table names the error
@@ -583,24 +579,3 @@ def _fmt(value: Any) -> str:
 
 def _fmt_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k} = {_fmt(v)}" for k, v in params.items())
-
-
-@contextlib.contextmanager
-def dask_client(scheduler: str | None, workers: int | None, threads: int) -> Iterator[Client]:
-    """A client of ``scheduler``, or of a ``LocalCluster`` of single-threaded worker processes
-    started (and stopped) here, as ``music study`` runs its cells."""
-    if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout="5s")
-        except (OSError, TimeoutError) as err:
-            raise ValueError(f"scheduler={scheduler!r}: no Dask scheduler answers there ({type(err).__name__}). "
-                             "Start one with `dask scheduler` or leave scheduler null for a local cluster.") from None
-        with client:
-            yield client
-        return
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by the worker processes
-    # Dask's profiler samples the running thread every 10 ms, which slows a run (docs/study.md)
-    with dask.config.set({"distributed.worker.profile.enabled": False}), \
-            LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                         dashboard_address=":0") as cluster, Client(cluster) as client:
-        yield client
