@@ -108,6 +108,14 @@ def test_consensus_keeps_exactly_the_weights_at_least_k_tasks_mark():
     assert 0 < int((consensus_mask(tall_masks(scaled, multi, [0.6] * 4), 2)).sum()) < multi.numel()
 
 
+def test_consensus_with_fewer_entries_than_k_keeps_what_every_task_marks():
+    t1, t2 = torch.tensor([1.0, 0.1, -1.0]), torch.tensor([1.0, -0.1, 0.2])
+    one = Consensus(min_tasks=2, mask_lambda=1.0).merge("w", None, [t1], [1.0])  # τ_MTL = τ1: all marked
+    assert torch.equal(one, t1)
+    three = Consensus(min_tasks=3, mask_lambda=1.0).merge("w", None, [t1, t2], [1.0, 1.0])
+    assert torch.equal(three, Consensus(min_tasks=2, mask_lambda=1.0).merge("w", None, [t1, t2], [1.0, 1.0]))
+
+
 def test_consensus_hand_computed_and_over_ties():
     t1, t2 = torch.tensor([1.0, 0.1, -1.0]), torch.tensor([1.0, -0.1, 0.2])
     # τ_MTL = [2, 0, −0.8]; |τ1| ≥ |τ_MTL − τ1|: [1 ≥ 1, .1 ≥ .1, 1 ≥ .2]; τ2: [1 ≥ 1, .1 ≥ .1, .2 ≥ 1 no]
@@ -354,7 +362,6 @@ def test_each_shipped_recipe_builds_its_method(name):
     ({"class_path": "music.merging.TSVM", "init_args": {"rank_fraction": 0.0}}, r"TSVM rank_fraction=0.0 is not allowed: it must be in \(0, 1\]"),
     ({"class_path": "music.merging.IsoCTS", "init_args": {"common_fraction": 1.5}}, r"IsoCTS common_fraction=1.5 is not allowed: it must be in \(0, 1\]"),
     ({"class_path": "music.merging.Consensus", "init_args": {"min_tasks": -1}}, r"Consensus min_tasks=-1 is not allowed: it must be an integer >= 0"),
-    ({"class_path": "music.merging.Consensus", "init_args": {"min_tasks": 3}}, r"Consensus min_tasks=3 is not allowed with 2 entries"),
     ({"class_path": "music.merging.Consensus", "init_args": {"mask_lambda": 0.0}}, r"Consensus mask_lambda=0.0 is not allowed: it must be > 0"),
     ({"class_path": "music.merging.Consensus", "init_args": {"mask_lambda": [0.4]}}, r"Consensus mask_lambda=\[0.4\] gives 1 values for 2 entries"),
     ({"class_path": "music.merging.Consensus", "init_args": {"combine": {"class_path": "music.merging.Fisher"}}},

@@ -38,7 +38,8 @@ class Consensus(MergeMethod):
 
     Args:
         min_tasks: k, the number of tasks that must mark an entry for it to be kept (≥ 0;
-            0 keeps everything, i.e. ``combine`` alone; at most the number of entries).
+            0 keeps everything, i.e. ``combine`` alone). With fewer entries than k (the first
+            steps of a sequential merge) an entry is kept when every task marks it.
         mask_lambda: λ_t of the masks, > 0; one number or one per entry (the paper picks
             each in [0.2, 0.6] on validation data; 0.4 as FusionBench's default).
         combine: how τ_MTL is formed: ``TaskArithmetic`` (the sum) or ``TIES``.
@@ -63,9 +64,6 @@ class Consensus(MergeMethod):
 
     def check_entries(self, count: int) -> None:
         _per_entry(self.mask_lambda, count, "Consensus", "mask_lambda")
-        if self.min_tasks > count:
-            raise TaskVectorError(f"Consensus min_tasks={self.min_tasks} is not allowed with {count} entries: "
-                                  "no entry could be kept; give at most the number of entries.")
         self.combine.check_entries(count)
 
     def reset(self) -> None:
@@ -77,7 +75,8 @@ class Consensus(MergeMethod):
     def merge(self, key: str, base: Tensor | None, task_vectors: list[Tensor], weights: list[float]) -> Tensor:
         multi = self.combine.merge(key, base, task_vectors, weights)
         lambdas = _per_entry(self.mask_lambda, len(task_vectors), "Consensus", "mask_lambda")
-        keep = consensus_mask(tall_masks(weighted(task_vectors, weights), multi, lambdas), self.min_tasks)
+        keep = consensus_mask(tall_masks(weighted(task_vectors, weights), multi, lambdas),
+                              min(self.min_tasks, len(task_vectors)))
         return torch.where(keep, multi, 0)
 
 
