@@ -16,6 +16,8 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
    callback, a measurable share of every epoch (docs/speed.md). When nothing would happen in
    those hooks (``steps_are_plain``), the plain calls are taken and each step is counted as
    ``LightningOptimizer.step`` counts it, through its private ``_on_before_step``/``_on_after_step``.
+   The module's own ``on_before_optimizer_step`` (the Classifier runs its methods' gradient hook
+   there: A-GEM) is called by the direct steps too, between backward and step (``DIRECT_HOOKS``).
 3. **No NVML probe per step on a machine without CUDA.** Importing Lightning sets
    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so asking whether CUDA exists never initialises it
    before a fork); every ``Adam.step`` asks, and on a machine without a GPU NVML is then
