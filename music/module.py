@@ -25,6 +25,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from music import speed
 from music.checkpoint import load_state_dict
+from music.data import task_split_classes
 from music.dashboard import log_figure, logged_epoch, logged_step, metric_scalars, run_name
 from music.figures import confusion_matrix_figure
 from music.finetuning import FineTune, ParameterReport, apply_finetune
@@ -45,6 +46,10 @@ class Method(Protocol):
     parser accepts any class with these methods (it compares annotations exactly)."""
 
     def loss(self, model, x, y, logits): ...  # -> Tensor | None, added to the batch's loss
+
+    # Optional (``music.methods.Method`` has both; the model calls them where a method has them):
+    # ``batch_logits(model, logits, y)`` -> the logits the batch's own cross-entropy scores;
+    # ``on_before_optimizer_step(model)``, between backward and every optimizer step.
 
     def on_phase_start(self, trainer, model, schedule, index): ...
 
@@ -102,6 +107,14 @@ class Classifier(LightningModule):
         pretrained_on: the training split ``init_from``'s weights were trained on: the methods
             take it as a finished task 0 (EWC's Fisher, replay's memory, LwF's teacher), so a
             fine-tuning run protects what pretraining learned. SI has no path integral of it.
+        active_outputs: in the class scenario, train with only the outputs of the classes seen
+            so far (the current and earlier phases' classes) in the softmax, as van de Ven's
+            reference protocol for class-incremental Split-MNIST does; the others are masked
+            out of every training loss and method estimate (evaluation scores all outputs).
+            ``None`` (default): on exactly where that protocol applies, a run from scratch (no
+            ``init_from``, no ``pretrained_on``) whose every phase is a task of named classes
+            (``classes: [...]``, as Split-MNIST's); off for the 3 -> 4 -> 7 runs, whose head
+            knows all classes from pretraining. ``true`` needs ``scenario: class``.
     """
 
     def __init__(
@@ -118,12 +131,16 @@ class Classifier(LightningModule):
         scenario: Literal["class", "task"] = "class",
         tasks: list[list[int]] | None = None,
         pretrained_on: str | None = None,
+        active_outputs: bool | None = None,
     ) -> None:
         super().__init__()
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario={scenario!r} is not allowed: choose one of {list(SCENARIOS)}.")
         if not 0 < lr <= MAX_LR:  # False for nan too
             raise ValueError(f"lr={lr} is not allowed: the learning rate must be a finite number > 0 and <= {MAX_LR:g}.")
+        if active_outputs and scenario != "class":
+            raise ValueError(f"active_outputs={active_outputs} is not allowed with scenario={scenario!r}: "
+                             "it applies to the class scenario only (the task scenario already masks to each task).")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is not allowed: a classifier needs >= 2 classes.")
         if log_every_n_steps < 0:
@@ -163,6 +180,8 @@ class Classifier(LightningModule):
         self.pretrained_on = pretrained_on
         self._phase_tasks: list[list[int]] | None = None  # the schedule's, when ``tasks`` is None
         self._allowed: Tensor | None = None  # task scenario: label -> the classes its logits keep
+        self.active_outputs = active_outputs
+        self._active: Tensor | None = None  # active outputs: the classes seen so far, set at each phase start
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -201,21 +220,44 @@ class Classifier(LightningModule):
                 allowed[c, classes] = True
         return allowed.to(self.device)
 
-    def scenario_logits(self, logits: Tensor, y: Tensor) -> Tensor:
+    def scenario_logits(self, logits: Tensor, y: Tensor, active: bool = True) -> Tensor:
         """The logits as the scenario scores them: unchanged (class-incremental) or masked to
-        each sample's task (task-incremental)."""
+        each sample's task (task-incremental); in training (``active``) with active outputs,
+        also masked to the classes seen so far."""
         if self.scenario == "class":
+            if active and self._active is not None:
+                return logits.masked_fill(~self._active.to(logits.device), float("-inf"))
             return logits
         if self._allowed is None:
             self._allowed = self.task_masks()
         allowed = self._allowed.to(logits.device)[y]
         return logits.masked_fill(~allowed, float("-inf"))
 
+    def uses_active_outputs(self, schedule: Any) -> bool:
+        """Whether training masks the outputs of classes not seen yet (see ``active_outputs``)."""
+        if self.scenario != "class":
+            return False
+        if self.active_outputs is not None:
+            return self.active_outputs
+        return (self.init_from is None and self.pretrained_on is None
+                and all(task_split_classes(phase.split) is not None for phase in schedule.phases))
+
+    def active_classes(self, datamodule: Any, schedule: Any, index: int) -> Tensor | None:
+        """The outputs training phase ``index`` may use: the classes of it and the phases before
+        (``None``: all)."""
+        if not self.uses_active_outputs(schedule):
+            return None
+        active = torch.zeros(self.num_classes, dtype=torch.bool)
+        for phase in schedule.phases[:index + 1]:
+            active[datamodule.task_classes(phase.split)] = True
+        return active.to(self.device)
+
     # -- the schedule's phases: the methods hear of them through the model that holds them ---
 
     def on_phase_start(self, trainer: Trainer, pl_module: LightningModule, schedule: Any, index: int) -> None:
-        for method in self.methods:
+        for method in self.methods:  # first: a finished task's estimates see the outputs it trained
             method.on_phase_start(trainer, self, schedule, index)
+        self._active = self.active_classes(trainer.datamodule, schedule, index)
 
     def on_phase_end(self, trainer: Trainer, pl_module: LightningModule, schedule: Any, index: int) -> None:
         self.check_finite()  # the schedule tells the model first: nothing is evaluated or saved after a NaN
@@ -261,14 +303,28 @@ class Classifier(LightningModule):
         self._epoch_start_step = self.global_step
 
     def objective(self, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
-        """The training loss of one batch: cross-entropy plus every method's term (penalty,
-        distillation, a replayed batch's loss)."""
-        loss = F.cross_entropy(self.scenario_logits(logits, y), y)
+        """The training loss of one batch: cross-entropy (of the logits as the methods reshape
+        them, e.g. ER-ACE's) plus every method's term (penalty, distillation, a replayed batch's
+        loss)."""
+        scored = self.scenario_logits(logits, y)
+        for method in self.methods:
+            reshape = getattr(method, "batch_logits", None)
+            if reshape is not None:
+                scored = reshape(self, scored, y)
+        loss = F.cross_entropy(scored, y)
         for method in self.methods:
             term = method.loss(self, x, y, logits)
             if term is not None:
                 loss = loss + term
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The methods' hook between backward and step (A-GEM's projection), in automatic
+        optimization and for every step of a block alike (``music.speed``)."""
+        for method in self.methods:
+            hook = getattr(method, "on_before_optimizer_step", None)
+            if hook is not None:
+                hook(self)
 
     def training_step(self, batch: tuple[Tensor, Tensor] | speed.Block, batch_idx: int) -> Tensor | None:
         if self.blocks is not None:
@@ -344,7 +400,7 @@ class Classifier(LightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, loss: MeanMetric) -> Tensor:
         x, y = batch
-        logits = self.scenario_logits(self(x), y)
+        logits = self.scenario_logits(self(x), y, active=False)
         loss.update(F.cross_entropy(logits, y), weight=len(y))
         metrics.update(logits, y)
         return logits

@@ -16,6 +16,8 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
    callback, a measurable share of every epoch (docs/speed.md). When nothing would happen in
    those hooks (``steps_are_plain``), the plain calls are taken and each step is counted as
    ``LightningOptimizer.step`` counts it, through its private ``_on_before_step``/``_on_after_step``.
+   The module's own ``on_before_optimizer_step`` (the Classifier runs its methods' gradient hook
+   there: A-GEM) is called by the direct steps too, between backward and step (``DIRECT_HOOKS``).
 3. **No NVML probe per step on a machine without CUDA.** Importing Lightning sets
    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so asking whether CUDA exists never initialises it
    before a fork); every ``Adam.step`` asks, and on a machine without a GPU NVML is then
@@ -53,6 +55,9 @@ from torch import Tensor
 CHECKED_LIGHTNING = "2.6"
 # The hooks Lightning calls between a training loss and the optimizer step it leads to.
 STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+# The module's step hooks ``direct_step`` calls itself, where Lightning would: overriding them
+# keeps the direct steps (the Classifier's runs its methods', e.g. A-GEM's projection).
+DIRECT_HOOKS = ("on_before_optimizer_step",)
 
 
 class Block(NamedTuple):
@@ -102,6 +107,8 @@ class BlockModule(Protocol):
     def record_training(self, losses: Tensor, logits: Tensor, labels: Tensor, first_step: int,
                         sizes: list[int]) -> None: ...
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
 
 class BlockSteps:
     """Trains a ``Block`` batch by batch inside one Lightning loop step: forward, loss,
@@ -119,7 +126,7 @@ class BlockSteps:
 
     def train(self, module: BlockModule, block: Block | tuple[Tensor, Tensor]) -> None:
         optimizer = module.optimizers()
-        step = direct_step(optimizer) if self.direct else _lightning_step(module, optimizer)
+        step = direct_step(optimizer, module) if self.direct else _lightning_step(module, optimizer)
         first_step = module.global_step  # the step at which the first batch's loss is computed
         losses, logits, labels = [], [], []
         for x, y in (block.batches() if isinstance(block, Block) else [block]):  # DDP serves single batches
@@ -145,24 +152,27 @@ def steps_are_plain(trainer: Trainer, module: LightningModule) -> bool:
     """Whether ``manual_backward`` and ``LightningOptimizer.step`` would do nothing but
     ``loss.backward()`` and ``optimizer.step()`` plus calls of hooks nobody overrides: one device
     (no gradient sync), 32-bit precision (no loss scaling or casting), no profiler timing the
-    step, and neither the module nor any callback overriding ``STEP_HOOKS`` (or ``backward``)."""
+    step, no callback overriding ``STEP_HOOKS`` and the module overriding none of them (nor
+    ``backward``) but the ``DIRECT_HOOKS``, which ``direct_step`` calls."""
     return (type(trainer.strategy) is SingleDeviceStrategy
             and type(trainer.precision_plugin) is Precision
             and type(trainer.profiler) is PassThroughProfiler
             and not is_overridden("backward", module)
-            and not any(is_overridden(hook, listener) for hook in STEP_HOOKS for listener in [module, *trainer.callbacks]))
+            and not any(is_overridden(hook, module) for hook in STEP_HOOKS if hook not in DIRECT_HOOKS)
+            and not any(is_overridden(hook, callback) for hook in STEP_HOOKS for callback in trainer.callbacks))
 
 
-def direct_step(optimizer: LightningOptimizer) -> Callable[[Tensor], None]:
-    """zero_grad, ``loss.backward()`` and the optimizer's own ``step``, counted as
-    ``LightningOptimizer.step`` counts it, so ``global_step`` and checkpoints are the same.
-    Only valid where ``steps_are_plain``."""
+def direct_step(optimizer: LightningOptimizer, module: BlockModule) -> Callable[[Tensor], None]:
+    """zero_grad, ``loss.backward()``, the module's ``on_before_optimizer_step`` and the
+    optimizer's own ``step``, counted as ``LightningOptimizer.step`` counts it, so
+    ``global_step`` and checkpoints are the same. Only valid where ``steps_are_plain``."""
     plain = optimizer.optimizer
 
     def step(loss: Tensor) -> None:
         plain.zero_grad()
         loss.backward()
         optimizer._on_before_step()
+        module.on_before_optimizer_step(plain)
         plain.step()
         optimizer._on_after_step()
 

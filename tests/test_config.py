@@ -127,5 +127,5 @@ def test_help_lists_the_shipped_configs_by_group(capsys):
     main(["--help"])
     out = capsys.readouterr().out
     assert str(CONFIG_DIR) in out
-    assert "  methods/: ewc, lwf, online_ewc, replay, si" in out
+    assert "  methods/: agem, derpp, er_ace, ewc, lwf, mas, online_ewc, replay, si" in out
     assert all(f"{n.split('/')[-1]}" in out for n in shipped_names())

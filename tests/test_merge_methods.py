@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from music.cli import main
 from music.config import CONFIG_DIR
-from music.fisher import per_sample_squared_gradients
+from music.fisher import per_sample_gradient_magnitudes
 from music.merging import (TIES, TSVM, Breadcrumbs, Consensus, Fisher, IsoC, IsoCTS, MergeMethod, RegMean,
                            TaskVectorError, compute_statistics, load_statistics, save_statistics)
 from music.merging.masks import breadcrumbs_mask, consensus_mask, tall_masks
@@ -248,7 +248,7 @@ def test_statistics_are_the_input_grams_and_the_per_sample_fisher(tmp_path):
     torch.testing.assert_close(stats["gram/0.weight"], x.T @ x / 30)
     hidden = torch.relu(net[0](x)).detach()
     torch.testing.assert_close(stats["gram/2.weight"], hidden.T @ hidden / 30)
-    reference = per_sample_squared_gradients(net, dict(net.named_parameters()), x, y)
+    reference = per_sample_gradient_magnitudes(net, dict(net.named_parameters()), x, y)
     for name, square in reference.items():
         torch.testing.assert_close(stats[f"fisher/{name}"], square / 30)
     save_statistics(tmp_path / "s.safetensors", stats)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from music.data import InMemoryDataset
-from music.fisher import per_sample_squared_gradients
+from music.fisher import per_sample_gradient_magnitudes
 from music.methods import EWC, SI, LwF, OnlineEWC, Replay, Task
 from music.methods.base import trainable
 from music.methods.ewc import diagonal_fisher
@@ -35,7 +35,7 @@ def model(methods=(), scenario="class", tasks=None):
 
 def train(net, tasks=TASKS, steps=40, batch=16):
     """Task after task, as the Classifier's training loop calls the methods: start_task, then
-    per batch objective -> zero_grad -> backward -> step, then end_task."""
+    per batch objective -> zero_grad -> backward -> the step hook -> step, then end_task."""
     optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
     generator = torch.Generator().manual_seed(1)
     snapshots = []
@@ -48,6 +48,7 @@ def train(net, tasks=TASKS, steps=40, batch=16):
             loss = net.objective(net(x), y, x)
             optimizer.zero_grad()
             loss.backward()
+            net.on_before_optimizer_step(optimizer)
             optimizer.step()
         for method in net.methods:
             method.end_task(net, task)
@@ -100,12 +101,19 @@ def test_a_moderate_penalty_reduces_forgetting_of_the_first_task():
     assert accuracy(ewc) > accuracy(naive) and accuracy(replay) > accuracy(naive)
 
 
-def test_closed_form_fisher_equals_per_sample_gradients():
+@pytest.mark.parametrize("labels", ["true", "predicted"])
+def test_closed_form_fisher_equals_per_sample_gradients(labels):
     net = model()
     task = TASKS[0]
-    fisher = diagonal_fisher(net, task, None, "true")
+    fisher = diagonal_fisher(net, task, None, labels)
     x, y = task.dataset.images, task.dataset.labels
-    reference = per_sample_squared_gradients(net.backbone, trainable(net), x, y)
+    if labels == "predicted":
+        y = net(x).argmax(1)
+
+    def log_likelihood(logits, y):
+        return F.log_softmax(logits, dim=1).gather(1, y.view(-1, 1)).sum()
+
+    reference = per_sample_gradient_magnitudes(net.backbone, trainable(net), x, y, log_likelihood, "square")
     for name in fisher:
         torch.testing.assert_close(fisher[name], reference[name] / len(y))
 

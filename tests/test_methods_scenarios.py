@@ -122,7 +122,8 @@ def test_unknown_scenario_or_method_is_refused_before_training(shrink, tmp_path,
 
 
 def test_method_configs_are_pure_deltas():
-    for name, cls in (("ewc", "EWC"), ("online_ewc", "OnlineEWC"), ("si", "SI"), ("lwf", "LwF"), ("replay", "Replay")):
+    for name, cls in (("ewc", "EWC"), ("online_ewc", "OnlineEWC"), ("si", "SI"), ("lwf", "LwF"), ("replay", "Replay"),
+                      ("mas", "MAS"), ("derpp", "DERPP"), ("er_ace", "ERACE"), ("agem", "AGEM")):
         config = merged_config("seq_finetune", name)
         assert set(yaml.safe_load((CONFIG_DIR / "methods" / f"{name}.yaml").read_text())) == {"model"}
         assert config["model"]["methods"][0]["class_path"] == f"music.methods.{cls}"

@@ -82,12 +82,17 @@ def test_killed_run_resumes_to_the_same_result(reference, kill):
 METHODS = [{"class_path": "music.methods.EWC", "init_args": {"lambda_": 100.0}},
            {"class_path": "music.methods.SI", "init_args": {"c": 0.1}},
            {"class_path": "music.methods.LwF", "init_args": {"weight": 1.0}},
-           {"class_path": "music.methods.Replay", "init_args": {"budget_per_class": 5}}]
+           {"class_path": "music.methods.Replay", "init_args": {"budget_per_class": 5}},
+           {"class_path": "music.methods.MAS", "init_args": {"lambda_": 1.0}},
+           {"class_path": "music.methods.DERPP", "init_args": {"budget": 40}},
+           {"class_path": "music.methods.ERACE", "init_args": {"budget": 40}},
+           {"class_path": "music.methods.AGEM", "init_args": {"budget": 40, "batch_size": 16}}]
 
 
 def test_a_run_with_methods_killed_mid_task_resumes_to_the_same_result(shrink, tmp_path):
     """Every method's state (EWC's Fisher, SI's path integral of the task under way, LwF's
-    teacher, the replay memory) survives ``last.ckpt``: killed after class_4's first epoch
+    teacher, MAS's importance, the rehearsal memories, DER++'s stored logits included, and
+    their generators) survives ``last.ckpt``: killed after class_4's first epoch
     (``last.ckpt`` mid-task), the resumed run's snapshots equal an uninterrupted run's."""
     config = shrink("seq", epochs=2)
     data = yaml.safe_load(config.read_text())

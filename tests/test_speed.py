@@ -14,6 +14,7 @@ from lightning.pytorch.loops.optimization.manual import _ManualOptimization
 from lightning.pytorch.profilers import SimpleProfiler
 
 from music.runner import PROGRESS_BAR_REFRESH_RATE, lightning
+from music.methods import Method
 from music.module import Classifier
 from music.speed import CHECKED_LIGHTNING, runtime_cuda_check, set_max_epochs, steps_are_plain, training_progress
 
@@ -74,12 +75,39 @@ def test_steps_are_plain_only_when_nobody_listens(tmp_path, kwargs, plain):
 
 
 def test_steps_are_not_plain_when_the_module_overrides_a_step_hook(tmp_path):
-    class Clipping(Classifier):
-        def on_before_optimizer_step(self, optimizer) -> None:
+    class Listening(Classifier):
+        def on_after_backward(self) -> None:
             pass
 
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
-    assert not steps_are_plain(trainer, Clipping())
+    assert not steps_are_plain(trainer, Listening())
+
+
+class CountsSteps(Method):
+    """A method that counts its gradient-hook calls that found the step's gradients."""
+
+    _state = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_before_optimizer_step(self, model) -> None:
+        self.calls += all(p.grad is not None for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("blocks", [1, 5], ids=["automatic", "blocks"])
+def test_the_methods_gradient_hook_runs_at_every_step_on_the_direct_path_too(shrink, tmp_path, blocks):
+    """``on_before_optimizer_step`` (the methods' gradient hook, A-GEM's) is a direct hook: the
+    Classifier overrides it and keeps the plain steps, which call it once per optimizer step."""
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    assert steps_are_plain(trainer, Classifier())
+    phases = [{"name": "pretrain", "split": "remaining", "epochs": 1}]
+    cli = lightning(["--config", str(shrink("seq", phases=phases, batches_per_block=blocks)),
+                     "--model.methods", f"[{{class_path: {__name__}.CountsSteps}}]",
+                     "--trainer.limit_train_batches", "4"], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.model.blocks is None or cli.model.blocks.direct
+    assert cli.model.methods[0].calls == cli.trainer.global_step > 0
 
 
 def test_runtime_cuda_check_is_scoped_and_only_without_cuda(monkeypatch):

@@ -37,7 +37,8 @@ from music.runner import RunResult
 from music.evaluation import PhaseEvaluation
 
 SPLIT_MNIST_METHODS = {"None": [], "Joint": ["split_mnist_joint"], "EWC": ["ewc"], "Online EWC": ["online_ewc"],
-                       "SI": ["si"], "LwF": ["lwf"], "Replay (100/class)": ["replay"]}
+                       "SI": ["si"], "LwF": ["lwf"], "MAS": ["mas"], "Replay (100/class)": ["replay"],
+                       "A-GEM (500)": ["agem"], "DER++ (500)": ["derpp"], "ER-ACE (500)": ["er_ace"]}
 METRICS = ("final_accuracy", "average_accuracy", "backward_transfer", "forgetting", "forward_transfer", "average_incremental_accuracy")
 PAIRED_METRICS = {"final_accuracy": "test accuracy", "average_accuracy": "average accuracy"}
 

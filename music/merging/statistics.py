@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from music.checkpoint import write_atomically
-from music.fisher import squared_gradients
+from music.fisher import gradient_magnitudes
 from music.merging.checks import TaskVectorError
 
 KINDS = ("fisher", "gram")
@@ -88,7 +88,7 @@ def compute_statistics(model: nn.Module, loader: Iterable, kinds: set[str], *,
                 else:
                     draws = [(probabilities.argmax(1) if labels == "predicted" else y, None)]
                 for label, scale in draws:
-                    for name, square in squared_gradients(model, params, x, label, scale=scale).items():
+                    for name, square in gradient_magnitudes(model, params, x, label, scale=scale).items():
                         fisher[name] += square.to(torch.float64)
     finally:
         model.train(was_training)

@@ -50,8 +50,9 @@ class Method:
     to the training loss; ``None`` adds nothing). ``state_dict`` holds what must survive a
     checkpoint: tensors, lists and dicts only, so checkpoints load with ``weights_only=True``.
 
-    A new method subclasses this and overrides ``start_task``, ``end_task`` and ``loss``; the
-    model and the schedule tell it the rest."""
+    A new method subclasses this and overrides ``start_task``, ``end_task`` and ``loss`` (and,
+    if it reshapes the batch's own loss or edits gradients, ``batch_logits`` or
+    ``on_before_optimizer_step``); the model and the schedule tell it the rest."""
 
     _state: tuple[str, ...] = ()  # the attributes ``state_dict`` saves, besides the running task
 
@@ -66,6 +67,15 @@ class Method:
 
     def loss(self, model: Model, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
         return None
+
+    def batch_logits(self, model: Model, logits: Tensor, y: Tensor) -> Tensor:
+        """The logits the training batch's own cross-entropy scores (after the scenario's
+        masking): unchanged, unless a method reshapes that loss (ER-ACE's asymmetric one)."""
+        return logits
+
+    def on_before_optimizer_step(self, model: Model) -> None:
+        """Called after backward and before every optimizer step, with the step's gradients on
+        the parameters (A-GEM projects them). Blocks of batches call it for each step too."""
 
     def on_phase_start(self, trainer: Trainer, model: Model, schedule: Schedule, index: int) -> None:
         """Close the running task and open the next when the phase trains on another split."""
