@@ -19,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from music.checkpoint import write_atomically
+from music.checkpoint import load_state_dict, write_atomically
 from music.dashboard import markdown_table
 from music.experiments import study_db
 from music.experiments.common import fmt_mean_std, spread_note, write_csv
-from music.experiments.study_grid import Grid, method_name, plan
+from music.experiments.study_grid import (Grid, method_name, phase_name, plan, pretrained_checkpoint,
+                                          task_checkpoint)
+from music.experiments.task_vector_report import write_analysis_section
+from music.task_vector import TaskVector
 
 COLUMNS = ["seed", "merge", "lr", "ordering", "lambda", "lambdas", "final_acc", "average_accuracy", "backward_transfer",
            "normalised_accuracy"]
@@ -100,5 +103,24 @@ def write_merge_report(grid: Grid) -> Path:
         text += ["Normalised accuracy: per task, the merged model's test accuracy on the task divided by that of "
                  "the model fine-tuned on the task alone (same seed and learning rate), averaged over the tasks.", ""]
     text += ["Per cell (λ per absorbed task for the sequential cells): `study_merge.csv`.", ""]
+    text += geometry(grid, out)
     write_atomically(out / "MERGE_REPORT.md", "\n".join(text))
     return out / "MERGE_REPORT.md"
+
+
+def geometry(grid: Grid, out: Path) -> list[str]:
+    """The task vectors' geometry (``music.task_vector_analysis``) of the first seed at the first
+    learning rate: why a method that trims, elects signs or whitens keeps more or less of them.
+    Read from the run directories (not the database): absent, the section says so."""
+    seed, lr = grid.seeds[0], grid.lrs[0]
+    tasks = [c for c in plan(grid) if c.kind == "task" and c.seed == seed and c.lr == lr]
+    base = pretrained_checkpoint(grid, seed)
+    paths = {phase_name(c.phases[0]["split"]): task_checkpoint(grid, c) for c in tasks}
+    if not tasks or not base.exists() or not all(p.exists() for p in paths.values()):
+        return ["## Task-vector geometry", "", f"Not drawn: the run directories of seed {seed} are not in "
+                f"{grid.runs_dir} (the report reads the task models from them).", ""]
+    pretrained = load_state_dict(base)
+    vectors = {name: TaskVector.from_state_dicts(pretrained, load_state_dict(path)) for name, path in paths.items()}
+    section = write_analysis_section(vectors, out, stem="merge_task_vectors")
+    return [section, "", f"Task vectors of seed {seed} at learning rate {lr:g}: τ_t = θ(task cell t) − θ(pretrained).",
+            ""]

@@ -98,13 +98,13 @@ def trained_at_every_lr(cell: Cell) -> bool:
     return cell.name.endswith(f"_{lr_tag(cell.lr)}")
 
 
-def by_seed(records: list[dict], chosen) -> dict[int, float]:
-    """``seed -> final test accuracy`` of the chosen cells, the mean over them when a seed has
-    several (e.g. its orderings): one value per seed, the unit that pairs."""
+def by_seed(records: list[dict], chosen, metric: str = "final_acc") -> dict[int, float]:
+    """``seed -> metric`` (the final test accuracy) of the chosen cells, the mean over them when
+    a seed has several (e.g. its orderings): one value per seed, the unit that pairs."""
     values: dict[int, list[float]] = defaultdict(list)
     for r in records:
         if chosen(r["cell"]):
-            values[r["cell"].seed].append(nan(r["metrics"].get("final_acc")))
+            values[r["cell"].seed].append(nan(r["metrics"].get(metric)))
     return {seed: statistics.mean(v) for seed, v in values.items()}
 
 
@@ -124,34 +124,48 @@ def strategies_at(records: list[dict], lr: float) -> dict[str, list[dict]]:
     return out
 
 
+RANKED_BY = {"final_acc": "final test accuracy",
+             "average_accuracy": "final accuracy on each task's own test set, averaged over the tasks"}
+
+
+def ranked_metric(settings: Settings) -> str:
+    """What strategies are ranked by: the final test accuracy over every class, or, for a grid
+    of domain tasks (whose classes every task shares), the mean accuracy over the tasks' own
+    test sets."""
+    return "final_acc" if settings.tasks is None else "average_accuracy"
+
+
 def ranking(records: list[dict], settings: Settings) -> list[dict]:
-    """Per fine-tuning lr, every strategy ranked by its mean final test accuracy over seeds
+    """Per fine-tuning lr, every strategy ranked by its mean ``ranked_metric`` over seeds
     (equal means share a rank), with its paired difference to the best one (same seeds)."""
     rows = []
+    metric = ranked_metric(settings)
     for lr in settings.lrs:
         cells = strategies_at(records, lr)
-        acc = {name: mean_std(nan(r["metrics"].get("final_acc")) for r in rs) for name, rs in cells.items()}
+        acc = {name: mean_std(nan(r["metrics"].get(metric)) for r in rs) for name, rs in cells.items()}
         level = {name: round(acc[name][0], 12) for name in cells}  # float noise makes no rank
         scored = sorted((name for name in cells if acc[name][2]), key=lambda name: (-level[name], name))
-        best = by_seed(cells[scored[0]], lambda c: True) if scored else {}
+        best = by_seed(cells[scored[0]], lambda c: True, metric) if scored else {}
         for name in scored:
             held = mean_std(nan(r["metrics"].get("held_out_acc")) for r in cells[name])
             rank = 1 + sum(level[other] > level[name] for other in scored)
-            versus = None if name == scored[0] else paired(by_seed(cells[name], lambda c: True), best)
+            versus = None if name == scored[0] else paired(by_seed(cells[name], lambda c: True, metric), best)
             rows.append({"lr": lr, "rank": rank, "strategy": name, "kind": cells[name][0]["cell"].kind,
                          "seeds": acc[name][2], "final_acc_mean": acc[name][0], "final_acc_std": acc[name][1],
                          "held_out_acc_mean": held[0], "held_out_acc_std": held[1], "best": scored[0],
-                         "vs_best": versus, "cells": cells[name]})
+                         "vs_best": versus, "cells": cells[name], "metric": metric})
     return rows
 
 
 def ranking_table(rows: list[dict]) -> list[str]:
     """The ranking as Markdown: mean ± sample std beside the paired difference to the best."""
+    metric = rows[0]["metric"] if rows else "final_acc"
+    shown = (metric, "held_out_acc") if metric == "final_acc" else (metric, "final_acc")
     table = [[f"{row['lr']:g}", row["rank"], f"`{row['strategy']}`", row["seeds"],
-              *(fmt([nan(r["metrics"].get(m)) for r in row["cells"]]) for m in ("final_acc", "held_out_acc")),
+              *(fmt([nan(r["metrics"].get(m)) for r in row["cells"]]) for m in shown),
               "best" if row["vs_best"] is None else fmt_paired(row["vs_best"])] for row in rows]
-    return [markdown_table(["lr", "rank", "strategy", "seeds", LABELS["final_acc"], LABELS["held_out_acc"],
-                            "test acc − best's, paired by seed [95 % CI]"], table)]
+    return [markdown_table(["lr", "rank", "strategy", "seeds", *(LABELS[m] for m in shown),
+                            f"{LABELS[metric]} − best's, paired by seed [95 % CI]"], table)]
 
 
 def ranking_csv(rows: list[dict], path: Path) -> None:
@@ -519,11 +533,12 @@ def write_report(settings: Settings, data: Data) -> Path:
         "",
         PAIRED_NOTE,
         "",
-        "## Ranking of every strategy (final test accuracy)",
+        f"## Ranking of every strategy ({RANKED_BY[ranked_metric(s)]})",
         "",
         "Per fine-tuning learning rate, every kind of cell of the grid — each ordering of sequential fine-tuning, "
-        "merged, replay, each method, and the pretrained and joint models (trained once per seed, shown at every "
-        "lr) — ranked by its mean final test accuracy over seeds, beside its paired difference to the best one "
+        "merged, replay, each method, each merge method (all at once and in each ordering), and the pretrained and "
+        "joint models (trained once per seed, shown at every lr) — ranked by its mean "
+        f"{RANKED_BY[ranked_metric(s)]} over seeds, beside its paired difference to the best one "
         f"(same seeds); {spread_note([r['seeds'] for r in ranked]) if ranked else 'no cells'}. Strategy names are the cells' names without "
         "their lr (`study_cells.csv`); full precision: `study_ranking.csv`.",
         "",
