@@ -141,3 +141,24 @@ def test_class_and_domain_runs_are_scored_from_their_own_files_and_tuned_setting
     by_confusion = np.array([[accuracy_on(c, t) for t in ([0, 1], [2, 3])] for c in confusions])
     assert np.asarray(stored["task_matrix"]) == pytest.approx(by_confusion, abs=1e-6)
     assert stored["acc"][-1] == pytest.approx(accuracy_on(confusions[-1], range(10)), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ewc", "online_ewc", "si", "mas", "lwf", "derpp"])
+def test_each_shipped_search_space_fits_its_method(method, tmp_path):
+    from music.experiments.tune import Tune, parse_space, resolve_lists
+
+    tune = Tune(["split_mnist", f"methods/{method}"], f"search/{method}", trials=1,
+                data=Data(str(tmp_path), download=False), output=Output(str(tmp_path / "logs")))
+    assert tune.params == parse_space(tune.space) and tune.params
+    lists = resolve_lists(tune.params, tune.configs, {"data.data_dir": str(tmp_path), "data.download": False})
+    assert lists["model.methods"][0]["class_path"].lower().replace("_", "").endswith(method.replace("_", ""))
+
+
+def test_tuning_a_domain_protocol_is_refused_before_any_trial(tmp_path):
+    from music.experiments.tune import Tune
+
+    tune = Tune(["split_mnist", "split_mnist_domain", "methods/ewc"], "search/ewc", trials=1,
+                data=Data(str(tmp_path), download=False), output=Output(str(tmp_path / "logs")))
+    with pytest.raises(ValueError, match=r"score each task on its own test set .* tune in the class or task scenario"):
+        tune.run()
+    assert not (tmp_path / "logs" / "tune" / "tune.db").exists()

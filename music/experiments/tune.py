@@ -199,7 +199,11 @@ def resolve_lists(params: list[Param], configs: list[str], fixed: dict[str, Any]
                                      f"{token!r} is not set there{known}.")
                 target = target[token]
     example = overrides_for({p.key: p.example() for p in params}, lists)
-    _build(configs, fixed | example, "the search space")
+    built = _build(configs, fixed | example, "the search space")
+    if getattr(built.datamodule, "separate_task_tests", False):
+        raise ValueError(f"the run configs {configs} score each task on its own test set (data.domains or "
+                         "data.label_map): the validation score reads tasks off one confusion matrix and cannot score "
+                         "them; tune in the class or task scenario.")
     return lists
 
 
