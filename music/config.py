@@ -4,7 +4,8 @@ The YAML files live in ``configs/`` beside the package in a checkout and are ins
 ``music/configs`` in a wheel, so a name means the same file for an installed, an editable and a
 source-tree ``music``. Groups: the Lightning deltas and ``base.yaml`` at the top,
 ``methods/`` (continual-learning method deltas), ``merge/`` (``music merge`` recipes) and
-``experiments/`` (one per experiment command, its defaults).
+``experiments/`` (one per experiment command, its defaults); ``search/`` holds search spaces
+of ``music tune --space search/<name>``, which are no configs and no ``--config`` names.
 
 A ``--config`` value is a shipped name (``seq``, ``seq.yaml``, ``methods/ewc``, or ``ewc`` when
 only one group holds it), an explicit path (``./seq.yaml``, ``/abs/x.yaml``, ``dir/x.yaml``), or
@@ -26,12 +27,23 @@ _PACKAGE = Path(__file__).resolve().parent
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs" / "base.yaml").is_file() else _PACKAGE.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 GROUPS = ("methods", "merge", "experiments")
+SEARCH = "search"  # search spaces for ``music tune --space search/<name>``: no configs, never a --config name
 _EXPLICIT_PREFIXES = ("./", "../", "~", ".\\", "..\\")
 
 
 def shipped_names() -> list[str]:
     """Every shipped config as ``--config`` takes it: ``seq``, ``methods/ewc``, ..."""
-    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml")
+                  if p.relative_to(CONFIG_DIR).parts[0] != SEARCH)
+
+
+def search_space_path(value: str) -> Path | None:
+    """The shipped search space ``search/<name>`` (``configs/search/<name>.yaml``) means, or None."""
+    stem = value.removesuffix(".yaml")
+    if not stem.startswith(f"{SEARCH}/") or ".." in Path(stem).parts:
+        return None
+    path = CONFIG_DIR / f"{stem}.yaml"
+    return path if path.is_file() else None
 
 
 def _shipped(name: str) -> Path | None:

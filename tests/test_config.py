@@ -12,7 +12,7 @@ from conftest import REPO
 
 import music.config
 from music.cli import main
-from music.config import CONFIG_DIR, GROUPS, config_path, resolve_configs, shipped_config, shipped_names
+from music.config import CONFIG_DIR, GROUPS, SEARCH, config_path, resolve_configs, shipped_config, shipped_names
 from music.experiments import EXPERIMENTS
 
 
@@ -40,10 +40,10 @@ def test_every_group_is_resolved_and_packaged():
     missing from group-less names or from an installed ``music``."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     folders = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert folders == set(GROUPS)
+    assert folders == {*GROUPS, SEARCH}
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"]["music.configs"] == "configs"
-    for package in ["music.configs", *(f"music.configs.{g}" for g in GROUPS)]:
+    for package in ["music.configs", *(f"music.configs.{g}" for g in (*GROUPS, SEARCH))]:
         assert package in setuptools["packages"] and setuptools["package-data"][package] == ["*.yaml"]
 
 

@@ -12,7 +12,6 @@ from music.callbacks import Phase, SequentialFineTuning
 from music.evaluation import PhaseEvaluation
 from music.data import MusicDataModule, task_split_classes
 from music.experiments import study_db
-from music.experiments.continual import score
 from music.methods import Method
 
 
@@ -35,22 +34,6 @@ def test_a_phase_of_classes_is_the_split_of_those_classes():
 def test_bad_task_settings_fail_with_one_line(build, match):
     with pytest.raises(ValueError, match=match):
         build()
-
-
-def test_score_of_a_sequence_and_of_joint_training():
-    def conf(per_class_correct):  # 10 test samples per class of 4; errors go to class 0
-        return [[10 if i == j == 0 else (c if i == j else (10 - c if j == 0 else 0)) for j in range(4)]
-                for i, c in enumerate(per_class_correct)]
-
-    tasks = [[0, 1], [2, 3]]
-    rows = [conf([10, 0, 0, 0]), conf([10, 10, 0, 0]), conf([10, 5, 10, 10])]
-    s = score(rows, tasks)
-    assert s["average_accuracy"] == pytest.approx((0.75 + 1.0) / 2)
-    assert s["backward_transfer"] == pytest.approx(0.75 - 1.0) and s["forgetting"] == pytest.approx(0.25)
-    assert s["forward_transfer"] == pytest.approx(0.0)  # task 2 before training: 0, as in row 0
-    assert s["accuracy_after_task"] == [pytest.approx(1.0), pytest.approx(0.875)]
-    joint = score(rows[:1] + rows[-1:], tasks)
-    assert joint["average_accuracy"] == s["average_accuracy"] and joint["backward_transfer"] != joint["backward_transfer"]
 
 
 @pytest.mark.mnist

@@ -46,7 +46,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from music.callbacks import SequentialFineTuning
 from music.checkpoint import write_atomically
-from music.config import config_path
+from music.config import config_path, search_space_path
 from music.continual import accuracy_on
 from music.data import split_classes
 from music.evaluation import PhaseEvaluation
@@ -199,7 +199,11 @@ def resolve_lists(params: list[Param], configs: list[str], fixed: dict[str, Any]
                                      f"{token!r} is not set there{known}.")
                 target = target[token]
     example = overrides_for({p.key: p.example() for p in params}, lists)
-    _build(configs, fixed | example, "the search space")
+    built = _build(configs, fixed | example, "the search space")
+    if getattr(built.datamodule, "separate_task_tests", False):
+        raise ValueError(f"the run configs {configs} score each task on its own test set (data.domains or "
+                         "data.label_map): the validation score reads tasks off one confusion matrix and cannot score "
+                         "them; tune in the class or task scenario.")
     return lists
 
 
@@ -551,9 +555,10 @@ def _load_space(space: dict | str) -> dict:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ValueError(f"space={space!r} is not valid YAML: {problem}. Quote a key with brackets: "
                              '\'{"model.methods[0].init_args.lambda_": {low: 1, high: 1e6, log: true}}\'.') from None
-    path = Path(space)
-    if not path.is_file():
-        raise ValueError(f"space={space!r} is neither a mapping nor a YAML file: give {{key: {{low, high}}}} or a path.")
+    path = Path(space) if Path(space).is_file() else search_space_path(space)
+    if path is None:
+        raise ValueError(f"space={space!r} is neither a mapping nor a YAML file: give {{key: {{low, high}}}}, a path "
+                         "or a shipped space (search/ewc).")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
