@@ -28,6 +28,14 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
    included, at every step, which slows a study cell markedly (measured in docs/study.md).
    Study cells call ``plain_process_malloc``; it is a no-op off glibc.
 
+5. **No ``transformers`` at import.** torchmetrics imports ``transformers`` (for BERTScore and
+   InfoLM) whenever a version of it is installed, as it is with the ``lora`` extra (PEFT needs
+   it); that is most of ``import lightning`` then (docs/speed.md). ``torchmetrics_without_transformers``
+   imports torchmetrics while its version checks do not see ``transformers``, so only a run that
+   uses LoRA imports it (through PEFT). ``music/__init__.py`` imports this module first, before
+   anything imports Lightning; torchmetrics' BERTScore and InfoLM, which MUSIC does not use, are
+   then missing from ``torchmetrics.functional`` in that process.
+
 The other private reads: the phase schedule sets the fit loop's epoch count
 (``set_max_epochs``: the Trainer has no public setter, and the phases, not the config, define
 it), and ``training_progress`` reads the epochs a checkpoint's fit loop had processed.
@@ -37,17 +45,52 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError
 from typing import Any, NamedTuple, Protocol
 
-import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.profilers import PassThroughProfiler
-from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor
+# Packages torchmetrics imports at its own import when installed, which MUSIC never uses there.
+UNUSED_BY_TORCHMETRICS = ("transformers",)
+
+
+def torchmetrics_without_transformers() -> bool:
+    """Import torchmetrics with its version checks (lightning_utilities' ``RequirementCache``,
+    which asks ``importlib.metadata`` through the private ``_version``) blind to
+    ``UNUSED_BY_TORCHMETRICS``; they cache their answer, so the checks made during that import
+    stay False and the rest are made as usual. Returns whether it did (False: torchmetrics was
+    imported already, or lightning_utilities has changed)."""
+    if "torchmetrics" in sys.modules:
+        return False
+    import lightning_utilities.core.imports as requirements
+
+    real = getattr(requirements, "_version", None)
+    if real is None:
+        return False
+
+    def version(name: str) -> str:
+        if name in UNUSED_BY_TORCHMETRICS:
+            raise PackageNotFoundError(name)
+        return real(name)
+
+    requirements._version = version
+    try:
+        import torchmetrics  # noqa: F401
+    finally:
+        requirements._version = real
+    return True
+
+
+torchmetrics_without_transformers()  # before Lightning, which imports torchmetrics
+
+import torch  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.core.optimizer import LightningOptimizer  # noqa: E402
+from lightning.pytorch.plugins.precision import Precision  # noqa: E402
+from lightning.pytorch.profilers import PassThroughProfiler  # noqa: E402
+from lightning.pytorch.strategies import SingleDeviceStrategy  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 # The Lightning minor version the private calls here were checked against (pyproject pins it).
 CHECKED_LIGHTNING = "2.6"

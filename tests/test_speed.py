@@ -135,3 +135,47 @@ def test_plain_process_malloc_sets_the_thresholds_where_glibc_is():
     from music.speed import plain_process_malloc
 
     assert plain_process_malloc() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_music_imports_no_transformers_and_peft_still_brings_it():
+    """torchmetrics imports ``transformers`` whenever it is installed (the ``lora`` extra);
+    ``music.speed`` keeps it out of every run that does not use LoRA. The check asks a fresh
+    process, since this one may have imported it already."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = ("import sys, music.cli, torchmetrics.functional as F; "
+            "print('transformers' in sys.modules, hasattr(F, 'bert_score'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    if importlib.util.find_spec("peft") is not None:  # LoRA runs still get it, through PEFT
+        code = "import sys, music.cli, peft; print('transformers' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["True"]
+
+
+def test_torchmetrics_trick_does_nothing_once_torchmetrics_is_imported():
+    from music.speed import torchmetrics_without_transformers
+
+    assert torchmetrics_without_transformers() is False  # this process imported it through music
+
+
+def test_the_dataset_is_read_once_per_process_and_again_when_its_files_change(tmp_path):
+    from music.data import MusicDataModule
+
+    def loaded(root):
+        datamodule = MusicDataModule(data_dir=str(root), download=False, dataset="synthetic.SyntheticDigits",
+                                     samples_per_class=40)
+        datamodule.setup()
+        return datamodule
+
+    first, second = loaded(tmp_path), loaded(tmp_path)
+    assert second.train_images is first.train_images and second.test_labels is first.test_labels
+    assert second.splits["class_3"].equal(first.splits["class_3"])
+    other = loaded(tmp_path / "other")
+    assert other.train_images is not first.train_images and other.train_images.equal(first.train_images)
+    files = tmp_path / "other" / "SyntheticDigits"
+    files.mkdir(parents=True)
+    (files / "raw").write_text("changed")
+    assert loaded(tmp_path / "other").train_images is not other.train_images
