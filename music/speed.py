@@ -28,13 +28,15 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
    included, at every step, which slows a study cell markedly (measured in docs/study.md).
    Study cells call ``plain_process_malloc``; it is a no-op off glibc.
 
-5. **No ``transformers`` at import.** torchmetrics imports ``transformers`` (for BERTScore and
-   InfoLM) whenever a version of it is installed, as it is with the ``lora`` extra (PEFT needs
-   it); that is most of ``import lightning`` then (docs/speed.md). ``torchmetrics_without_transformers``
-   imports torchmetrics while its version checks do not see ``transformers``, so only a run that
-   uses LoRA imports it (through PEFT). ``music/__init__.py`` imports this module first, before
-   anything imports Lightning; torchmetrics' BERTScore and InfoLM, which MUSIC does not use, are
-   then missing from ``torchmetrics.functional`` in that process.
+5. **No ``transformers`` (nor ``scipy.signal``) at import.** torchmetrics imports
+   ``transformers`` (for BERTScore and InfoLM) whenever it is installed, as it is with the
+   ``lora`` extra (PEFT needs it), and ``scipy.signal`` whenever scipy is; together they were
+   about a fifth of ``import music.cli`` (docs/speed.md). ``torchmetrics_without_transformers``
+   imports torchmetrics while its availability checks do not see them, so only a run that uses
+   LoRA imports ``transformers`` (through PEFT), and scipy comes when MUSIC's own code asks for
+   it. ``music/__init__.py`` imports this module first, before anything imports Lightning;
+   torchmetrics' BERTScore, InfoLM and scipy paths, which MUSIC does not use, are then missing
+   in that process.
 
 The other private reads: the phase schedule sets the fit loop's epoch count
 (``set_max_epochs``: the Trainer has no public setter, and the phases, not the config, define
@@ -50,34 +52,45 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError
 from typing import Any, NamedTuple, Protocol
 
-# Packages torchmetrics imports at its own import when installed, which MUSIC never uses there.
-UNUSED_BY_TORCHMETRICS = ("transformers",)
+# Packages torchmetrics imports at its own import when installed, for metrics MUSIC does not
+# use: transformers for BERTScore and InfoLM, scipy.signal for an audio metric's compatibility patch.
+UNUSED_BY_TORCHMETRICS = ("transformers", "scipy")
 
 
 def torchmetrics_without_transformers() -> bool:
-    """Import torchmetrics with its version checks (lightning_utilities' ``RequirementCache``,
-    which asks ``importlib.metadata`` through the private ``_version``) blind to
-    ``UNUSED_BY_TORCHMETRICS``; they cache their answer, so the checks made during that import
-    stay False and the rest are made as usual. Returns whether it did (False: torchmetrics was
-    imported already, or lightning_utilities has changed)."""
+    """Import torchmetrics with its availability checks (lightning_utilities' ``package_available``,
+    ``module_available`` and ``RequirementCache``, which asks ``importlib.metadata`` through the
+    private ``_version``) blind to ``UNUSED_BY_TORCHMETRICS``. Checks made during that import stay
+    False (they are cached, or bound by torchmetrics then): its BERTScore, InfoLM and scipy paths
+    are missing in this process. lightning_utilities' own functions are put back afterwards. Returns whether it did (False:
+    torchmetrics was imported already, or lightning_utilities has changed)."""
     if "torchmetrics" in sys.modules:
         return False
     import lightning_utilities.core.imports as requirements
 
-    real = getattr(requirements, "_version", None)
-    if real is None:
+    real = {name: getattr(requirements, name, None) for name in ("_version", "module_available", "package_available")}
+    if None in real.values():
         return False
 
     def version(name: str) -> str:
         if name in UNUSED_BY_TORCHMETRICS:
             raise PackageNotFoundError(name)
-        return real(name)
+        return real["_version"](name)
 
-    requirements._version = version
+    def module_available(path: str) -> bool:
+        return path.split(".")[0] not in UNUSED_BY_TORCHMETRICS and real["module_available"](path)
+
+    def package_available(name: str) -> bool:
+        return name not in UNUSED_BY_TORCHMETRICS and real["package_available"](name)
+
+    blind = {"_version": version, "module_available": module_available, "package_available": package_available}
+    for name, function in blind.items():
+        setattr(requirements, name, function)
     try:
         import torchmetrics  # noqa: F401
     finally:
-        requirements._version = real
+        for name, function in real.items():
+            setattr(requirements, name, function)
     return True
 
 

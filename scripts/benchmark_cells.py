@@ -17,16 +17,17 @@ write, on the same work:
    side's time is broken down per cell by timers around its parts (set-up, data set-up, training
    steps, evaluation, checkpoint I/O, logging, the fit loop, ``run_cell``'s own work); each timer
    counts its time minus the timers inside it, so the parts add up to the cell.
-2. **Fresh processes** (``--fresh``): one cell as ``python -m music fit`` of its ``cell.yaml``
+2. **Fresh processes**: one cell as ``python -m music fit`` of its ``cell.yaml``
    against ``plain_finetune.py`` of one cell, each its own process, interleaved; and what importing
    costs (``python -X importtime``: ``import music.cli`` against ``import torch, torchvision``).
-3. **Dask** (``--workers N``): the round trip of a task that does nothing on the study's local
+3. **Dask** (up to ``--workers N``): the round trip of a task that does nothing on the study's local
    cluster (``dask_client``), i.e. the scheduler's cost per cell, and cells/hour with 1 .. N warm
    workers (each worker runs one cell first, untimed), and what that predicts for more workers.
 
 ``--compare PATH`` adds a side: the framework as another checkout at PATH has it (e.g. the code
 before a change), run by this script with PATH's ``music`` on the path.
-``--threads N`` sets ``OMP_NUM_THREADS`` and torch's threads for every run.
+``--threads N`` sets ``OMP_NUM_THREADS`` and torch's threads for every run; ``--parts`` picks
+among ``cells``, ``fresh`` and ``dask`` (default: all three).
 
     python scripts/benchmark_cells.py --data-dir D --rounds 3 --threads 1             # ~10 min on 2 cores
     python scripts/benchmark_cells.py --data-dir D --rounds 3 --threads 1 --compare ../main
@@ -54,9 +55,10 @@ REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 
 HELD_OUT = (3, 4, 7)
+PARTS_OF_THE_RUN = ("cells", "fresh", "dask")
 # The framework's parts, as the timers below name them, in the order a cell meets them.
-PARTS = ("set-up (parse, build)", "data set-up", "model set-up (init_from)", "training steps", "evaluation",
-         "checkpoint I/O", "logging", "fit loop, loaders, other", "run_cell (database, files)")
+PARTS = ("set-up (parse, build)", "config.yaml", "data set-up", "model set-up (init_from)", "training steps",
+         "evaluation", "checkpoint I/O", "logging", "fit loop, loaders, other", "run_cell (database, files)")
 
 
 # -- the framework side, in its own process --------------------------------------------------
@@ -111,7 +113,7 @@ def install_timers(study) -> Timers:
         timers.wrap(TensorBoardLogger, name, "logging")
     for name in ("add_scalar", "add_custom_scalars", "add_text", "add_figure", "add_image", "flush"):
         timers.wrap(SummaryWriter, name, "logging")
-    timers.wrap(SaveConfigCallback, "setup", "logging")  # config.yaml
+    timers.wrap(SaveConfigCallback, "setup", "config.yaml")
     return timers
 
 
@@ -389,10 +391,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="the cells' learning rate")
     parser.add_argument("--pretrain-epochs", type=int, default=1, help="epochs of the one pretraining run")
     parser.add_argument("--pretrain-blocks", type=int, default=None, help="loop steps per pretraining epoch (null: all)")
-    parser.add_argument("--workers", type=int, default=2, help="Dask: cells/hour with 1 .. this many workers (0: skip)")
+    parser.add_argument("--workers", type=int, default=2, help="Dask: cells/hour with 1 .. this many workers")
     parser.add_argument("--noops", type=int, default=50, help="Dask: no-op round trips measured")
-    parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
-                        help="the fresh-process comparison and import times")
+    parser.add_argument("--parts", nargs="+", choices=PARTS_OF_THE_RUN, default=list(PARTS_OF_THE_RUN),
+                        help="what to measure: cells in a warm process, fresh processes and imports, Dask")
     parser.add_argument("--compare", default=None, help="another checkout: its framework as a side of its own")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 round of 2 cells, 1 epoch a phase, pretraining of 2 loop steps, 10 no-ops")
@@ -403,6 +405,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("cells", "epochs", "rounds", "threads", "pretrain_epochs", "noops"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be an integer >= 1.")
+    if "dask" in args.parts and args.workers < 1:
+        parser.error(f"--workers={args.workers} is not allowed with the dask part: it must be an integer >= 1.")
     if args.workers < 0:
         parser.error(f"--workers={args.workers} is not allowed: it must be an integer >= 0 (0: no Dask measurement).")
     if args.compare is not None and not (Path(args.compare) / "music" / "__init__.py").is_file():
@@ -443,20 +447,21 @@ def measure(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
                                                                    *(["--pretrain-blocks", str(args.pretrain_blocks)]
                                                                      if args.pretrain_blocks else [])]), env)[2])["pretrained"]
         print(f"pretrained once ({args.pretrain_epochs} epoch(s)) in {time.perf_counter() - start:.1f} s")
-        sides = ["framework", "plain"] + (["compare"] if args.compare else [])
-        runs: dict[str, list[dict]] = {side: [] for side in sides}
-        for round_ in range(args.rounds):  # interleaved: A B A B ...
-            for side in sides:
-                runs[side].append(one_round(side, args, env, pretrained))
-            steps = {side: [c["steps"] for c in records[-1]["cells"]] for side, records in runs.items()}
-            if len({tuple(s) for s in steps.values()}) != 1:
-                raise RuntimeError(f"The sides took different numbers of optimizer steps {steps}: not the same work.")
-            print(f"round {round_ + 1}: " + json.dumps({s: [round(c["wall"], 2) for c in r[-1]["cells"]]
-                                                        for s, r in runs.items()}), flush=True)
-        result |= cells_summary(runs, args)
-        if args.fresh:
+        if "cells" in args.parts:
+            sides = ["framework", "plain"] + (["compare"] if args.compare else [])
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
+            for round_ in range(args.rounds):  # interleaved: A B A B ...
+                for side in sides:
+                    runs[side].append(one_round(side, args, env, pretrained))
+                steps = {side: [c["steps"] for c in records[-1]["cells"]] for side, records in runs.items()}
+                if len({tuple(s) for s in steps.values()}) != 1:
+                    raise RuntimeError(f"The sides took different numbers of optimizer steps {steps}: not the same work.")
+                print(f"round {round_ + 1}: " + json.dumps({s: [round(c["wall"], 2) for c in r[-1]["cells"]]
+                                                            for s, r in runs.items()}), flush=True)
+            result |= cells_summary(runs, args)
+        if "fresh" in args.parts:
             result |= fresh(args, env, pretrained)
-        if args.workers:
+        if "dask" in args.parts:
             result |= dask_overhead(args, pretrained)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return result

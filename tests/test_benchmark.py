@@ -34,7 +34,7 @@ def test_cells_benchmark_quick_mode_runs_both_sides_and_dask(data_dir, capsys):
     """Both sides of the cells benchmark take the same optimizer steps (the run checks it), the
     framework's parts add up to its cell, and the Dask part reports (the fresh-process part,
     four more processes, is left to the import-time test below)."""
-    result = load_script("benchmark_cells").run(["--quick", "--data-dir", data_dir, "--no-fresh", "--workers", "1",
+    result = load_script("benchmark_cells").run(["--quick", "--data-dir", data_dir, "--parts", "cells", "dask", "--workers", "1",
                                                  "--noops", "2"])
     out = capsys.readouterr().out
     assert "framework/plain, steady cell" in out and "no-op task" in out
@@ -53,7 +53,7 @@ def test_import_times_read_python_importtime():
     assert times["total"] >= times["music.cli"] >= times["lightning"] > 0 and "transformers" not in times
 
 
-@pytest.mark.parametrize("argv", [["--cells", "0"], ["--workers", "-1"], ["--compare", "/nonexistent"]])
+@pytest.mark.parametrize("argv", [["--cells", "0"], ["--workers", "0"], ["--compare", "/nonexistent"]])
 def test_cells_benchmark_bad_arguments_fail_naming_the_value(argv, capsys):
     with pytest.raises(SystemExit):
         load_script("benchmark_cells").parse(argv)

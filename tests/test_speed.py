@@ -137,18 +137,21 @@ def test_plain_process_malloc_sets_the_thresholds_where_glibc_is():
     assert plain_process_malloc() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
-def test_music_imports_no_transformers_and_peft_still_brings_it():
-    """torchmetrics imports ``transformers`` whenever it is installed (the ``lora`` extra);
-    ``music.speed`` keeps it out of every run that does not use LoRA. The check asks a fresh
-    process, since this one may have imported it already."""
+def test_music_imports_no_transformers_nor_scipy_and_peft_still_brings_it():
+    """torchmetrics imports ``transformers`` and ``scipy.signal`` whenever they are installed
+    (the ``lora`` extra; scipy); ``music.speed`` keeps them out of the import, and
+    lightning_utilities' checks answer as usual afterwards. Asked of a fresh process, since this
+    one may have imported them already."""
     import importlib.util
     import subprocess
     import sys
 
-    code = ("import sys, music.cli, torchmetrics.functional as F; "
-            "print('transformers' in sys.modules, hasattr(F, 'bert_score'))")
+    code = ("import sys, music.speed, torchmetrics.functional as F; import lightning_utilities.core.imports as r; "
+            "print('transformers' in sys.modules, 'scipy' in sys.modules, hasattr(F, 'bert_score'), "
+            "r.package_available('scipy') is (importlib.util.find_spec('scipy') is not None))")
+    code = "import importlib.util; " + code
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False", "True"]
     if importlib.util.find_spec("peft") is not None:  # LoRA runs still get it, through PEFT
         code = "import sys, music.cli, peft; print('transformers' in sys.modules)"
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
