@@ -427,13 +427,16 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join([str(REPO), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]))
     sys.path.insert(0, str(REPO))  # this checkout's MUSIC here and in the Dask workers, whatever is installed
-    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "PYTHONPATH")}
+    # The environment as it was, afterwards: Dask's nanny leaves its workers' settings in this
+    # process's (MKL_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_, ...), which a caller's next
+    # subprocess would inherit.
+    saved = dict(os.environ)
     os.environ.update(OMP_NUM_THREADS=env["OMP_NUM_THREADS"], PYTHONPATH=env["PYTHONPATH"])  # workers inherit them
     try:
         return measure(args, env)
     finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def measure(args: argparse.Namespace, env: dict[str, str]) -> dict[str, float]:
