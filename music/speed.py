@@ -31,7 +31,7 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
 5. **No ``transformers`` (nor ``scipy.signal``) at import.** torchmetrics imports
    ``transformers`` (for BERTScore and InfoLM) whenever it is installed, as it is with the
    ``lora`` extra (PEFT needs it), and ``scipy.signal`` whenever scipy is; together they were
-   about a fifth of ``import music.cli`` (docs/speed.md). ``torchmetrics_without_transformers``
+   about a third of ``import music.cli`` (docs/speed.md). ``torchmetrics_without_unused_packages``
    imports torchmetrics while its availability checks do not see them, so only a run that uses
    LoRA imports ``transformers`` (through PEFT), and scipy comes when MUSIC's own code asks for
    it. ``music/__init__.py`` imports this module first, before anything imports Lightning;
@@ -57,7 +57,7 @@ from typing import Any, NamedTuple, Protocol
 UNUSED_BY_TORCHMETRICS = ("transformers", "scipy")
 
 
-def torchmetrics_without_transformers() -> bool:
+def torchmetrics_without_unused_packages() -> bool:
     """Import torchmetrics with its availability checks (lightning_utilities' ``package_available``,
     ``module_available`` and ``RequirementCache``, which asks ``importlib.metadata`` through the
     private ``_version``) blind to ``UNUSED_BY_TORCHMETRICS``. Checks made during that import stay
@@ -94,7 +94,7 @@ def torchmetrics_without_transformers() -> bool:
     return True
 
 
-torchmetrics_without_transformers()  # before Lightning, which imports torchmetrics
+torchmetrics_without_unused_packages()  # before Lightning, which imports torchmetrics
 
 import torch  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402

@@ -159,9 +159,9 @@ def test_music_imports_no_transformers_nor_scipy_and_peft_still_brings_it():
 
 
 def test_torchmetrics_trick_does_nothing_once_torchmetrics_is_imported():
-    from music.speed import torchmetrics_without_transformers
+    from music.speed import torchmetrics_without_unused_packages
 
-    assert torchmetrics_without_transformers() is False  # this process imported it through music
+    assert torchmetrics_without_unused_packages() is False  # this process imported it through music
 
 
 def test_the_dataset_is_read_once_per_process_and_again_when_its_files_change(tmp_path):
