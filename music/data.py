@@ -34,6 +34,20 @@ from music.rundir import run_dir
 from music.speed import as_block
 
 
+# The dataset last read by ``MusicDataModule._load`` in this process: ``"source"`` (its class,
+# root and files) and, per ``train`` flag, its images and labels.
+_LOADED: dict[Any, Any] = {}
+
+
+def _files_stamp(root: str, dataset_class: type) -> tuple:
+    """Size and modification time of every file under ``<root>/<class name>`` (torchvision's
+    layout), so a dataset rewritten on disk is read again."""
+    folder = os.path.join(root, dataset_class.__name__)
+    return tuple(sorted((os.path.join(path, name), st.st_size, st.st_mtime_ns)
+                        for path, _, names in os.walk(folder) for name in names
+                        for st in [os.stat(os.path.join(path, name))]))
+
+
 def import_class(path: str, what: str) -> type:
     """Resolve ``package.module.Class`` with an error that names the bad path."""
     module_name, _, class_name = path.rpartition(".")
@@ -347,8 +361,20 @@ class MusicDataModule(LightningDataModule):
                 self._manifest_written = manifest
 
     def _load(self, train: bool) -> tuple[Tensor | None, Tensor]:
+        """Images scaled to [-1, 1] and labels, read once per process: a Dask worker runs many
+        study cells on the same files, and reading and scaling MNIST again costs every cell
+        (docs/speed.md). Cells only index these tensors, never write into them."""
         if self.image_folder is not None:  # labels only; images are read per split in dataset()
             return None, self.image_folder.labels(self.data_dir, train)
+        source = (self.dataset_class, os.path.abspath(self.data_dir), _files_stamp(self.data_dir, self.dataset_class))
+        if _LOADED.get("source") != source:  # one dataset at a time: a process that switches keeps no stale copy
+            _LOADED.clear()
+            _LOADED["source"] = source
+        if train not in _LOADED:
+            _LOADED[train] = self._read(train)
+        return _LOADED[train]
+
+    def _read(self, train: bool) -> tuple[Tensor, Tensor]:
         try:
             raw = self.dataset_class(self.data_dir, train=train, download=False)
         except Exception as err:  # torchvision fails deep inside on missing or truncated files

@@ -30,6 +30,16 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
    included, at every step, which slows a study cell markedly (measured in docs/study.md).
    Study cells call ``plain_process_malloc``; it is a no-op off glibc.
 
+5. **No ``transformers`` (nor ``scipy.signal``) at import.** torchmetrics imports
+   ``transformers`` (for BERTScore and InfoLM) whenever it is installed, as it is with the
+   ``lora`` extra (PEFT needs it), and ``scipy.signal`` whenever scipy is; together they were
+   about a third of ``import music.cli`` (docs/speed.md). ``torchmetrics_without_unused_packages``
+   imports torchmetrics while its availability checks do not see them, so only a run that uses
+   LoRA imports ``transformers`` (through PEFT), and scipy comes when MUSIC's own code asks for
+   it. ``music/__init__.py`` imports this module first, before anything imports Lightning;
+   torchmetrics' BERTScore, InfoLM and scipy paths, which MUSIC does not use, are then missing
+   in that process.
+
 The other private reads: the phase schedule sets the fit loop's epoch count
 (``set_max_epochs``: the Trainer has no public setter, and the phases, not the config, define
 it), and ``training_progress`` reads the epochs a checkpoint's fit loop had processed.
@@ -39,17 +49,63 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError
 from typing import Any, NamedTuple, Protocol
 
-import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.profilers import PassThroughProfiler
-from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor
+# Packages torchmetrics imports at its own import when installed, for metrics MUSIC does not
+# use: transformers for BERTScore and InfoLM, scipy.signal for an audio metric's compatibility patch.
+UNUSED_BY_TORCHMETRICS = ("transformers", "scipy")
+
+
+def torchmetrics_without_unused_packages() -> bool:
+    """Import torchmetrics with its availability checks (lightning_utilities' ``package_available``,
+    ``module_available`` and ``RequirementCache``, which asks ``importlib.metadata`` through the
+    private ``_version``) blind to ``UNUSED_BY_TORCHMETRICS``. Checks made during that import stay
+    False (they are cached, or bound by torchmetrics then): its BERTScore, InfoLM and scipy paths
+    are missing in this process. lightning_utilities' own functions are put back afterwards. Returns whether it did (False:
+    torchmetrics was imported already, or lightning_utilities has changed)."""
+    if "torchmetrics" in sys.modules:
+        return False
+    import lightning_utilities.core.imports as requirements
+
+    real = {name: getattr(requirements, name, None) for name in ("_version", "module_available", "package_available")}
+    if None in real.values():
+        return False
+
+    def version(name: str) -> str:
+        if name in UNUSED_BY_TORCHMETRICS:
+            raise PackageNotFoundError(name)
+        return real["_version"](name)
+
+    def module_available(path: str) -> bool:
+        return path.split(".")[0] not in UNUSED_BY_TORCHMETRICS and real["module_available"](path)
+
+    def package_available(name: str) -> bool:
+        return name not in UNUSED_BY_TORCHMETRICS and real["package_available"](name)
+
+    blind = {"_version": version, "module_available": module_available, "package_available": package_available}
+    for name, function in blind.items():
+        setattr(requirements, name, function)
+    try:
+        import torchmetrics  # noqa: F401
+    finally:
+        for name, function in real.items():
+            setattr(requirements, name, function)
+    return True
+
+
+torchmetrics_without_unused_packages()  # before Lightning, which imports torchmetrics
+
+import torch  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.core.optimizer import LightningOptimizer  # noqa: E402
+from lightning.pytorch.plugins.precision import Precision  # noqa: E402
+from lightning.pytorch.profilers import PassThroughProfiler  # noqa: E402
+from lightning.pytorch.strategies import SingleDeviceStrategy  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 # The Lightning minor version the private calls here were checked against (pyproject pins it).
 CHECKED_LIGHTNING = "2.6"

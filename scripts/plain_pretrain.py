@@ -20,12 +20,20 @@ import torchvision
 from torch import nn
 
 
-def remaining_split(labels: torch.Tensor, held_out=(3, 4, 7), per_class: int = 1000, seed: int = 0) -> torch.Tensor:
+def held_out_splits(labels: torch.Tensor, held_out=(3, 4, 7), per_class: int = 1000, seed: int = 0) -> dict[int, torch.Tensor]:
+    """The training samples held out of each class, sorted, drawn as ``MusicDataModule`` draws them."""
     generator = torch.Generator().manual_seed(seed)
-    held = torch.zeros(len(labels), dtype=torch.bool)
+    splits = {}
     for c in held_out:
         candidates = (labels == c).nonzero().flatten()
-        held[candidates[torch.randperm(len(candidates), generator=generator)[:per_class]]] = True
+        splits[c] = candidates[torch.randperm(len(candidates), generator=generator)[:per_class]].sort().values
+    return splits
+
+
+def remaining_split(labels: torch.Tensor, held_out=(3, 4, 7), per_class: int = 1000, seed: int = 0) -> torch.Tensor:
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for index in held_out_splits(labels, held_out, per_class, seed).values():
+        held[index] = True
     return (~held).nonzero().flatten()
 
 

@@ -163,3 +163,50 @@ def test_plain_process_malloc_sets_the_thresholds_where_glibc_is():
     from music.speed import plain_process_malloc
 
     assert plain_process_malloc() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_music_imports_no_transformers_nor_scipy_and_peft_still_brings_it():
+    """torchmetrics imports ``transformers`` and ``scipy.signal`` whenever they are installed
+    (the ``lora`` extra; scipy); ``music.speed`` keeps them out of the import, and
+    lightning_utilities' checks answer as usual afterwards. Asked of a fresh process, since this
+    one may have imported them already."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = ("import sys, music.speed, torchmetrics.functional as F; import lightning_utilities.core.imports as r; "
+            "print('transformers' in sys.modules, 'scipy' in sys.modules, hasattr(F, 'bert_score'), "
+            "r.package_available('scipy') is (importlib.util.find_spec('scipy') is not None))")
+    code = "import importlib.util; " + code
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "False", "True"]
+    if importlib.util.find_spec("peft") is not None:  # LoRA runs still get it, through PEFT
+        code = "import sys, music.cli, peft; print('transformers' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["True"]
+
+
+def test_torchmetrics_trick_does_nothing_once_torchmetrics_is_imported():
+    from music.speed import torchmetrics_without_unused_packages
+
+    assert torchmetrics_without_unused_packages() is False  # this process imported it through music
+
+
+def test_the_dataset_is_read_once_per_process_and_again_when_its_files_change(tmp_path):
+    from music.data import MusicDataModule
+
+    def loaded(root):
+        datamodule = MusicDataModule(data_dir=str(root), download=False, dataset="synthetic.SyntheticDigits",
+                                     samples_per_class=40)
+        datamodule.setup()
+        return datamodule
+
+    first, second = loaded(tmp_path), loaded(tmp_path)
+    assert second.train_images is first.train_images and second.test_labels is first.test_labels
+    assert second.splits["class_3"].equal(first.splits["class_3"])
+    other = loaded(tmp_path / "other")
+    assert other.train_images is not first.train_images and other.train_images.equal(first.train_images)
+    files = tmp_path / "other" / "SyntheticDigits"
+    files.mkdir(parents=True)
+    (files / "raw").write_text("changed")
+    assert loaded(tmp_path / "other").train_images is not other.train_images

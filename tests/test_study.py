@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from music.cli import main
 from music.experiments import study_db
 from music.experiments.common import Data
+from music.experiments.study import resume_point
 from music.experiments.study_grid import Grid, cell_dir, plan
 from music.experiments.study_report import load_cells
 
@@ -123,8 +124,15 @@ def test_grid_stores_every_cell_once_and_reports_from_the_database(local_grid):
     assert len(cells) == 5 and set(stored(local_grid)) == {(c.seed, c.name) for c in cells}
     for cell in cells:
         run = cell_dir(local_grid, cell)
-        for name in ("phase_metrics.json", "accuracy_matrix.csv", "config.yaml", "cell.log", "checkpoints/last.ckpt"):
+        for name in ("phase_metrics.json", "accuracy_matrix.csv", "config.yaml", "cell.log"):
             assert (run / name).exists(), (cell.name, name)
+        # fine-tuning cells checkpoint at phase ends only; pretraining and joint every epoch
+        checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+        phases = [f"phase-{i}-{p['name']}.ckpt" for i, p in enumerate(cell.phases)]
+        if cell.needs_pretrained:
+            assert checkpoints == phases, cell.name
+        else:
+            assert set(phases) | {"last.ckpt"} <= set(checkpoints) and len(checkpoints) == len(phases) + 2, cell.name
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert config["run_dir"] == str(run) and config["seed_everything"] == 0
         if cell.needs_pretrained:  # every fine-tuning cell starts from its seed's one pretrained model
@@ -233,9 +241,9 @@ def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tm
             while killed is None and processes["study"].poll() is None and time.monotonic() < deadline:
                 names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
                 for address_, keys in client.processing().items():
-                    for key in keys:  # a cell with a last.ckpt but not stored yet: half done
+                    for key in keys:  # a cell with a checkpoint but not stored yet: half done
                         cell = next((c for c in plan(grid) if str(key).startswith(c.label + "-")), None)
-                        if cell and (cell_dir(grid, cell) / "checkpoints" / "last.ckpt").exists() and \
+                        if cell and resume_point(cell_dir(grid, cell)) is not None and \
                                 (cell.seed, cell.name) not in stored(grid):
                             killed = names[address_], cell.label
                             stop(processes[killed[0]])
@@ -253,3 +261,41 @@ def test_grid_on_a_dask_cluster_survives_a_worker_killed_mid_cell(local_grid, tm
     finally:
         for process in processes.values():
             stop(process)
+
+
+@pytest.mark.mnist
+def test_a_fine_tuning_cell_killed_mid_phase_resumes_from_its_phase_snapshot(tmp_path, data_dir):
+    """Fine-tuning cells save only phase snapshots. SIGKILLed in class_4's first epoch (its last
+    snapshot is class_3's), the cell run again resumes from that snapshot and stores exactly
+    what an uninterrupted cell stores."""
+    from music.experiments.study import cell_config, run_cell
+
+    settings = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 2,
+                "replay_size": 0, "limit_train_batches": 2}
+    data = Data(data_dir=data_dir, download=False)
+    grids = {name: Grid(**settings).placed(tmp_path / name, tmp_path / name) for name in ("whole", "killed")}
+    for name in grids:
+        (tmp_path / name).mkdir()
+    pretrain, seq = (next(c for c in plan(grids["whole"]) if c.kind == kind) for kind in ("pretrain", "seq"))
+    run_cell(grids["whole"], data, pretrain)
+    cell_dir(grids["killed"], pretrain).parent.mkdir()
+    os.symlink(cell_dir(grids["whole"], pretrain), cell_dir(grids["killed"], pretrain))
+    run_cell(grids["whole"], data, seq)
+
+    killed_dir = cell_dir(grids["killed"], seq)
+    killed_dir.mkdir(parents=True)
+    (killed_dir / "cell.yaml").write_text(yaml.safe_dump(cell_config(grids["killed"], data, seq)))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "music", "fit", "--config", seq.config, "--config",
+                             str(killed_dir / "cell.yaml"), "--run_dir", str(killed_dir),
+                             "--trainer.callbacks+=faults.KillAt", "--trainer.callbacks.point=epoch_end",
+                             "--trainer.callbacks.epoch=2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(p.name for p in (killed_dir / "checkpoints").iterdir()) == ["phase-0-class_3.ckpt"]
+    assert resume_point(killed_dir) == killed_dir / "checkpoints" / "phase-0-class_3.ckpt"
+
+    run_cell(grids["killed"], data, seq)
+    for name in ("accuracy_matrix.csv", "phase_metrics.json", "continual_metrics.json"):
+        assert (killed_dir / name).read_text() == (cell_dir(grids["whole"], seq) / name).read_text(), name
+    assert stored(grids["killed"])[(0, seq.name)] == stored(grids["whole"])[(0, seq.name)]
+    assert study_db.load(study_db.connect(grids["killed"].db_url))[0][-1]["resumed"]

@@ -316,12 +316,19 @@ def dask_client(scheduler: str | None, workers: int | None, threads: int, accele
         with client:
             yield client
         return
+    # The nanny sets MKL/OPENBLAS_NUM_THREADS, MALLOC_TRIM_THRESHOLD_, ... in this process's
+    # environment for its workers: put it back afterwards, or later subprocesses inherit them.
+    saved = dict(os.environ)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by the worker processes
     resources = {"GPU": 1} if accelerator in ("gpu", "cuda") else None
-    # Dask's statistical profiler samples the running thread every 10 ms, which slows a run
-    # markedly (measured in docs/study.md). The workers take this config from here.
-    with dask.config.set({"distributed.worker.profile.enabled": False}), \
-            LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                         # the scheduler's HTTP endpoints (health, metrics) on a free port: 8787 may be taken
-                         dashboard_address=":0", resources=resources) as cluster, Client(cluster) as client:
-        yield client
+    try:
+        # Dask's statistical profiler samples the running thread every 10 ms, which slows a run
+        # markedly (measured in docs/study.md). The workers take this config from here.
+        with dask.config.set({"distributed.worker.profile.enabled": False}), \
+                LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                             # the scheduler's HTTP endpoints (health, metrics) on a free port: 8787 may be taken
+                             dashboard_address=":0", resources=resources) as cluster, Client(cluster) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -31,7 +31,8 @@ shared directory). A cell's files go to ``<study folder>/seed_<s>/<cell>/`` (``-
 snapshots, ``phase_metrics.json``, accuracy matrix, ``config.yaml``, ``cell.log``); the logger (``study.logger``, any Lightning
 logger) only logs. A finished cell is a row in the study database (``study_db``), written in
 one transaction by the worker that ran it: a restarted grid skips the cells stored there and
-an interrupted cell resumes from its ``last.ckpt``. Each row holds a fingerprint of the
+an interrupted cell resumes from its last checkpoint (``last.ckpt`` of pretraining and joint
+cells, the newest phase snapshot of a fine-tuning cell). Each row holds a fingerprint of the
 cell's settings; a grid whose settings differ from the stored cells' is refused before any
 cell runs. The report (``study_report``) is made by queries on that database.
 """
@@ -103,16 +104,20 @@ def cell_config(grid: Grid, data: Data, cell: Cell) -> dict:
     split |= grid.data or {}
     if cell.kind == "merge":  # no training: the data and accelerator the merged models are evaluated with
         return {"seed_everything": cell.seed, "trainer": {"accelerator": grid.accelerator}, "data": split}
-    # figures: the report draws them from all cells at once
-    return {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases},
-            "evaluation": {"log_figures": False},
-            "model": model,
-            "data": split}
+    config = {"seed_everything": cell.seed, "trainer": trainer, "schedule": {"phases": cell.phases},
+              "evaluation": {"log_figures": False},  # figures: the report draws them from all cells at once
+              "model": model,
+              "data": split}
+    if cell.needs_pretrained:
+        # Short fine-tuning epochs: last.ckpt and a top-k file after each would be a large share
+        # of the cell (docs/speed.md). The phase snapshots alone are kept; run_cell resumes from them.
+        config["checkpoint"] = {"save_last": False, "save_top_k": 0}
+    return config
 
 
 def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
-    """Run one cell (``music fit``, or a merge cell's merges, in this process) and store it in the database; a cell
-    stored already is not run again, an interrupted one resumes from its ``last.ckpt``.
+    """Run one cell (``music fit``, or a merge cell's merges, in this process) and store it in the
+    database; a cell stored already is not run again, an interrupted one resumes (``resume_point``).
     ``after``: the results this cell waits for (its seed's pretraining; a merge cell: its task cells)."""
     engine = study_db.connect(grid.db_url)
     if study_db.has_cell(engine, cell.seed, cell.name):  # re-run after its worker died: stored once
@@ -131,8 +136,8 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
     else:
         method = ["--config", cell.method] if cell.method else []
         args = ["fit", "--config", cell.config, *method, "--config", str(delta), "--run_dir", str(run_dir)]
-        last = run_dir / "checkpoints" / "last.ckpt"
-        resumed = last.exists()
+        last = resume_point(run_dir)
+        resumed = last is not None
         if resumed:
             args += ["--ckpt_path", str(last)]
         with output_to(run_dir / "cell.log"):
@@ -140,6 +145,17 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
     seconds = time.perf_counter() - start
     stored = study_db.record_cell(engine, *read_cell(grid, cell, run_dir, seconds, resumed))
     return {"cell": cell.label, "ran": stored, "seconds": seconds}
+
+
+def resume_point(run_dir: Path) -> Path | None:
+    """Where an interrupted cell goes on from: its ``last.ckpt`` (pretraining and joint cells
+    save one every epoch), else its newest phase snapshot (fine-tuning cells save only those),
+    else nowhere: it starts again."""
+    checkpoints = run_dir / "checkpoints"
+    if (checkpoints / "last.ckpt").exists():
+        return checkpoints / "last.ckpt"
+    snapshots = {int(p.name.split("-")[1]): p for p in checkpoints.glob("phase-*.ckpt")}
+    return snapshots[max(snapshots)] if snapshots else None
 
 
 def read_cell(grid: Grid, cell: Cell, run_dir: Path, seconds: float, resumed: bool) -> tuple[dict, list, list]:
