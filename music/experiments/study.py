@@ -40,6 +40,7 @@ cell runs. The report (``study_report``) is made by queries on that database.
 from __future__ import annotations
 
 import csv
+import gc
 import importlib
 import inspect
 import json
@@ -144,6 +145,10 @@ def run_cell(grid: Grid, data: Data, cell: Cell, *after: Any) -> dict:
             lightning(args)
     seconds = time.perf_counter() - start
     stored = study_db.record_cell(engine, *read_cell(grid, cell, run_dir, seconds, resumed))
+    # A finished run's trainer, model and data module refer to each other: only the cycle
+    # collector frees them, and a warm worker that waits for it grows by the cell's data
+    # (~250 MB a cell of domain tasks) until Dask pauses it at its memory limit.
+    gc.collect()
     return {"cell": cell.label, "ran": stored, "seconds": seconds}
 
 

@@ -328,7 +328,7 @@ def run_trial(job: Job, index: int) -> int | None:
             raise optuna.TrialPruned()
         return listener.scores[-1]
 
-    study.optimize(objective, n_trials=1)
+    study.optimize(objective, n_trials=1, gc_after_trial=True)  # a worker runs many trials: free each one
     return ran[0] if ran else None
 
 
