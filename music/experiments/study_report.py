@@ -186,6 +186,25 @@ def group_key(cell: Cell) -> str:
     return f"method:{cell.method}" if cell.kind == "method" else cell.kind
 
 
+def strategies(s: Settings) -> list[str]:
+    """What the grid's fine-tuning cells do, in words, for the report's set-up."""
+    first = arrow(s.orderings[0])
+    out = [f"sequential in {orderings_label(s, of=True)}" if s.tasks is None
+           else f"sequential in {len(s.orderings)} ordering(s) of the tasks {', '.join(f'`{t}`' for t in s.tasks)}"]
+    if s.tasks is None:
+        out.append("merged (every held-out sample at once)")
+    if s.replay_size:
+        out.append(f"sequential ({first}) with replay (`music.methods.Replay`, a class-balanced memory of "
+                   f"{s.replay_size} samples)")
+    if s.methods:
+        out.append(f"sequential ({first}) with each of {', '.join(method_name(m) for m in s.methods)}")
+    if s.merges:
+        out.append(f"each task fine-tuned alone and its task vector merged into the pretrained model by "
+                   f"{', '.join(method_name(m) for m in s.merges)}, all at once and in each ordering, λ chosen on "
+                   "`val` (`MERGE_REPORT.md`)")
+    return out
+
+
 def orderings_label(settings: Settings, of: bool = False) -> str:
     """``3→4→7`` for a grid of one ordering, ``all 6 orderings`` (``... of [3, 4, 7]``) otherwise."""
     if len(settings.orderings) == 1:
@@ -507,10 +526,9 @@ def write_report(settings: Settings, data: Data) -> Path:
         "reused by every cell of that seed."
         + (" Each seed also draws its own held-out samples (`split_seed` = seed)." if s.split_seed_follows_seed else ""),
         f"- Fine-tuning from that checkpoint, {s.finetune_epochs} epochs per phase, a fresh Adam per phase, learning rates "
-        f"{', '.join(f'{lr:g}' for lr in s.lrs)}: sequential in {orderings_label(s, of=True)}, "
-        f"merged, and sequential ({arrow(s.orderings[0])}) with a replay buffer of {s.replay_size} `remaining` samples "
-        "(seeded, fixed) mixed into each phase. Joint: trained from scratch on the whole training set "
-        f"({train_size:,}) for {s.joint_epochs or s.pretrain_epochs} epochs — the upper bound.",
+        f"{', '.join(f'{lr:g}' for lr in s.lrs)}: {'; '.join(strategies(s))}. Joint: trained from scratch on the whole "
+        f"training set ({train_size:,}) for {s.joint_epochs or s.pretrain_epochs} epochs"
+        + (" — the upper bound." if s.tasks is None else " (plain images: not trained on the tasks' domains)."),
         *([f"- Held-out samples per class: {s.samples_per_class}"
            + (" — every training sample of the held-out classes, so `remaining` has none of them and each task is a "
               "class the pretrained model has never seen." if s.samples_per_class == "all" else ".")]
