@@ -36,9 +36,11 @@ API is in this file, pinned by ``pyproject.toml`` (``lightning>=2.6,<2.7``) and 
    about a third of ``import music.cli`` (docs/speed.md). ``torchmetrics_without_unused_packages``
    imports torchmetrics while its availability checks do not see them, so only a run that uses
    LoRA imports ``transformers`` (through PEFT), and scipy comes when MUSIC's own code asks for
-   it. ``music/__init__.py`` imports this module first, before anything imports Lightning;
-   torchmetrics' BERTScore, InfoLM and scipy paths, which MUSIC does not use, are then missing
-   in that process.
+   it. ``music.experiments`` (through which the CLI, ``python -m music`` and every Dask worker
+   of a study come) imports this module first, before anything imports Lightning; torchmetrics'
+   BERTScore, InfoLM and scipy paths, which MUSIC does not use, are then missing in that
+   process. A program that imports the library alone (``music.module``) gets torchmetrics as
+   usual.
 
 The other private reads: the phase schedule sets the fit loop's epoch count
 (``set_max_epochs``: the Trainer has no public setter, and the phases, not the config, define

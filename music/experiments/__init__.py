@@ -15,6 +15,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
+from music import speed  # noqa: F401  (first: it imports torchmetrics before Lightning does, music.speed)
 from music.config import shipped_config
 from music.runner import UsageError
 
