@@ -182,7 +182,7 @@ def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     checkpoint): the differences ``a - b`` pair by pair, their mean, sample std (ddof=1), the 95 %
     Student-t interval of the mean difference, and the two-sided Wilcoxon signed-rank p-value.
 
-    Pairs, not two samples, because the seed's own luck (its pretrained model, its held-out
+    Pairs, not two samples, because a seed's own luck (its pretrained model, its held-out
     samples) moves both members of a pair together; comparing two means ± stds would count that
     luck as noise twice. A pair with a NaN or None on either side is left out (a metric that is
     undefined for one of them). The Wilcoxon test drops zero differences (Wilcoxon's rule) and

@@ -95,7 +95,7 @@ class Grid:
         merges: merge method configs (``addition_ties``, ``merge/addition_dare`` or a path: a
             ``music merge`` recipe, whose ``method`` is used, or a file that is itself
             ``{class_path, init_args}``). Each adds, per learning rate, one ``task`` cell per task
-            (fine-tuned alone from the seed's pretrained model), one ``merge`` cell merging all task
+            (fine-tuned alone from each seed's pretrained model), one ``merge`` cell merging all task
             vectors at once and one absorbing them sequentially in each ordering
             (``music.merging.sequential_merge``), λ chosen on ``val`` (``data.val_size`` > 0).
         merge_lambdas: the λ grid of every merge cell, chosen per absorbed task on ``val``.

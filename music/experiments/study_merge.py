@@ -1,4 +1,4 @@
-"""A ``merge`` cell of the study grid: the seed's task vectors merged into its pretrained model,
+"""A ``merge`` cell of the study grid: each seed's task vectors merged into its pretrained model,
 in-process, written as the same run files a fine-tuning cell writes.
 
 The cell's task vectors are τ_t = θ(task cell t) − θ(pretrained), one ``task`` cell per task

@@ -7,7 +7,7 @@ compares, for every seed and learning rate, each ordering's final test accuracy 
 model's (same seed, same pretrained checkpoint, same learning rate).
 
 Every comparison of two strategies is paired by seed (``common.paired_comparison``): cells of
-one seed share its pretrained model and held-out samples, so the seed's luck moves both sides
+one seed share its pretrained model and held-out samples, so a seed's luck moves both sides
 together and only the paired difference, its interval and its Wilcoxon p say whether one
 strategy is better than the other.
 """

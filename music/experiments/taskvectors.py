@@ -56,7 +56,7 @@ class TaskVectors:
         val_size: samples carved from the training data for ``val``, where λ is chosen; the
             same for every stage and recipe.
         held_out_classes: the classes with a per-class fine-tuning (``finetuned_class_<c>``).
-        similar_seed: the seed of the similar models (B pretrained independently, and B' trained further).
+        similar_seed: the random seed of the similar models (B pretrained independently, and B' trained further).
         further_epochs: the epochs B' trains A further on ``remaining``.
         pretrain_epochs: epochs of the pretraining phases (``null``: as the shipped config says).
         finetune_epochs: epochs of every fine-tuning phase (``null``: as the shipped configs say).
