@@ -214,6 +214,16 @@ def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum())}
 
 
+def fmt_value(value: Any) -> str:
+    """A setting or table value: floats to 4 significant digits, missing as –."""
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def fmt_settings(values: dict[str, Any]) -> str:
+    """``key = value, ...``: chosen hyperparameters, as the tune and continual tables show them."""
+    return ", ".join(f"{k} = {fmt_value(v)}" for k, v in values.items())
+
+
 def fmt_p(p: float | None) -> str:
     """``p = 0.031``, ``p < 0.001``, or ``p n/a`` when nothing could be tested."""
     if p is None or math.isnan(p):

@@ -36,9 +36,9 @@ from music.config import config_path
 from music.continual import accuracy_on, average_incremental_accuracy, backward_transfer, forward_transfer
 from music.dashboard import markdown_table
 from music.experiments import study_db
-from music.experiments.common import (PAIRED_NOTE, Data, Output, fit, fmt_mean_std, fmt_paired, machine, mean_std,
-                                      mean_std_columns, paired_comparison, results_db, reuse_or_run, spread_note,
-                                      write_csv)
+from music.experiments.common import (PAIRED_NOTE, Data, Output, fit, fmt_mean_std, fmt_paired, fmt_settings, machine,
+                                      mean_std, mean_std_columns, paired_comparison, results_db, reuse_or_run,
+                                      spread_note, write_csv)
 from music.module import SCENARIOS
 from music.plots import pyplot, save_figure
 from music.runner import RunResult
@@ -159,7 +159,7 @@ class Tuned:
         return cls(str(path.resolve()), {k.rsplit(".", 1)[-1]: _number(row[k]) for k in keys}, budget)
 
     def describe(self) -> str:
-        return ", ".join(f"{k} = {_fmt_value(v)}" for k, v in self.values.items())
+        return fmt_settings(self.values)
 
 
 class ContinualStudy:
@@ -465,10 +465,6 @@ def _number(text: str) -> Any:
         except ValueError:
             pass
     return text
-
-
-def _fmt_value(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _cell(value: Any) -> Any:

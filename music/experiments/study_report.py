@@ -109,7 +109,7 @@ def by_seed(records: list[dict], chosen, metric: str = "final_acc") -> dict[int,
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict:
-    """``a - b`` over the seeds both have."""
+    """``a - b``, paired over every seed present on both sides."""
     seeds = sorted(set(a) & set(b))
     return paired_comparison([a[s] for s in seeds], [b[s] for s in seeds])
 

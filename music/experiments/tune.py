@@ -51,7 +51,8 @@ from music.continual import accuracy_on
 from music.data import split_classes
 from music.evaluation import PhaseEvaluation
 from music.experiments import study_db
-from music.experiments.common import Data, Output, dask_client, fit, machine, output_to, write_table
+from music.experiments.common import (Data, Output, dask_client, fit, fmt_settings, fmt_value, machine, output_to,
+                                      write_table)
 from music.runner import UsageError, build
 from music.speed import plain_process_malloc
 
@@ -509,7 +510,7 @@ class Tune:
             score = t.value if t.value is not None else (max(t.intermediate_values.items())[1]
                                                          if t.intermediate_values else None)
             rows.append([t.number, state, "–" if score is None else f"{score:.4f}",
-                         *(_fmt(t.params.get(k)) for k in keys), t.user_attrs.get("epochs", "–"),
+                         *(fmt_value(t.params.get(k)) for k in keys), t.user_attrs.get("epochs", "–"),
                          "–" if "seconds" not in t.user_attrs else f"{t.user_attrs['seconds']:.1f}",
                          t.user_attrs.get("error", "")])
             csv_rows.append({"trial": t.number, "state": state, "value": t.value,
@@ -531,7 +532,7 @@ class Tune:
                  f"pruned, {states['fail']} failed){f', {len(retried)} killed and queued again' if retried else ''}; "
                  f"{epochs} epochs and {seconds:.0f} s of training in all, on {machine(self.output.threads)} per trial. "
                  f"Sampler TPE (seed {self.seed}), pruner {self.pruner}.",
-                 f"Best: trial {best.number}, val score {best.value:.4f}, {_fmt_params(best.params)}; as a config delta "
+                 f"Best: trial {best.number}, val score {best.value:.4f}, {fmt_settings(best.params)}; as a config delta "
                  f"in best.yaml." if best else "Best: no trial has completed."]
         self.tables.mkdir(parents=True, exist_ok=True)
         markdown = write_table(self.tables, EXPERIMENT, f"Hyperparameter search: {', '.join(self.configs)}",
@@ -576,11 +577,3 @@ def _nested(overrides: dict[str, Any]) -> dict:
             target = target.setdefault(part, {})
         target[last] = value
     return out
-
-
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _fmt_params(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k} = {_fmt(v)}" for k, v in params.items())
