@@ -136,14 +136,24 @@ class SequentialFineTuning(Callback):
             task would otherwise steer the first steps of the next).
         early_stopping: end every phase early when its validation metric stops improving
             (``EarlyStopping``); null: every phase trains all its epochs.
+        online: an online, task-free stream, as online continual learning is evaluated: every
+            training sample is seen once (one epoch a phase, ``data.iterations_per_epoch``
+            null), and nothing tells the learner where one task ends and the next begins: the
+            optimizer and learning rate run on across phases, continual-learning methods that
+            act at task boundaries are refused (those that learn from the stream alone, DER++
+            and ER-ACE, run), and active outputs are off. The phases still mark where the
+            evaluation (``PhaseEvaluation``) scores the model.
     """
 
     def __init__(self, phases: list[Phase], reset_optimizer: bool = True,
-                 early_stopping: EarlyStopping | None = None) -> None:
+                 early_stopping: EarlyStopping | None = None, online: bool = False) -> None:
         self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in phases]
         _check_phases(self.phases)
-        self.reset_optimizer = reset_optimizer
+        if online:
+            _check_online(self.phases, early_stopping)
+        self.reset_optimizer = reset_optimizer and not online
         self.early_stopping = early_stopping
+        self.online = online
         self.stopped: dict[int, int] = {}  # phase index -> epochs it trained, for phases ended early
         self.ends = _ends(self.phases, self.stopped)  # epoch after each phase
         self.epoch = 0  # the epoch running or about to run
@@ -170,6 +180,10 @@ class SequentialFineTuning(Callback):
         if stage == "fit":
             for phase in self.phases:
                 datamodule.check_split(phase.split)
+            iterations = getattr(datamodule, "iterations_per_epoch", None)
+            if self.online and iterations is not None:
+                raise ValueError(f"data.iterations_per_epoch={iterations} is not allowed with schedule.online: true: "
+                                 "an online stream shows every sample once; set it to null.")
             if self.early_stopping is not None and self.early_stopping.monitor.startswith("val/") \
                     and "val" not in datamodule.split_names:
                 raise ValueError(f"schedule.early_stopping.monitor={self.early_stopping.monitor!r} needs a validation "
@@ -329,6 +343,20 @@ class SequentialFineTuning(Callback):
 def _ends(phases: list[Phase], stopped: dict[int, int]) -> list[int]:
     """The epoch after each phase, the phases ended early counted with the epochs they trained."""
     return list(accumulate(stopped.get(i, p.epochs) for i, p in enumerate(phases)))
+
+
+def _check_online(phases: list[Phase], early_stopping: EarlyStopping | None) -> None:
+    """An online stream passes once over each phase's data, with nothing changed at its end."""
+    for p in phases:
+        if p.epochs != 1:
+            raise ValueError(f"Phase {p.name!r} has epochs={p.epochs}, which schedule.online: true does not allow: "
+                             "an online stream shows every sample once (epochs: 1).")
+        if p.lr is not None:
+            raise ValueError(f"Phase {p.name!r} sets lr={p.lr}, which schedule.online: true does not allow: a change "
+                             "of learning rate would tell the learner where a task starts.")
+    if early_stopping is not None:
+        raise ValueError("schedule.early_stopping is not allowed with schedule.online: true: a phase of one pass has "
+                         "no epochs to stop early.")
 
 
 def _check_phases(phases: list[Phase]) -> None:

@@ -248,7 +248,7 @@ def settings(trainer: Trainer, pl_module: LightningModule, schedule: SequentialF
                "schedule.splits": " → ".join(p.split for p in schedule.phases),
                "schedule.epochs": ", ".join(str(p.epochs) for p in schedule.phases),
                "schedule.lr": ", ".join("model.lr" if p.lr is None else str(p.lr) for p in schedule.phases),
-               "schedule.reset_optimizer": schedule.reset_optimizer}
+               "schedule.reset_optimizer": schedule.reset_optimizer, "schedule.online": schedule.online}
     values |= dashboard.flat_settings("model", pl_module.hparams)
     if isinstance(getattr(pl_module, "backbone", None), torch.nn.Module):
         values["model.backbone"] = type(pl_module.backbone).__name__

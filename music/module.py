@@ -114,7 +114,8 @@ class Classifier(LightningModule):
             ``None`` (default): on exactly where that protocol applies, a run from scratch (no
             ``init_from``, no ``pretrained_on``) whose every phase is a task of named classes
             (``classes: [...]``, as Split-MNIST's); off for the 3 -> 4 -> 7 runs, whose head
-            knows all classes from pretraining. ``true`` needs ``scenario: class``.
+            knows all classes from pretraining, and for an online stream (``schedule.online``),
+            which tells no task boundaries. ``true`` needs ``scenario: class``.
     """
 
     def __init__(
@@ -236,6 +237,11 @@ class Classifier(LightningModule):
     def uses_active_outputs(self, schedule: Any) -> bool:
         """Whether training masks the outputs of classes not seen yet (see ``active_outputs``)."""
         if self.scenario != "class":
+            return False
+        if getattr(schedule, "online", False):
+            if self.active_outputs:
+                raise ValueError("model.active_outputs=true is not allowed with schedule.online: true: the classes "
+                                 "seen so far come from task boundaries, which an online stream does not give.")
             return False
         if self.active_outputs is not None:
             return self.active_outputs

@@ -179,3 +179,32 @@ def test_a_new_method_is_one_class_and_one_config(shrink, tmp_path):
         return sum((p - start[n]).pow(2).sum().item() for n, p in model.backbone.named_parameters())
 
     assert moved(cli.model, method._anchor) < 0.5 * moved(naive.model, {k.removeprefix("backbone."): v for k, v in t1.items()})
+
+
+class CountLabels(Method):
+    """Learns from the stream alone (no start_task / end_task): counts the labels it trains on."""
+
+    def __init__(self) -> None:
+        self.seen = torch.zeros(10, dtype=torch.long)
+
+    def loss(self, model, x, y, logits):
+        if model.training:
+            self.seen += torch.bincount(y, minlength=10)
+        return None
+
+
+def test_an_online_stream_shows_every_sample_once_and_tells_no_task_boundaries(shrink, tmp_path):
+    phases = [{"name": "t1", "classes": [0, 1], "epochs": 1}, {"name": "t2", "classes": [2, 3], "epochs": 1}]
+    config = shrink("split_mnist", "online", phases=phases)
+    counter = "[{class_path: %s.CountLabels}]" % __name__
+    cli = run("fit", "--config", config, "--model.methods", counter)
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, SequentialFineTuning))
+    assert schedule.online and not schedule.reset_optimizer
+    datamodule = cli.trainer.datamodule
+    in_tasks = torch.cat([datamodule.dataset(p.split).labels for p in schedule.phases])
+    assert cli.model.methods[0].seen.tolist() == torch.bincount(in_tasks, minlength=10).tolist()  # each sample once
+    steps = sum(-(-len(datamodule.dataset(p.split)) // 10) for p in schedule.phases)  # batches of 10
+    assert cli.trainer.global_step == steps
+    state = next(iter(cli.trainer.optimizers[0].state_dict()["state"].values()))
+    assert int(state["step"]) == steps  # one optimizer across both tasks: Adam's step count never restarted
+    assert cli.model._active is None  # no active outputs: the classes seen so far are a task boundary

@@ -30,6 +30,7 @@ class Schedule(Protocol):
     """What a method uses of the phase schedule (``music.callbacks.SequentialFineTuning``)."""
 
     phases: list  # each with a training ``split``
+    online: bool  # a task-free stream: no task boundaries for the methods
 
 
 @dataclass
@@ -52,7 +53,9 @@ class Method:
 
     A new method subclasses this and overrides ``start_task``, ``end_task`` and ``loss`` (and,
     if it reshapes the batch's own loss or edits gradients, ``batch_logits`` or
-    ``on_before_optimizer_step``); the model and the schedule tell it the rest."""
+    ``on_before_optimizer_step``); the model and the schedule tell it the rest. A method that
+    overrides neither ``start_task`` nor ``end_task`` learns from the stream alone, so it also
+    runs where no task boundaries are given (``schedule.online: true``)."""
 
     _state: tuple[str, ...] = ()  # the attributes ``state_dict`` saves, besides the running task
 
@@ -79,6 +82,10 @@ class Method:
 
     def on_phase_start(self, trainer: Trainer, model: Model, schedule: Schedule, index: int) -> None:
         """Close the running task and open the next when the phase trains on another split."""
+        if getattr(schedule, "online", False) and self.needs_task_boundaries():
+            raise ValueError(f"model.methods: {type(self).__name__} acts at task boundaries, which schedule.online: "
+                             "true does not give: use a method that learns from the stream alone (DER++, ER-ACE) "
+                             "or a schedule of tasks.")
         datamodule = trainer.datamodule
         split = schedule.phases[index].split
 
@@ -98,6 +105,10 @@ class Method:
             self.end_task(model, self.task)
         self.task = task(0 if self.task is None else self.task.index + 1, split)
         self.start_task(model, self.task)
+
+    @classmethod
+    def needs_task_boundaries(cls) -> bool:
+        return cls.start_task is not Method.start_task or cls.end_task is not Method.end_task
 
     def state_dict(self) -> dict[str, Any]:
         task = None if self.task is None else [self.task.index, self.task.split]
