@@ -120,7 +120,7 @@ def fine_tuning_grid(args: argparse.Namespace, root: Path, lrs: list[float] | No
     from music.experiments.study_grid import Grid
 
     return Grid(seeds=[args.seed], held_out_classes=list(HELD_OUT), lrs=lrs or [args.lr], finetune_epochs=args.epochs,
-                replay_size=0, methods=[], **changes).placed(root, root, args.threads)
+                methods=[], **changes).placed(root, root, args.threads)
 
 
 def seq_cells(grid) -> list:

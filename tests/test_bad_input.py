@@ -15,6 +15,7 @@ import pytest
 import torch
 from faults import evil_checkpoint
 from safetensors.torch import save_file
+from test_study_db import write_with_retired_column
 
 from music.cli import LIGHTNING_SUBCOMMANDS, main
 from music.speed import Block
@@ -216,6 +217,9 @@ STUDY_CASES = [
      r"study.db='sqlite:///{tmp}/other.db' is not a MUSIC study database \(it has cells, and no music_schema"),
     ("report on a database music did not make", ["--report_only", "true", "--study.db", "sqlite:///{tmp}/other.db",
                                                  "--output.root", "{tmp}/runs"], r"other.db' is not a MUSIC study database"),
+    ("grid on a database whose cells require a retired column", ["--study.db", "sqlite:///{tmp}/retired.db",
+                                                                 "--output.root", "{tmp}/runs"],
+     r"retired.db': its cells table requires a column '\w+' that this release does not write.*give a new study.db"),
 ]
 
 
@@ -225,7 +229,8 @@ def test_study_database_refusals_are_one_line_and_change_nothing(args, message, 
 
     with sqlite3.connect(tmp_path / "other.db") as conn:  # someone else's file with a `cells` table
         conn.execute("CREATE TABLE cells (id INTEGER PRIMARY KEY, sheet TEXT)")
-    before = (tmp_path / "other.db").read_bytes()
+    write_with_retired_column(f"sqlite:///{tmp_path / 'retired.db'}", [])  # a MUSIC database no grid can write to
+    before = {name: (tmp_path / name).read_bytes() for name in ("other.db", "retired.db")}
     line = fails_in_one_line(["study", *(a.replace("{tmp}", str(tmp_path)) for a in args)], capsys)
     assert re.search(message.replace("{tmp}", re.escape(str(tmp_path))), line), line
-    assert (tmp_path / "other.db").read_bytes() == before and not (tmp_path / "missing.db").exists()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before and not (tmp_path / "missing.db").exists()

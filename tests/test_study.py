@@ -25,7 +25,7 @@ from music.experiments.study_grid import Grid, cell_dir, plan
 from music.experiments.study_report import load_cells
 
 TINY = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 1,
-        "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2, "methods": ["lwf"]}
+        "joint_epochs": 1, "limit_train_batches": 2, "methods": ["lwf"]}
 
 
 def study_args(data_dir: str, root: Path, **settings) -> list[str]:
@@ -75,8 +75,9 @@ def test_plan_covers_the_grid_with_one_pretraining_per_seed():
     cells = plan(Grid(seeds=[0, 1, 2, 3, 4], lrs=[1e-3, 1e-4, 1e-5]))
     kinds = [c.kind for c in cells]
     assert kinds.count("pretrain") == 5 and kinds.count("joint") == 5
-    assert kinds.count("seq") == 5 * 3 * 6 and kinds.count("merged") == 5 * 3 and kinds.count("replay") == 5 * 3
-    assert len({(c.seed, c.name) for c in cells}) == len(cells) == 130
+    assert kinds.count("seq") == 5 * 3 * 6 and kinds.count("merged") == 5 * 3
+    assert set(kinds) == {"pretrain", "joint", "seq", "merged"}  # replay is a method cell (study.methods)
+    assert len({(c.seed, c.name) for c in cells}) == len(cells) == 115
 
 
 def test_a_method_axis_adds_cells_and_leaves_the_other_cells_fingerprints_alone():
@@ -271,7 +272,7 @@ def test_a_fine_tuning_cell_killed_mid_phase_resumes_from_its_phase_snapshot(tmp
     from music.experiments.study import cell_config, run_cell
 
     settings = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 2,
-                "replay_size": 0, "limit_train_batches": 2}
+                "limit_train_batches": 2}
     data = Data(data_dir=data_dir, download=False)
     grids = {name: Grid(**settings).placed(tmp_path / name, tmp_path / name) for name in ("whole", "killed")}
     for name in grids:

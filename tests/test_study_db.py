@@ -3,13 +3,13 @@
 import json
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Column, Integer, MetaData, create_engine, func, insert, select
 
 from music.experiments import study_db
 
 
 def cell_row(seed: int = 0, name: str = "seq_3-4-7_lr1e-4", acc: float = 0.75) -> dict:
-    return {"seed": seed, "name": name, "kind": "seq", "lr": 1e-4, "ordering": "3-4-7", "replay_size": 0,
+    return {"seed": seed, "name": name, "kind": "seq", "lr": 1e-4, "ordering": "3-4-7",
             "fingerprint": "f" * 16, "settings": "{}", "final_acc": acc, "wall_seconds": 1.0, "host": "h"}
 
 
@@ -134,4 +134,44 @@ def test_a_database_from_before_the_schema_table_is_read_as_it_is(tmp_path):
     before = path.read_bytes()
     cells, phases, _, runs = study_db.load(study_db.connect(f"sqlite:///{path}", read_only=True))
     assert [(c["seed"], c["name"], c["method"]) for c in cells] == [(0, "seq", None)] and phases == {} and runs == []
+    assert path.read_bytes() == before
+
+
+# The column that cells of kind `replay` (a grid option, not a method) required, 0 in every other row.
+RETIRED_COLUMN = "replay_size"
+
+
+def write_with_retired_column(url: str, cells: list[tuple[dict, list[dict], list[dict]]]) -> None:
+    """A study database as MUSIC wrote it while ``cells`` required ``RETIRED_COLUMN``: each cell's
+    row, phase rows and class rows go in as that release wrote them, the column set to 0."""
+    old = MetaData()
+    for table in study_db.metadata.sorted_tables:
+        table.to_metadata(old)
+    old.tables["cells"].append_column(Column(RETIRED_COLUMN, Integer, nullable=False))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        old.create_all(conn)
+        conn.execute(insert(old.tables["music_schema"]).values(version=study_db.SCHEMA_VERSION))
+        for row, phases, classes in cells:
+            cell_id = conn.execute(insert(old.tables["cells"]).values(**row, **{RETIRED_COLUMN: 0})).inserted_primary_key[0]
+            for table, rows in (("phases", phases), ("class_results", classes)):
+                if rows:
+                    conn.execute(insert(old.tables[table]), [r | {"cell_id": cell_id} for r in rows])
+    engine.dispose()
+
+
+def test_a_database_whose_cells_require_a_retired_column_is_read_but_never_written(tmp_path):
+    """``--report_only`` and ``--query`` read it as it is; a grid is refused before any cell runs,
+    since none of its rows could be stored there."""
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    write_with_retired_column(url, [(cell_row(), phase_rows(), class_rows())])
+    before = path.read_bytes()
+    cells, phases, classes, _ = study_db.load(study_db.connect(url, read_only=True))
+    assert [(c["seed"], c["name"], c["final_acc"]) for c in cells] == [(0, "seq_3-4-7_lr1e-4", 0.75)]
+    assert RETIRED_COLUMN not in cells[0] and len(phases[cells[0]["id"]]) == 2 and len(classes[cells[0]["id"]]) == 6
+    columns, rows = study_db.query(study_db.connect(url, read_only=True), f"SELECT name, {RETIRED_COLUMN} FROM cells")
+    assert rows == [("seq_3-4-7_lr1e-4", 0)]
+    with pytest.raises(ValueError, match=rf"{path}.*cells table requires a column '{RETIRED_COLUMN}'.*give a new study.db"):
+        study_db.connect(url)
     assert path.read_bytes() == before

@@ -222,7 +222,7 @@ def test_normalised_accuracy_divides_by_each_task_fine_tuned_alone():
 @pytest.mark.mnist
 def test_a_tiny_merge_grid_runs_on_dask_and_stores_merge_cells_once(tmp_path, data_dir):
     settings = {"seeds": [0], "orderings": [[3, 4, 7]], "lrs": [1e-3], "pretrain_epochs": 1, "finetune_epochs": 1,
-                "joint_epochs": 1, "replay_size": 0, "limit_train_batches": 2, "methods": [],
+                "joint_epochs": 1, "limit_train_batches": 2, "methods": [],
                 "merges": ["addition_ties"], "data": {"val_size": 200}, "workers": 2}
     main(study_args(data_dir, tmp_path, **settings))
     grid = placed(settings, tmp_path)

@@ -7,10 +7,6 @@ phases, learning rate and seed filled in:
 - ``seq_<order>_lr<lr>``: sequential fine-tuning (``seq_finetune``) for every ordering of the
   held-out classes and every learning rate;
 - ``merged_lr<lr>``: merged fine-tuning (``merged_finetune``);
-- ``replay_<order>_lr<lr>``: sequential in the first ordering with experience replay
-  (``music.methods.Replay``) from a class-balanced memory of ``replay_size`` samples, which
-  starts as ``remaining`` samples (``model.pretrained_on``) and shares its budget with each
-  held-out class once its phase has ended;
 - ``method_<method>_<order>_lr<lr>``: sequential in the first ordering with a continual-learning
   method (``methods``: the shipped configs ``ewc``, ``online_ewc``, ``si``, ``lwf``, ``replay``,
   or any config that sets ``model.methods``), told that the model was pretrained on
@@ -92,11 +88,8 @@ def cell_config(grid: Grid, data: Data, cell: Cell) -> dict:
     model: dict[str, Any] = {"lr": cell.lr}
     if cell.needs_pretrained:
         model["init_from"] = str(pretrained_checkpoint(grid, cell.seed))
-    if cell.method or cell.replay_size:
+    if cell.method:
         model["pretrained_on"] = "remaining"  # the methods protect what pretraining learned, as an earlier task
-    if cell.replay_size:
-        model["methods"] = [{"class_path": "music.methods.Replay",
-                             "init_args": {"budget": cell.replay_size, "selection": "class_balanced"}}]
     split = {"data_dir": data.data_dir, "download": data.download, "log_eda": False,  # many cells, one data set
              "held_out_classes": grid.held_out_classes,
              "split_seed": cell.seed if grid.split_seed_follows_seed else 0}
@@ -177,7 +170,7 @@ def read_cell(grid: Grid, cell: Cell, run_dir: Path, seconds: float, resumed: bo
     metrics["held_out_acc"] = accuracy_on(final, grid.held_out_classes)
     metrics["untouched_acc"] = accuracy_on(final, [c for c in range(len(final)) if c not in grid.held_out_classes])
     row = {"seed": cell.seed, "name": cell.name, "kind": cell.kind, "method": cell.method, "lr": cell.lr,
-           "ordering": "-".join(map(str, cell.ordering)) if cell.ordering else None, "replay_size": cell.replay_size,
+           "ordering": "-".join(map(str, cell.ordering)) if cell.ordering else None,
            "fingerprint": fingerprint(grid, cell), "settings": study_db.dumps(determinants(grid, cell)),
            **{m: metrics.get(m) for m in study_db.METRICS}, "continual_metrics": study_db.dumps(metrics),
            "wall_seconds": seconds, "host": socket.gethostname(),
@@ -273,8 +266,8 @@ def run_grid(grid: Grid, data: Data) -> dict:
 
 class Study:
     """The multi-seed study grid (``music study``): sequential vs merged fine-tuning over
-    seeds × orderings × learning rates, with replay and joint references, on Dask, results
-    in a database, and the report generated from it.
+    seeds × orderings × learning rates, with continual-learning methods and a joint reference, on
+    Dask, results in a database, and the report generated from it.
 
     Args:
         study: the grid, its cluster and its database.

@@ -9,13 +9,12 @@ so the database holds a cell completely or not at all, and holding it is what "f
 Schema (documented in ``docs/study.md``, queried by ``study_report.py``):
 
 - ``cells``: one row per finished cell — ``seed``, ``name``, ``kind`` (pretrain, joint, seq,
-  merged, replay, method, task, merge), ``method`` (the continual-learning method config of a
+  merged, method, task, merge), ``method`` (the continual-learning method config of a
   ``method`` cell, e.g. ``ewc``, the merge config of a ``merge`` cell; NULL for others), ``lr``,
-  ``ordering`` (``"3-4-7"``, NULL for others),
-  ``replay_size``,
-  ``fingerprint``, ``settings`` (JSON: what determines the result), the final metrics
-  (``final_acc``, ``held_out_acc``, ``untouched_acc``, ``average_accuracy``,
-  ``backward_transfer``, ``mean_forgetting``, ``untouched_forgetting``, ``collapse_share``),
+  ``ordering`` (``"3-4-7"``, NULL for others), ``fingerprint``, ``settings`` (JSON: what
+  determines the result), the final metrics (``final_acc``, ``held_out_acc``, ``untouched_acc``,
+  ``average_accuracy``, ``backward_transfer``, ``mean_forgetting``, ``untouched_forgetting``,
+  ``collapse_share``),
   ``continual_metrics`` (JSON), ``wall_seconds``, ``host``, ``finished_at`` (UTC, ISO),
   ``run_dir``, ``resumed``. ``(seed, name)`` is unique.
 - ``phases``: one row per evaluated phase of a cell (``row`` 0 is the model before the first
@@ -64,7 +63,6 @@ cells = Table(
     Column("method", String(100)),
     Column("lr", Float, nullable=False),
     Column("ordering", String(100)),
-    Column("replay_size", Integer, nullable=False),
     Column("fingerprint", String(64), nullable=False),
     Column("settings", Text, nullable=False),
     *(Column(m, Float) for m in METRICS),
@@ -140,7 +138,8 @@ _engines: dict[tuple[str, bool], Engine] = {}
 
 
 class NotAStudyDatabase(ValueError):
-    """The URL names a database that MUSIC did not make, or a missing one where one must exist."""
+    """The URL names a database that MUSIC did not make, a missing one where one must exist, or
+    one whose tables need a column this release does not write."""
 
 
 def connect(url: str, read_only: bool = False) -> Engine:
@@ -169,6 +168,7 @@ def connect(url: str, read_only: bool = False) -> Engine:
                 present = inspect(conn).get_table_names()
                 if present:
                     _check_ours(conn, url, present)
+                    _check_writable(conn, url, present)
                 metadata.create_all(conn)
                 _add_missing_columns(conn)
                 if conn.execute(select(schema.c.version)).first() is None:
@@ -211,6 +211,21 @@ def _check_ours(conn, url: str, present: list[str]) -> None:
         found = ", ".join(sorted(present)) or "no tables"
         raise NotAStudyDatabase(f"study.db={url!r} is not a MUSIC study database (it has {found}, and no "
                                 "music_schema table): give the --study.db a grid wrote, or a new one.")
+
+
+def _check_writable(conn, url: str, present: list[str]) -> None:
+    """Refuse, before any cell runs, a database whose tables require a column that is not in
+    this release's schema (NOT NULL, no default): no row written here could be stored in it.
+    ``--report_only`` and ``--query`` read such a database still (``_columns``)."""
+    for table in metadata.sorted_tables:
+        if table.name not in present:
+            continue
+        for column in inspect(conn).get_columns(table.name):
+            if column["name"] not in table.c and not column["nullable"] and column.get("default") is None:
+                raise NotAStudyDatabase(
+                    f"study.db={url!r}: its {table.name} table requires a column {column['name']!r} that this release "
+                    "does not write, so no result can be stored in it: give a new study.db (--report_only and --query "
+                    "read this one).")
 
 
 def _add_missing_columns(conn) -> None:

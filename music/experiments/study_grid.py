@@ -23,8 +23,8 @@ from music.merging import MergeMethod
 
 @dataclass
 class Cell:
-    """One run of the grid. ``kind`` is pretrain, joint, seq, merged, replay, method, task or
-    merge; ``config`` the shipped config it is built on, ``method`` the method config added to it
+    """One run of the grid. ``kind`` is pretrain, joint, seq, merged, method, task or merge;
+    ``config`` the shipped config it is built on, ``method`` the method config added to it
     (a ``merge`` cell: its merge config). A ``merge`` cell's ``phases`` are the tasks it absorbs,
     in its ``ordering`` (None: all at once)."""
 
@@ -35,12 +35,11 @@ class Cell:
     phases: list[dict]
     lr: float
     ordering: list[int] | list[str] | None = None
-    replay_size: int = 0
     method: str | None = None
 
     @property
     def needs_pretrained(self) -> bool:
-        return self.kind in ("seq", "merged", "replay", "method", "task", "merge")
+        return self.kind in ("seq", "merged", "method", "task", "merge")
 
     @property
     def label(self) -> str:
@@ -66,8 +65,6 @@ class Grid:
         pretrain_epochs: epochs of pretraining on ``remaining``.
         finetune_epochs: epochs of every fine-tuning phase.
         joint_epochs: epochs of the joint model; null: as many as ``pretrain_epochs``.
-        replay_size: memory of the replay cells (``music.methods.Replay``, class-balanced, starting from
-            ``remaining``; 0: no replay cells).
         methods: continual-learning method configs (shipped names such as ``ewc``, ``si``,
             ``lwf``, ``replay``, ``online_ewc``, or paths); each adds one cell per learning rate,
             sequential in the first ordering. ``[]``: no method cells.
@@ -109,7 +106,6 @@ class Grid:
     pretrain_epochs: int = 5
     finetune_epochs: int = 10
     joint_epochs: int | None = None
-    replay_size: int = 300
     methods: list[str] = field(default_factory=list)
     samples_per_class: int | Literal["all"] | None = None
     split_seed_follows_seed: bool = True
@@ -139,8 +135,6 @@ class Grid:
                 raise ValueError(f"{name}={getattr(self, name)} is not allowed: it must be >= 1.")
         if self.joint_epochs is not None and self.joint_epochs < 1:
             raise ValueError(f"joint_epochs={self.joint_epochs} is not allowed: it must be >= 1 (or null).")
-        if self.replay_size < 0:
-            raise ValueError(f"replay_size={self.replay_size} is not allowed: it must be >= 0 (0: no replay cells).")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers} is not allowed: it must be >= 1 (or null for one per core).")
         if self.scheduler is not None and "://" not in self.scheduler:
@@ -307,10 +301,6 @@ def plan(grid: Grid) -> list[Cell]:
             if grid.tasks is None:
                 cells.append(Cell(seed, "merged", f"merged_{lr_tag(lr)}", "merged_finetune",
                                   [{"name": "merged", "split": "merged", "epochs": fine}], lr))
-            if grid.replay_size:
-                ordering = grid.orderings[0]
-                cells.append(Cell(seed, "replay", f"replay_{ordering_tag(ordering)}_{lr_tag(lr)}", "seq_finetune",
-                                  one_phase_per_class(ordering), lr, list(ordering), grid.replay_size))
             for method in grid.methods:
                 ordering = grid.orderings[0]
                 cells.append(Cell(seed, "method", f"method_{method_name(method)}_{ordering_tag(ordering)}_{lr_tag(lr)}",

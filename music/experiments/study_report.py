@@ -182,6 +182,12 @@ def ranking_csv(rows: list[dict], path: Path) -> None:
 
 # -- tables ------------------------------------------------------------------------------------
 
+def is_replay(cell: Cell) -> bool:
+    """A cell of the ``replay`` method (``study.methods``), which the key findings and figures set
+    beside sequential fine-tuning without one."""
+    return cell.kind == "method" and method_name(cell.method) == "replay"
+
+
 def group_key(cell: Cell) -> str:
     return f"method:{cell.method}" if cell.kind == "method" else cell.kind
 
@@ -193,9 +199,6 @@ def strategies(s: Settings) -> list[str]:
            else f"sequential in {len(s.orderings)} ordering(s) of the tasks {', '.join(f'`{t}`' for t in s.tasks)}"]
     if s.tasks is None:
         out.append("merged (every held-out sample at once)")
-    if s.replay_size:
-        out.append(f"sequential ({first}) with replay (`music.methods.Replay`, a class-balanced memory of "
-                   f"{s.replay_size} samples)")
     if s.methods:
         out.append(f"sequential ({first}) with each of {', '.join(method_name(m) for m in s.methods)}")
     if s.merges:
@@ -213,8 +216,7 @@ def orderings_label(settings: Settings, of: bool = False) -> str:
 
 
 def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict]]]:
-    """Reference points and, per learning rate, merged / sequential (all orderings) / replay /
-    each method."""
+    """Reference points and, per learning rate, merged / sequential (all orderings) / each method."""
     by = defaultdict(list)
     for r in records:
         c = r["cell"]
@@ -223,9 +225,7 @@ def groups(records: list[dict], settings: Settings) -> list[tuple[str, list[dict
     for lr in settings.lrs:
         out += [(f"merged, lr {lr:g}", by[("merged", lr)]),
                 (f"sequential ({orderings_label(settings)}), lr {lr:g}", by[("seq", lr)])]
-        first = arrow(settings.orderings[0])  # replay and method cells train in the first ordering
-        if settings.replay_size:
-            out.append((f"sequential + replay {settings.replay_size} ({first}), lr {lr:g}", by[("replay", lr)]))
+        first = arrow(settings.orderings[0])  # method cells train in the first ordering
         out += [(f"sequential + {method_name(m)} ({first}), lr {lr:g}", by[(f"method:{m}", lr)]) for m in settings.methods]
     return out
 
@@ -240,18 +240,16 @@ def reference_table(records: list[dict], settings: Settings) -> list[str]:
 def continual_table(records: list[dict], settings: Settings) -> list[str]:
     columns = ["average_accuracy", "backward_transfer", "mean_forgetting", "untouched_forgetting", "collapse_share"]
     rows = [[name, *(fmt([nan(r["metrics"].get(c)) for r in rs]) for c in columns)]
-            for name, rs in groups(records, settings)[2:] if rs and rs[0]["cell"].kind in ("seq", "replay", "method")]
+            for name, rs in groups(records, settings)[2:] if rs and rs[0]["cell"].kind in ("seq", "method")]
     return [markdown_table(["model", *(LABELS[c] for c in columns)], rows)]
 
 
 def methods_table(records: list[dict], settings: Settings) -> list[str]:
     """Per learning rate, the first ordering with each method beside the same ordering without
-    one, replay of `remaining` and merged: like with like (same seeds, checkpoints, phases)."""
+    one and merged: like with like (same seeds, checkpoints, phases)."""
     first = settings.orderings[0]
     columns = ["final_acc", "held_out_acc", "untouched_acc", "mean_forgetting", "untouched_forgetting", "backward_transfer"]
     rows = [("none (sequential)", lambda c: c.kind == "seq" and c.ordering == first)]
-    if settings.replay_size:
-        rows.append((f"replay, memory of {settings.replay_size}", lambda c: c.kind == "replay"))
     rows += [(method_name(m), lambda c, m=m: c.kind == "method" and c.method == m) for m in settings.methods]
     rows.append(("merged (all classes at once)", lambda c: c.kind == "merged"))
     table = []
@@ -334,14 +332,14 @@ def statement(records: list[dict], settings: Settings, train_size: int) -> list[
     if spreads:
         lines.append("- **Does the order matter?** Mean final test accuracy of the best and worst ordering — "
                      + "; ".join(spreads) + ". (Best and worst are picked on these seeds, so their p is optimistic.)")
-    replay = {lr: [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "replay" and r["cell"].lr == lr]
+    replay = {lr: [r["metrics"]["final_acc"] for r in records if is_replay(r["cell"]) and r["cell"].lr == lr]
               for lr in settings.lrs}
     pretrained = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "pretrain"]
     parts = []
     first = settings.orderings[0]
     for lr in settings.lrs:
         if replay[lr] and seq_by_lr[lr]:
-            gain = paired(by_seed(records, lambda c, lr=lr: c.kind == "replay" and c.lr == lr),
+            gain = paired(by_seed(records, lambda c, lr=lr: is_replay(c) and c.lr == lr),
                           by_seed(records, lambda c, lr=lr: c.kind == "seq" and c.lr == lr and c.ordering == first))
             parts.append(f"lr {lr:g}: replay {fmt(replay[lr])} vs sequential without replay {fmt(seq_by_lr[lr])}; "
                          f"replay − sequential in the same ordering ({arrow(first)}), paired by seed: {fmt_paired(gain)}")
@@ -356,8 +354,8 @@ def statement(records: list[dict], settings: Settings, train_size: int) -> list[
                      + ("; with fewer epochs than pretraining it is not a true upper bound here."
                         if relation == "below" else "."))
     if parts:
-        lines.append(f"- **Replay** (a class-balanced memory of {settings.replay_size} samples, `remaining` first, "
-                     "then each finished class): "
+        lines.append(f"- **Replay** (the `replay` method, `music.methods.Replay`, in {arrow(first)}; its memory "
+                     "holds `remaining` samples first, then each finished class): "
                      + "; ".join(parts) + f" (pretrained: {fmt(pretrained)}).")
     return lines
 
@@ -365,20 +363,22 @@ def statement(records: list[dict], settings: Settings, train_size: int) -> list[
 # -- figures -----------------------------------------------------------------------------------
 
 def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
-    """Test accuracy after each phase (row 0: the pretrained model), one line per ordering."""
+    """Test accuracy after each phase (row 0: the pretrained model), one line per ordering, and
+    the ``replay`` method's (dashed) in the first ordering."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(settings.lrs), figsize=(5 * len(settings.lrs), 4.2), sharey=True, squeeze=False)
     reference = {k: [r["metrics"]["final_acc"] for r in records if r["cell"].kind == k] for k in ("pretrain", "joint")}
     for ax, lr in zip(axes[0], settings.lrs):
-        for kind, ordering in [("seq", o) for o in settings.orderings] + [("replay", settings.orderings[0])]:
-            rs = [r for r in records if r["cell"].kind == kind and r["cell"].lr == lr and r["cell"].ordering == ordering]
+        lines = [(arrow(o), False, lambda c, o=o: c.kind == "seq" and c.ordering == o) for o in settings.orderings]
+        lines.append((f"{arrow(settings.orderings[0])} + replay", True, is_replay))
+        for label, replay, chosen in lines:
+            rs = [r for r in records if chosen(r["cell"]) and r["cell"].lr == lr]
             if not rs:
                 continue
             acc = np.array([[float(row["acc"]) for row in r["rows"]] for r in rs])
-            label = arrow(ordering) + (f" + replay {settings.replay_size}" if kind == "replay" else "")
             mean, std = mean_std_columns(acc)
             line, = ax.plot(range(acc.shape[1]), mean, marker="o", label=label,
-                            linestyle="--" if kind == "replay" else "-", linewidth=2.5 if kind == "replay" else 1.5)
+                            linestyle="--" if replay else "-", linewidth=2.5 if replay else 1.5)
             ax.fill_between(range(acc.shape[1]), mean - std, mean + std, color=line.get_color(), alpha=0.15)
         merged = [r["metrics"]["final_acc"] for r in records if r["cell"].kind == "merged" and r["cell"].lr == lr]
         if merged:
@@ -397,11 +397,12 @@ def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
 def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None:
     """Per class: pretrained accuracy minus final accuracy (positive: forgotten)."""
     plt = pyplot()
-    kinds = [k for k in ("seq", "merged", "replay") if any(r["cell"].kind == k for r in records)]
+    kinds = [(k, chosen) for k, chosen in (("seq", lambda c: c.kind == "seq"), ("merged", lambda c: c.kind == "merged"),
+                                           ("replay", is_replay)) if any(chosen(r["cell"]) for r in records)]
     fig, axes = plt.subplots(1, len(settings.lrs), figsize=(5 * len(settings.lrs), 4), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], settings.lrs):
-        for i, kind in enumerate(kinds):
-            rs = [r for r in records if r["cell"].kind == kind and r["cell"].lr == lr]
+        for i, (kind, chosen) in enumerate(kinds):
+            rs = [r for r in records if chosen(r["cell"]) and r["cell"].lr == lr]
             if not rs:
                 continue
             drop = np.array([[float(r["rows"][0][f"acc_{c}"]) - float(r["rows"][-1][f"acc_{c}"])
@@ -422,8 +423,10 @@ def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), squeeze=False)
     for ax, metric in zip(axes[0], ("final_acc", "held_out_acc", "untouched_acc")):
-        for kind, label in (("seq", "sequential (all orderings)"), ("merged", "merged"), ("replay", f"sequential + replay {settings.replay_size}")):
-            points = [(lr, [nan(r["metrics"].get(metric)) for r in records if r["cell"].kind == kind and r["cell"].lr == lr])
+        for chosen, label in ((lambda c: c.kind == "seq", "sequential (all orderings)"),
+                              (lambda c: c.kind == "merged", "merged"),
+                              (is_replay, f"sequential ({arrow(settings.orderings[0])}) + replay")):
+            points = [(lr, [nan(r["metrics"].get(metric)) for r in records if chosen(r["cell"]) and r["cell"].lr == lr])
                       for lr in settings.lrs]
             points = [(lr, mean_std(v)) for lr, v in points if v]
             if points:
@@ -448,7 +451,7 @@ def plot_confusions(records: list[dict], settings: Settings, path: Path) -> None
         first = settings.orderings[0]
         panels += [(f"merged, lr {lr:g}", lambda c, lr=lr: c.kind == "merged" and c.lr == lr),
                    (f"seq {arrow(first)}, lr {lr:g}", lambda c, lr=lr, o=first: c.kind == "seq" and c.lr == lr and c.ordering == o),
-                   (f"replay, lr {lr:g}", lambda c, lr=lr: c.kind == "replay" and c.lr == lr)]
+                   (f"replay, lr {lr:g}", lambda c, lr=lr: is_replay(c) and c.lr == lr)]
     panels = [(t, [r["confusion"] for r in records if match(r["cell"])]) for t, match in panels]
     panels = [(t, sum(ms)) for t, ms in panels if ms]
     cols = 3
@@ -479,9 +482,9 @@ def _num(value) -> str:
 def write_csvs(records: list[dict], out: Path) -> None:
     write_csv(out / "study_cells.csv",
               [[r["cell"].seed, r["cell"].kind, r["cell"].method or "", r["cell"].name, r["cell"].lr,
-                order_name(r["cell"]), r["cell"].replay_size, *(f"{nan(r['metrics'].get(m)):.4f}" for m in METRICS),
+                order_name(r["cell"]), *(f"{nan(r['metrics'].get(m)):.4f}" for m in METRICS),
                 f"{r['seconds']:.1f}"] for r in records],
-              ["seed", "kind", "method", "cell", "lr", "ordering", "replay_size", *METRICS, "seconds"])
+              ["seed", "kind", "method", "cell", "lr", "ordering", *METRICS, "seconds"])
     write_csv(out / "study_accuracy_matrices.csv",
               [[r["cell"].seed, r["cell"].name, row["row"], row["phase"], *(_num(row.get(f"acc_{c}")) for c in range(10)),
                 _num(row["acc"])] for r in records for row in r["rows"]],
@@ -554,7 +557,7 @@ def write_report(settings: Settings, data: Data) -> Path:
         f"## Ranking of every strategy ({RANKED_BY[ranked_metric(s)]})",
         "",
         "Per fine-tuning learning rate, every kind of cell of the grid — each ordering of sequential fine-tuning, "
-        "merged, replay, each method, each merge method (all at once and in each ordering), and the pretrained and "
+        "merged, each method, each merge method (all at once and in each ordering), and the pretrained and "
         "joint models (trained once per seed, shown at every lr) — ranked by its mean "
         f"{RANKED_BY[ranked_metric(s)]} over seeds, beside its paired difference to the best one "
         f"(same seeds); {spread_note([r['seeds'] for r in ranked]) if ranked else 'no cells'}. Strategy names are the cells' names without "
