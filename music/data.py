@@ -430,22 +430,25 @@ class MusicDataModule(LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def dataset(self, split: str, *, test: bool = False) -> Dataset:
+    def dataset(self, split: str, *, test: bool = False, val: bool = False) -> Dataset:
         """A training split by name, or ``"test"`` for the full official test set (``test@<domain>``:
         under a domain). ``test=True``: the test set of the training split's task instead, the
         test samples of its classes under its domain (``classes_2_3@perm_1``: test digits 2
-        and 3, permuted), labelled as the split is.
+        and 3, permuted), labelled as the split is. ``val=True``: the same from the validation
+        split (``data.val_size``), so a task can be scored without the test set.
 
         Each split is gathered (and transformed) once and kept: phases reload the training
         loader every epoch, and copying the ``remaining`` images again each time would add to
         every epoch (docs/speed.md). When training on a GPU the split is kept there, so no
         batch is copied from the host."""
-        key = (split, str(self._device), test)
+        if test and val:
+            raise ValueError(f"dataset({split!r}): test=True and val=True ask for two sets: give one of them.")
+        key = (split, str(self._device), test, val)
         if key not in self._datasets:
-            self._datasets[key] = self._gather(split, test)
+            self._datasets[key] = self._gather(split, test, val)
         return self._datasets[key]
 
-    def _gather(self, split: str, test: bool = False) -> Dataset:
+    def _gather(self, split: str, test: bool = False, val: bool = False) -> Dataset:
         base, domain = split_domain(split)
         if base != "test":
             self.check_split(split)
@@ -458,6 +461,11 @@ class MusicDataModule(LightningDataModule):
             classes = self._dataset_classes(base)
             if set(classes) != set(self.test_labels.unique().tolist()):
                 index = torch.isin(self.test_labels, torch.tensor(classes)).nonzero().flatten()
+        elif val:
+            if "val" not in self.splits:
+                raise ValueError(f"Split {split!r}: its validation samples need a validation split: set data.val_size > 0.")
+            index = self.splits["val"]
+            index = index[torch.isin(self.train_labels[index], torch.tensor(self._dataset_classes(base)))]
         elif base != "train":
             index = self.splits[base] if base in self.splits else self._task_index(base)
         if self.image_folder is not None:
@@ -486,14 +494,15 @@ class MusicDataModule(LightningDataModule):
 
     def dataloader(self, split: str, *, shuffle: bool = False, batch_size: int | None = None,
                    distributed: bool = False, batches_per_block: int = 1,
-                   iterations: int | None = None, test: bool = False) -> DataLoader:
-        """Any split as a loader (``test``: its task's test set, see ``dataset``); ``distributed``
+                   iterations: int | None = None, test: bool = False, val: bool = False) -> DataLoader:
+        """Any split as a loader (``test``, ``val``: its task's test or validation set, see
+        ``dataset``); ``distributed``
         shards it over the ranks (for evaluation run
         outside Lightning's loops, where no sampler is injected). With ``batches_per_block``
         > 1 it yields ``Block``s of that many batches, in the order a batch loader would (the
         shuffled order does not depend on the batch size). ``iterations``: a shuffled loader
         serves that many batches, through as many reshuffled passes as it takes."""
-        dataset = self.dataset(split, test=test)
+        dataset = self.dataset(split, test=test, val=val)
         if shuffle and len(dataset) == 0:
             raise ValueError(f"Split {split!r} is empty: there is nothing to train on.")
         sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None

@@ -55,7 +55,9 @@ class PhaseEvaluation(Callback):
             many cells turn them off and draw their figures once, from all cells, in the report.
         evaluate_val: also evaluate the validation split (``data.val_size`` > 0) at each phase
             end: ``val_metrics.json`` (the phase's validation metrics and confusion matrix) and
-            ``val_rows``, for choosing hyperparameters (``music tune``) without the test set.
+            ``val_rows``, for choosing hyperparameters (``music tune``) without the test set;
+            with domains or a label map also each task's accuracy on its own validation samples
+            (``val_task_accuracy``, as ``task_accuracy`` for the test set).
 
     With ``evaluate_test``, the rows evaluated so far also go to ``accuracy_matrix.csv`` (test
     accuracy per class and per fine-tuning task, row by row) and ``continual_metrics.json``
@@ -79,6 +81,7 @@ class PhaseEvaluation(Callback):
         self.rows: dict[str, list] = {}  # evaluated row name -> test confusion matrix, in order
         self.evaluations: dict[str, dict] = {}  # evaluated row name -> split, step, epoch, headline metrics
         self.task_accuracy: dict[str, dict[str, float]] = {}  # row name -> task split -> accuracy on its test set
+        self.val_task_accuracy: dict[str, dict[str, float]] = {}  # the same on the validation split
         self._phase_start: float | None = None  # wall clock of the phase under way (since a resume, if resumed)
         self._started = False  # HParams and layout written in this fit
 
@@ -115,7 +118,7 @@ class PhaseEvaluation(Callback):
         if self.evaluate_test:
             self._evaluate(trainer, pl_module, schedule, index, phase)
         if self.evaluate_val:
-            self._validate(trainer, pl_module, index, phase)
+            self._validate(trainer, pl_module, schedule, index, phase)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.logger is not None and trainer.is_global_zero:
@@ -123,13 +126,14 @@ class PhaseEvaluation(Callback):
 
     def state_dict(self) -> dict:
         return {"rows": self.rows, "evaluations": self.evaluations, "task_accuracy": self.task_accuracy,
-                "val_rows": self.val_rows}
+                "val_rows": self.val_rows, "val_task_accuracy": self.val_task_accuracy}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = dict(state_dict.get("rows", {}))
         self.evaluations = dict(state_dict.get("evaluations", {}))
         self.task_accuracy = dict(state_dict.get("task_accuracy", {}))
         self.val_rows = dict(state_dict.get("val_rows", {}))
+        self.val_task_accuracy = dict(state_dict.get("val_task_accuracy", {}))
 
     # -- evaluation and its records ----------------------------------------------------------
 
@@ -158,9 +162,7 @@ class PhaseEvaluation(Callback):
         self.rows[phase.name] = confusion.tolist()
         datamodule = trainer.datamodule
         if getattr(datamodule, "separate_task_tests", False):
-            self.task_accuracy[phase.name] = {
-                split: pl_module.evaluate(datamodule.dataloader(split, test=True, distributed=trainer.world_size > 1))[0]["acc"]
-                for split in dict.fromkeys(p.split for p in schedule.phases if _is_task(p.split, datamodule))}
+            self.task_accuracy[phase.name] = _task_accuracies(trainer, pl_module, schedule, test=True)
         self.evaluations[phase.name] = {"split": phase.split if index is not None else "–", "step": step,
                                         "epoch": epoch, "acc": metrics["acc"], "f1_macro": metrics["f1"],
                                         "loss": metrics["loss"]}
@@ -168,11 +170,14 @@ class PhaseEvaluation(Callback):
             logger.log_metrics(dashboard.phase_scalars(scalars), step=list(self.rows).index(phase.name))
         self._continual(trainer, step, schedule, index)
 
-    def _validate(self, trainer: Trainer, pl_module: LightningModule, index: int, phase: Phase) -> None:
+    def _validate(self, trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning, index: int,
+                  phase: Phase) -> None:
         """The validation split after a phase, into ``val_rows`` and ``val_metrics.json``; the
         RNG is put back afterwards (a loader draws a seed), so training is the same with or without."""
         rng = torch.get_rng_state()
         metrics, confusion = pl_module.evaluate(trainer.datamodule.dataloader("val", distributed=trainer.world_size > 1))
+        if getattr(trainer.datamodule, "separate_task_tests", False):
+            self.val_task_accuracy[phase.name] = _task_accuracies(trainer, pl_module, schedule, val=True)
         torch.set_rng_state(rng)
         rank_zero_info(f"Phase '{phase.name}' val: acc {metrics['acc']:.4f}, loss {metrics['loss']:.4f}")
         self.val_rows[phase.name] = confusion.tolist()
@@ -272,6 +277,15 @@ def _is_task(split: str, datamodule) -> bool:
     """A phase on this split is a fine-tuning task: a split defined by its classes, or any
     split on a domain."""
     return split_domain(split)[1] is not None or split_classes(split, datamodule.held_out_classes) is not None
+
+
+def _task_accuracies(trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning,
+                     **which: bool) -> dict[str, float]:
+    """Each task of the schedule scored on its own test (``test=True``) or validation
+    (``val=True``) samples: its classes, under its domain, labelled as in training."""
+    datamodule = trainer.datamodule
+    return {split: pl_module.evaluate(datamodule.dataloader(split, distributed=trainer.world_size > 1, **which))[0]["acc"]
+            for split in dict.fromkeys(p.split for p in schedule.phases if _is_task(p.split, datamodule))}
 
 
 def _describe(row: str) -> str:

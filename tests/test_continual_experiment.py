@@ -7,9 +7,14 @@ import math
 import numpy as np
 import pytest
 
+from conftest import run
+
+from music.callbacks import Phase
 from music.continual import accuracy_on
+from music.evaluation import PhaseEvaluation
 from music.experiments.common import Data, Output
 from music.experiments.continual import ContinualStudy, Tuned, score, task_record
+from music.experiments.tune import validation_score
 
 
 def conf(per_class_correct):  # 10 test samples per class of 4; errors go to class 0
@@ -154,11 +159,21 @@ def test_each_shipped_search_space_fits_its_method(method, tmp_path):
     assert lists["model.methods"][0]["class_path"].lower().replace("_", "").endswith(method.replace("_", ""))
 
 
-def test_tuning_a_domain_protocol_is_refused_before_any_trial(tmp_path):
-    from music.experiments.tune import Tune
-
-    tune = Tune(["split_mnist", "split_mnist_domain", "methods/ewc"], "search/ewc", trials=1,
-                data=Data(str(tmp_path), download=False), output=Output(str(tmp_path / "logs")))
-    with pytest.raises(ValueError, match=r"score each task on its own test set .* tune in the class or task scenario"):
-        tune.run()
-    assert not (tmp_path / "logs" / "tune" / "tune.db").exists()
+def test_a_domain_protocol_is_scored_on_each_task_s_own_validation_samples(shrink, tmp_path):
+    """What ``music tune`` scores a domain-incremental trial by: every task on the validation
+    samples of its classes, labelled by the label map, never the test set."""
+    phases = [{"name": "t1", "classes": [0, 1], "epochs": 1}, {"name": "t2", "classes": [2, 3], "epochs": 1}]
+    config = shrink("split_mnist", "split_mnist_domain", phases=phases, iterations_per_epoch=5, val_size=400)
+    cli = run("fit", "--config", config, "--evaluation.evaluate_val", "true")
+    evaluation = next(c for c in cli.trainer.callbacks if isinstance(c, PhaseEvaluation))
+    datamodule = cli.trainer.datamodule
+    assert list(evaluation.val_task_accuracy) == ["t1", "t2"]
+    final = evaluation.val_task_accuracy["t2"]
+    assert list(final) == ["classes_0_1", "classes_2_3"]
+    val = datamodule.dataset("classes_2_3", val=True)
+    val_index = datamodule.splits["val"]
+    digits = datamodule.train_labels[val_index]
+    assert len(val) == int(((digits == 2) | (digits == 3)).sum()) > 0 and set(val.labels.tolist()) <= {0, 1}
+    assert final["classes_2_3"] == pytest.approx(cli.model.evaluate(datamodule.dataloader("classes_2_3", val=True))[0]["acc"])
+    score = validation_score(evaluation.val_rows, [Phase(**p) for p in phases], [], final)
+    assert score == pytest.approx((final["classes_0_1"] + final["classes_2_3"]) / 2)

@@ -72,6 +72,10 @@ def test_the_score_is_the_mean_validation_accuracy_over_the_tasks_so_far():
     assert validation_score(rows, phases[:1], []) == pytest.approx(0.9)
     assert validation_score(rows, phases, []) == pytest.approx((0.9 + 0.75) / 2)
     assert validation_score(rows, [Phase("b", split="remaining", epochs=1)], []) == pytest.approx(33 / 40)
+    # tasks with validation sets of their own (domains, a label map): the mean of their accuracies
+    own = {"classes_0_1": 0.5, "classes_2_3": 1.0}
+    assert validation_score(rows, phases[:1], [], own) == pytest.approx(0.5)
+    assert validation_score(rows, phases, [], own) == pytest.approx(0.75)
 
 
 class AlwaysPrune:

@@ -200,11 +200,7 @@ def resolve_lists(params: list[Param], configs: list[str], fixed: dict[str, Any]
                                      f"{token!r} is not set there{known}.")
                 target = target[token]
     example = overrides_for({p.key: p.example() for p in params}, lists)
-    built = _build(configs, fixed | example, "the search space")
-    if getattr(built.datamodule, "separate_task_tests", False):
-        raise ValueError(f"the run configs {configs} score each task on its own test set (data.domains or "
-                         "data.label_map): the validation score reads tasks off one confusion matrix and cannot score "
-                         "them; tune in the class or task scenario.")
+    _build(configs, fixed | example, "the search space")
     return lists
 
 
@@ -217,15 +213,23 @@ def _build(configs: list[str], overrides: dict[str, Any], what: str):
 
 # -- one trial ---------------------------------------------------------------------------------
 
-def validation_score(val_rows: dict[str, list], phases: Sequence, held_out: Sequence[int]) -> float:
-    """The mean validation accuracy over the tasks of ``phases`` (those whose split names
-    classes), on the confusion matrix after the last of them; without tasks, the validation
-    accuracy. A task without validation samples is left out of the mean."""
-    confusion = val_rows[phases[-1].name]
-    tasks = [t for t in (split_classes(p.split, held_out) for p in phases) if t]
-    if not tasks:
-        return accuracy_on(confusion, range(len(confusion)))
-    scores = [s for s in (accuracy_on(confusion, t) for t in tasks) if not math.isnan(s)]
+def validation_score(val_rows: dict[str, list], phases: Sequence, held_out: Sequence[int],
+                     task_accuracy: dict[str, float] | None = None) -> float:
+    """The mean validation accuracy over the tasks of ``phases`` after the last of them: read
+    off its confusion matrix (the tasks whose split names classes), or, where each task has its
+    own validation samples (domains, a label map: ``task_accuracy``, task split -> accuracy),
+    the mean of those; without tasks, the validation accuracy. A task without validation
+    samples is left out of the mean."""
+    if task_accuracy is not None:
+        scores = [task_accuracy[p.split] for p in phases if p.split in task_accuracy]
+        tasks = [p.split for p in phases]
+    else:
+        confusion = val_rows[phases[-1].name]
+        tasks = [t for t in (split_classes(p.split, held_out) for p in phases) if t]
+        if not tasks:
+            return accuracy_on(confusion, range(len(confusion)))
+        scores = [accuracy_on(confusion, t) for t in tasks]
+    scores = [s for s in scores if not math.isnan(s)]
     if not scores:
         raise ValueError(f"the validation split holds no sample of the tasks {tasks}: set a larger data.val_size.")
     return sum(scores) / len(scores)
@@ -248,7 +252,9 @@ class ReportPhases(Callback):
     def on_phase_end(self, trainer: Trainer, pl_module: LightningModule, schedule: SequentialFineTuning,
                      index: int) -> None:
         evaluation = next(c for c in trainer.callbacks if isinstance(c, PhaseEvaluation))
-        score = validation_score(evaluation.val_rows, schedule.phases[: index + 1], trainer.datamodule.held_out_classes)
+        phases = schedule.phases[: index + 1]
+        score = validation_score(evaluation.val_rows, phases, trainer.datamodule.held_out_classes,
+                                 evaluation.val_task_accuracy.get(phases[-1].name))
         self.scores.append(score)
         self.trial.report(score, step=index)
         if index + 1 < len(schedule.phases) and self.trial.should_prune():
