@@ -494,11 +494,12 @@ def write_csvs(records: list[dict], out: Path) -> None:
 def write_report(settings: Settings, data: Data) -> Path:
     out = Path(settings.out)
     figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
     records, timing = load_cells(settings)
     planned = plan(settings)
     if not records:
         raise FileNotFoundError(f"No finished cells of this grid in {settings.db_url}: run the grid first.")
+    eda = _eda(settings, data, out / "study_eda")  # first: it needs the data, and a missing data set writes nothing
+    figures.mkdir(parents=True, exist_ok=True)
     write_csvs(records, out)
     ranked = ranking(records, settings)
     ranking_csv(ranked, out / "study_ranking.csv")
@@ -509,7 +510,6 @@ def write_report(settings: Settings, data: Data) -> Path:
     plot_forgetting(records, settings, figures / "forgetting_per_class.png")
     plot_lr(records, settings, figures / "accuracy_vs_lr.png")
     plot_confusions(records, settings, figures / "confusion_matrices.png")
-    eda = _eda(settings, data, out / "study_eda")  # beside, not over, what `music eda` writes to <out>/eda
     train_size, test_size = sum(eda["train"]), sum(eda["test"])
     cell_seconds = sum(r["seconds"] for r in records)
     wall = " + ".join(f"{t['seconds'] / 60:.1f} min ({t['ran']} cells run, {t['skipped']} skipped, {t['workers']} Dask "
