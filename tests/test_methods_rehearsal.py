@@ -113,6 +113,20 @@ def test_agem_projects_a_conflicting_gradient_onto_the_memory_gradients_half_spa
         assert torch.dot(g, g_ref) > 0 and torch.equal(projected, g)
 
 
+def test_agem_leaves_the_gradient_alone_when_the_memory_gradient_underflows(monkeypatch):
+    """A memory the network fits with saturated confidence has a reference gradient whose
+    square underflows to 0 in float32: the projection would divide by it."""
+    agem = AGEM(budget_per_class=5, budget=None, batch_size=None)
+    net = model([agem])
+    train(net, TASKS[:1], steps=5)
+    params = list(trainable(net).values())
+    monkeypatch.setattr(torch.autograd, "grad", lambda loss, inputs, **kw: [torch.full_like(p, 1e-30) for p in inputs])
+    for p in params:
+        p.grad = -torch.ones_like(p)  # against the (vanishing) memory gradient: g . g_ref < 0
+    net.on_before_optimizer_step(None)
+    assert all(torch.equal(p.grad, -torch.ones_like(p)) for p in params)
+
+
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_squared_output_norm():
     mas = MAS(lambda_=2.0)
     net = model([mas])

@@ -53,8 +53,8 @@ class AGEM(Rehearsal):
         g = torch.cat([p.grad.flatten() for p in params])
         g_ref = torch.cat([torch.zeros_like(p).flatten() if r is None else r.flatten()
                            for p, r in zip(params, reference)])
-        dot = torch.dot(g, g_ref)
-        if dot < 0:
-            g = g - dot / torch.dot(g_ref, g_ref) * g_ref
+        dot, ref_square = torch.dot(g, g_ref), torch.dot(g_ref, g_ref)
+        if dot < 0 and ref_square > 0:  # a memory loss saturated to a vanishing gradient leaves g as it is
+            g = g - dot / ref_square * g_ref
             for p, new in zip(params, g.split([p.numel() for p in params])):
                 p.grad.copy_(new.view_as(p.grad))
