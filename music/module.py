@@ -238,7 +238,7 @@ class Classifier(LightningModule):
         """Whether training masks the outputs of classes not seen yet (see ``active_outputs``)."""
         if self.scenario != "class":
             return False
-        if getattr(schedule, "online", False):
+        if schedule.online:
             if self.active_outputs:
                 raise ValueError("model.active_outputs=true is not allowed with schedule.online: true: the classes "
                                  "seen so far come from task boundaries, which an online stream does not give.")

@@ -223,6 +223,7 @@ class Phases:
 
     def __init__(self, *splits):
         self.phases = [SimpleNamespace(split=s) for s in splits]
+        self.online = False
         classes = {"remaining": [0, 1, 2, 3], "class_3": [3]}
         self.trainer = SimpleNamespace(datamodule=SimpleNamespace(
             task_classes=lambda split: task_split_classes(split) or classes[split]))

@@ -82,7 +82,7 @@ class Method:
 
     def on_phase_start(self, trainer: Trainer, model: Model, schedule: Schedule, index: int) -> None:
         """Close the running task and open the next when the phase trains on another split."""
-        if getattr(schedule, "online", False) and self.needs_task_boundaries():
+        if schedule.online and self.needs_task_boundaries():
             raise ValueError(f"model.methods: {type(self).__name__} acts at task boundaries, which schedule.online: "
                              "true does not give: use a method that learns from the stream alone (DER++, ER-ACE) "
                              "or a schedule of tasks.")
