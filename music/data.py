@@ -5,7 +5,8 @@ model is pretrained on), one split per held-out class (``class_3`` ...) and ``me
 held-out samples at once), optionally a ``val`` split for choosing hyperparameters.  They are
 computed once from ``split_seed`` so every run, process and rank sees identical index lists.
 ``domains`` adds domain tasks: ``<split>@<domain>`` is a split's samples under a fixed input
-transform (a rotation, a pixel permutation), for rotated or permuted variants of any dataset.
+transform (a rotation, a pixel permutation), for rotated or permuted variants of any dataset;
+``<split>@<a>+<b>`` pools them (joint training on every domain, the scenario's upper bound).
 Images are scaled to [-1, 1] once and kept in memory; batches are gathered by index, which
 keeps the per-step cost at a single tensor ``index_select`` instead of per-sample Python work.
 """
@@ -175,8 +176,8 @@ class MusicDataModule(LightningDataModule):
             ``dataset`` (see ``music.imagefolder``); the splits work the same.
         domains: input domains (``Domain``: a fixed rotation or pixel permutation) that split
             names may add: ``train@rot_45`` is ``train``'s samples rotated by that domain's 45
-            degrees, the same samples and labels. Transformed once per split and kept, like
-            every split. Phase evaluation then also scores each domain task on its own test set.
+            degrees, the same samples and labels; ``train@rot_0+rot_45`` pools both domains'
+            (joint training). Transformed once per split and kept, like every split. Phase evaluation then also scores each domain task on its own test set.
         label_map: ``label_map[c]`` is the label every sample of class ``c`` is trained and
             tested with, e.g. ``[0, 1, 0, 1, ...]`` for domain-incremental Split-MNIST (the
             position of the digit in its task, a two-output head). Splits still select samples by
@@ -286,9 +287,13 @@ class MusicDataModule(LightningDataModule):
         return name
 
     def _check_domain(self, split: str, domain: str) -> None:
-        if domain not in self.domains:
+        names = domain.split("+")
+        unknown = [d for d in names if d not in self.domains]
+        if unknown:
             defined = f"data.domains defines {list(self.domains)}" if self.domains else "data.domains is empty"
-            raise ValueError(f"Split {split!r} names the domain {domain!r}, but {defined}.")
+            raise ValueError(f"Split {split!r} names the domain {unknown[0]!r}, but {defined}.")
+        if len(set(names)) < len(names):
+            raise ValueError(f"Split {split!r} pools a domain twice: name each domain of {domain!r} once.")
 
     def task_classes(self, split: str) -> list[int]:
         """The labels a training split holds, as the model sees them (through ``label_map``):
@@ -473,8 +478,10 @@ class MusicDataModule(LightningDataModule):
         images, labels = (self.test_images, self.test_labels) if test else (self.train_images, self.train_labels)
         if index is not None:
             images, labels = images[index], labels[index]
-        if domain is not None:
-            images = self.domains[domain].apply(images)
+        if domain is not None:  # one domain, or several pooled (a+b: the samples under each)
+            names = domain.split("+")
+            images = torch.cat([self.domains[d].apply(images) for d in names])
+            labels = labels.repeat(len(names))
         if self.label_map is not None:
             labels = torch.tensor(self.label_map)[labels]
         return InMemoryDataset(images.to(self._device), labels.to(self._device))

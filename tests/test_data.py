@@ -147,6 +147,19 @@ def test_a_task_test_set_is_the_test_samples_of_its_classes_under_its_domain(tmp
     assert len(dm.dataset("class_3", test=True)) == 50
 
 
+def test_pooled_domains_hold_each_domains_samples_once_in_train_and_test(tmp_path):
+    dm = synthetic(tmp_path, domains=DOMAINS)
+    for split in ("train", "classes_2_5", "test"):
+        pooled = dm.dataset(f"{split}@perm_1+rot_90")
+        one, other = dm.dataset(f"{split}@perm_1"), dm.dataset(f"{split}@rot_90")
+        assert torch.equal(pooled.images, torch.cat([one.images, other.images]))
+        assert torch.equal(pooled.labels, torch.cat([one.labels, other.labels]))
+    assert torch.equal(dm.dataset("classes_2_5@perm_1+perm_2", test=True).images,
+                       torch.cat([dm.dataset("classes_2_5@perm_1", test=True).images,
+                                  dm.dataset("classes_2_5@perm_2", test=True).images]))
+    assert dm.task_classes("train@perm_1+perm_2") == list(range(10))
+
+
 def test_domain_split_names_are_parsed(tmp_path):
     assert split_domain("classes_0_1@perm_2") == ("classes_0_1", "perm_2") and split_domain("train") == ("train", None)
     dm = synthetic(tmp_path, domains=DOMAINS)
@@ -162,6 +175,8 @@ def test_domain_split_names_are_parsed(tmp_path):
     ({}, "train@rot_45", "names the domain 'rot_45', but data.domains is empty"),
     ({"domains": DOMAINS}, "class_5@perm_1", r"Unknown split 'class_5'.*<split>@\{rot_0,rot_90,perm_1,perm_2\}"),
     ({"domains": DOMAINS}, "test@perm_3", "Split 'test@perm_3' names the domain 'perm_3'"),
+    ({"domains": DOMAINS}, "train@perm_1+perm_3", "Split 'train@perm_1\\+perm_3' names the domain 'perm_3'"),
+    ({"domains": DOMAINS}, "train@perm_1+perm_1", "pools a domain twice: name each domain of 'perm_1\\+perm_1' once"),
 ])
 def test_bad_domain_split_names_are_refused_in_one_line(tmp_path, kwargs, split, message):
     dm = synthetic(tmp_path, **kwargs)
@@ -173,6 +188,7 @@ def test_bad_domain_split_names_are_refused_in_one_line(tmp_path, kwargs, split,
     ({"domains": [{"name": "r"}, {"name": "r", "rotate": 45}]}, r"domains names \['r'\] more than once"),
     ({"domains": [{"name": "r", "rotate": 45, "permute_seed": 1}]}, "sets both rotate=45 and permute_seed=1"),
     ({"domains": [{"name": "r@1"}]}, "Domain name 'r@1' is not allowed"),
+    ({"domains": [{"name": "r+1"}]}, r"Domain name 'r\+1' is not allowed"),
     ({"domains": [{"name": "r", "rotate": float("nan")}]}, "must be finite"),
     ({"domains": [{"name": "p", "permute_seed": -1}]}, "permute_seed=-1: a seed must be >= 0"),
     ({"label_map": [0, 1]}, r"label_map=\[0, 1\] has 2 entries but synthetic.SyntheticDigits has 10 classes"),
