@@ -114,11 +114,13 @@ def score(record: dict[str, list], scenario: str, tasks: list[list[int]] = (),
 @dataclass
 class Tuned:
     """A method's settings chosen by ``music tune``: its ``best.yaml`` (a config delta), the
-    values chosen and the budget spent, read from the search's ``tune.csv`` and ``tune.md``."""
+    values chosen and the budget spent, read from the search's ``tune.csv`` and ``tune.md``.
+    ``path`` is absolute (runs read it); ``shown`` is as given, for the table."""
 
     path: str
     values: dict[str, Any]
     budget: str
+    shown: str
 
     @classmethod
     def read(cls, where: str, method: str, deltas: list[str]) -> "Tuned":
@@ -156,7 +158,7 @@ class Tuned:
         budget = (f"{planned.group(1) + ' trials planned, ' if planned else ''}{len(counted)} ended ({states['complete']} "
                   f"complete, {states['pruned']} pruned, {states['fail']} failed), {seconds / 60:.0f} min of training; "
                   f"best: trial {best.group(1)}, val score {float(row['value']):.4f}")
-        return cls(str(path.resolve()), {k.rsplit(".", 1)[-1]: _number(row[k]) for k in keys}, budget)
+        return cls(str(path.resolve()), {k.rsplit(".", 1)[-1]: _number(row[k]) for k in keys}, budget, str(path))
 
     def describe(self) -> str:
         return fmt_settings(self.values)
@@ -349,7 +351,7 @@ class ContinualStudy:
         tuned = self.tuned.get((scenario, method))
         if tuned is None:
             return "shipped default", "–"
-        return tuned.describe(), f"music tune ({tuned.budget}; {tuned.path})"
+        return tuned.describe(), f"music tune ({tuned.budget}; {tuned.shown})"
 
     @property
     def baseline(self) -> str | None:

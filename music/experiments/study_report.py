@@ -21,6 +21,7 @@ import platform
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -394,11 +395,16 @@ def plot_phases(records: list[dict], settings: Settings, path: Path) -> None:
     save_figure(fig, path, 100)
 
 
+def fine_tuning_kinds(settings: Settings) -> list[tuple[str, Callable[[Any], bool]]]:
+    """The ways of fine-tuning the per-lr figures compare, as (label, cell selector)."""
+    return [("sequential (all orderings)", lambda c: c.kind == "seq"), ("merged", lambda c: c.kind == "merged"),
+            (f"sequential ({arrow(settings.orderings[0])}) + replay", is_replay)]
+
+
 def plot_forgetting(records: list[dict], settings: Settings, path: Path) -> None:
     """Per class: pretrained accuracy minus final accuracy (positive: forgotten)."""
     plt = pyplot()
-    kinds = [(k, chosen) for k, chosen in (("seq", lambda c: c.kind == "seq"), ("merged", lambda c: c.kind == "merged"),
-                                           ("replay", is_replay)) if any(chosen(r["cell"]) for r in records)]
+    kinds = [(k, chosen) for k, chosen in fine_tuning_kinds(settings) if any(chosen(r["cell"]) for r in records)]
     fig, axes = plt.subplots(1, len(settings.lrs), figsize=(5 * len(settings.lrs), 4), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], settings.lrs):
         for i, (kind, chosen) in enumerate(kinds):
@@ -423,9 +429,7 @@ def plot_lr(records: list[dict], settings: Settings, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), squeeze=False)
     for ax, metric in zip(axes[0], ("final_acc", "held_out_acc", "untouched_acc")):
-        for chosen, label in ((lambda c: c.kind == "seq", "sequential (all orderings)"),
-                              (lambda c: c.kind == "merged", "merged"),
-                              (is_replay, f"sequential ({arrow(settings.orderings[0])}) + replay")):
+        for label, chosen in fine_tuning_kinds(settings):
             points = [(lr, [nan(r["metrics"].get(metric)) for r in records if chosen(r["cell"]) and r["cell"].lr == lr])
                       for lr in settings.lrs]
             points = [(lr, mean_std(v)) for lr, v in points if v]
