@@ -177,7 +177,8 @@ class MusicDataModule(LightningDataModule):
         domains: input domains (``Domain``: a fixed rotation or pixel permutation) that split
             names may add: ``train@rot_45`` is ``train``'s samples rotated by that domain's 45
             degrees, the same samples and labels; ``train@rot_0+rot_45`` pools both domains'
-            (joint training). Transformed once per split and kept, like every split. Phase evaluation then also scores each domain task on its own test set.
+            (joint training). Transformed once per split and kept, like every split. Phase
+            evaluation then also scores each domain task on its own test set.
         label_map: ``label_map[c]`` is the label every sample of class ``c`` is trained and
             tested with, e.g. ``[0, 1, 0, 1, ...]`` for domain-incremental Split-MNIST (the
             position of the digit in its task, a two-output head). Splits still select samples by
