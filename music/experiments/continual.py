@@ -115,12 +115,16 @@ def score(record: dict[str, list], scenario: str, tasks: list[list[int]] = (),
 class Tuned:
     """A method's settings chosen by ``music tune``: its ``best.yaml`` (a config delta), the
     values chosen and the budget spent, read from the search's ``tune.csv`` and ``tune.md``.
-    ``path`` is absolute (runs read it); ``shown`` is as given, for the table."""
+    ``shown`` is the ``best.yaml`` as given (the table prints it); runs read ``path``."""
 
-    path: str
+    shown: str
     values: dict[str, Any]
     budget: str
-    shown: str
+
+    @property
+    def path(self) -> str:
+        """Absolute, so a run's settings (and fingerprint) do not depend on where it was given from."""
+        return str(Path(self.shown).resolve())
 
     @classmethod
     def read(cls, where: str, method: str, deltas: list[str]) -> "Tuned":
@@ -158,7 +162,7 @@ class Tuned:
         budget = (f"{planned.group(1) + ' trials planned, ' if planned else ''}{len(counted)} ended ({states['complete']} "
                   f"complete, {states['pruned']} pruned, {states['fail']} failed), {seconds / 60:.0f} min of training; "
                   f"best: trial {best.group(1)}, val score {float(row['value']):.4f}")
-        return cls(str(path.resolve()), {k.rsplit(".", 1)[-1]: _number(row[k]) for k in keys}, budget, str(path))
+        return cls(str(path), {k.rsplit(".", 1)[-1]: _number(row[k]) for k in keys}, budget)
 
     def describe(self) -> str:
         return fmt_settings(self.values)
